@@ -1,0 +1,441 @@
+//! Single-flight: many concurrent callers of one key share one fetch.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use tokio::sync::watch;
+
+use crate::{Entry, Error, FlagKey, Result};
+
+/// A boxed fetch of one entry, as handed to a [`Coalescer`].
+pub type Fetch = Pin<Box<dyn Future<Output = Result<Option<Entry>>> + Send + 'static>>;
+
+/// Coalesces concurrent fetches of the same key into one.
+///
+/// [`LocalCoalescer`] does it within a process; backends provide cross-process
+/// coalescers (a Redis lock, memcached's recache flags) with the same interface.
+#[async_trait]
+pub trait Coalescer: Send + Sync {
+    /// Runs `fetch` for `key`, unless a fetch of `key` is already in flight, in which case
+    /// `fetch` is dropped unrun and the caller gets the in-flight fetch's result.
+    ///
+    /// # Errors
+    /// The fetch's error, shared by every caller that waited on it.
+    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>>;
+}
+
+type Slot<V> = watch::Receiver<Option<Result<V>>>;
+
+struct Inner<V> {
+    in_flight: Mutex<HashMap<FlagKey, (u64, Slot<V>)>>,
+    next_id: AtomicU64,
+    fetches: AtomicU64,
+    waits: AtomicU64,
+}
+
+impl<V> Inner<V> {
+    fn map(&self) -> MutexGuard<'_, HashMap<FlagKey, (u64, Slot<V>)>> {
+        // The lock is never held across a panic-prone call, so poisoning cannot leave
+        // the map inconsistent; recover it rather than propagate a panic.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Process-local single flight, per key.
+///
+/// The first caller of a key starts the fetch **in its own task**; every caller that
+/// arrives while it runs waits for that fetch's result instead of starting another.
+/// Then:
+/// - the fetch runs to completion even if the caller that started it is dropped
+///   (cancellation-safe: the other callers still get the result);
+/// - an error (or a panic, reported as [`Error::Loader`]) reaches every waiter and is not
+///   remembered: the key leaves the in-flight map as the fetch ends, so the next call
+///   fetches again;
+/// - a caller arriving after the fetch ended starts a new one — results are not cached
+///   here, that is the cache's job.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> flagcache_core::Result<()> {
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+/// use flagcache_core::{FlagKey, LocalCoalescer};
+///
+/// let coalescer = LocalCoalescer::<String>::new();
+/// let calls = Arc::new(AtomicUsize::new(0));
+/// let key = FlagKey::new("checkout")?;
+/// let reads = (0..100).map(|_| {
+///     let calls = calls.clone();
+///     coalescer.run(&key, move || async move {
+///         calls.fetch_add(1, Ordering::SeqCst);
+///         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+///         Ok("on".to_string())
+///     })
+/// });
+/// let values = futures_util::future::try_join_all(reads).await?;
+/// assert!(values.iter().all(|v| v == "on"));
+/// assert_eq!(calls.load(Ordering::SeqCst), 1);
+/// assert_eq!(coalescer.in_flight(), 0);
+/// # Ok(()) }
+/// ```
+pub struct LocalCoalescer<V = Option<Entry>> {
+    inner: Arc<Inner<V>>,
+}
+
+impl<V> Clone for LocalCoalescer<V> {
+    fn clone(&self) -> Self {
+        LocalCoalescer {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<V> Default for LocalCoalescer<V> {
+    fn default() -> Self {
+        LocalCoalescer {
+            inner: Arc::new(Inner {
+                in_flight: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                fetches: AtomicU64::new(0),
+                waits: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl<V> fmt::Debug for LocalCoalescer<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalCoalescer")
+            .field("in_flight", &self.in_flight())
+            .field("fetches", &self.fetches())
+            .field("coalesced_waits", &self.coalesced_waits())
+            .finish()
+    }
+}
+
+/// Removes a fetch's slot from the in-flight map when the fetch's task ends — normally,
+/// by panic, or by being dropped with its runtime.
+struct Leave<V> {
+    inner: Arc<Inner<V>>,
+    key: FlagKey,
+    id: u64,
+}
+
+impl<V> Drop for Leave<V> {
+    fn drop(&mut self) {
+        let mut map = self.inner.map();
+        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            map.remove(&self.key);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("fetch panicked: {0}")]
+struct Panicked(String);
+
+impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
+    /// An empty coalescer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Returns the result of `fetch` for `key`, sharing one run of it among all
+    /// concurrent callers.
+    ///
+    /// # Concurrent calls on the same key
+    /// Exactly one `fetch` runs per burst: the first caller's. Callers arriving while it
+    /// runs do not call their `fetch` at all; they wait and receive a clone of the same
+    /// result, error included. The fetch runs in a spawned task, so dropping any caller —
+    /// the first one too — neither cancels it nor affects the others.
+    ///
+    /// # Errors
+    /// The fetch's error; [`Error::Loader`] if the fetch panicked;
+    /// [`Error::Closed`] if there is no Tokio runtime or it shut down under the fetch.
+    pub async fn run<F, Fut>(&self, key: &FlagKey, fetch: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        let mut slot = {
+            let mut map = self.inner.map();
+            if let Some((_, slot)) = map.get(key) {
+                self.inner.waits.fetch_add(1, Ordering::Relaxed);
+                slot.clone()
+            } else {
+                let runtime = tokio::runtime::Handle::try_current()
+                    .map_err(|_| Error::Closed("tokio runtime (coalescing needs one)"))?;
+                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = watch::channel(None);
+                map.insert(key.clone(), (id, rx.clone()));
+                self.inner.fetches.fetch_add(1, Ordering::Relaxed);
+                let leave = Leave {
+                    inner: self.inner.clone(),
+                    key: key.clone(),
+                    id,
+                };
+                let fut = fetch();
+                runtime.spawn(async move {
+                    let result = match AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(r) => r,
+                        Err(panic) => Err(Error::loader(&leave.key, Panicked(panic_text(&*panic)))),
+                    };
+                    // Leave the map first: a caller arriving from now on starts afresh
+                    // rather than receiving a result its request may postdate.
+                    drop(leave);
+                    // No receivers left is fine: the result is simply not needed.
+                    let _ = tx.send(Some(result));
+                });
+                rx
+            }
+        };
+        let done = slot
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::Closed("coalesced fetch (its runtime shut down)"))?;
+        match &*done {
+            Some(result) => result.clone(),
+            None => Err(Error::Closed("coalesced fetch")),
+        }
+    }
+}
+
+impl<V> LocalCoalescer<V> {
+    /// How many keys have a fetch in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.map().len()
+    }
+
+    /// How many fetches were started, in total.
+    pub fn fetches(&self) -> u64 {
+        self.inner.fetches.load(Ordering::Relaxed)
+    }
+
+    /// How many calls waited on another caller's fetch instead of starting one.
+    pub fn coalesced_waits(&self) -> u64 {
+        self.inner.waits.load(Ordering::Relaxed)
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+#[async_trait]
+impl Coalescer for LocalCoalescer<Option<Entry>> {
+    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
+        self.run(key, move || fetch).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    fn key(s: &str) -> FlagKey {
+        FlagKey::new(s).unwrap()
+    }
+
+    /// Polls `cond` until it holds, for at most 10 s.
+    async fn until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("condition not reached in 10 s");
+    }
+
+    /// A fetch that counts its calls and finishes only when released.
+    fn gated(
+        calls: &Arc<AtomicUsize>,
+        gate: &Arc<Notify>,
+        result: Result<u32>,
+    ) -> impl Future<Output = Result<u32>> + Send + 'static {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            result
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thousand_callers_one_fetch() {
+        let c = LocalCoalescer::<u32>::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Notify::new());
+        let k = key("cold");
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+                tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(7))).await })
+            })
+            .collect();
+        // Every caller has joined the one fetch before it is allowed to finish.
+        until(|| c.coalesced_waits() == 999).await;
+        assert_eq!(c.in_flight(), 1);
+        gate.notify_one();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), 7);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(c.fetches(), 1);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn distinct_keys_do_not_share() {
+        let c = LocalCoalescer::<String>::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let reads = (0..10).map(|i| {
+            let calls = calls.clone();
+            let k = key(&format!("k{i}"));
+            let c = c.clone();
+            async move {
+                c.run(&k, move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Ok(format!("v{i}"))
+                })
+                .await
+            }
+        });
+        let got = futures_util::future::try_join_all(reads).await.unwrap();
+        assert_eq!(got, (0..10).map(|i| format!("v{i}")).collect::<Vec<_>>());
+        assert_eq!(calls.load(Ordering::SeqCst), 10);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_first_caller_does_not_cancel_the_fetch() {
+        let c = LocalCoalescer::<u32>::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Notify::new());
+        let k = key("k");
+        let first = {
+            let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+            tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(42))).await })
+        };
+        until(|| c.in_flight() == 1).await;
+        let second = {
+            let (c, k) = (c.clone(), k.clone());
+            tokio::spawn(async move {
+                c.run(&k, || async { unreachable!("a second fetch must not run") })
+                    .await
+            })
+        };
+        until(|| c.coalesced_waits() == 1).await;
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        assert_eq!(second.await.unwrap().unwrap(), 42);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_reach_every_waiter_and_are_not_remembered() {
+        let c = LocalCoalescer::<u32>::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Notify::new());
+        let k = key("k");
+        let failing = Err(Error::Timeout {
+            backend: "loader",
+            operation: "load",
+            after: Duration::from_millis(1),
+        });
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+                let failing = failing.clone();
+                tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, failing)).await })
+            })
+            .collect();
+        until(|| c.coalesced_waits() == 49).await;
+        gate.notify_one();
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(Error::Timeout { .. })));
+        }
+        assert_eq!(c.in_flight(), 0);
+        // Not remembered: the next call fetches again, and succeeds.
+        let v = c
+            .run(&k, || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok(5) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, 5);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_fetch_is_an_error_for_all_and_the_coalescer_lives_on() {
+        let c = LocalCoalescer::<u32>::new();
+        let k = key("k");
+        let gate = Arc::new(Notify::new());
+        let leader = {
+            let (c, k, gate) = (c.clone(), k.clone(), gate.clone());
+            tokio::spawn(async move {
+                c.run(&k, move || async move {
+                    gate.notified().await;
+                    panic!("loader bug");
+                })
+                .await
+            })
+        };
+        until(|| c.in_flight() == 1).await;
+        let waiter = {
+            let (c, k) = (c.clone(), k.clone());
+            tokio::spawn(async move { c.run(&k, || async { Ok(0) }).await })
+        };
+        until(|| c.coalesced_waits() == 1).await;
+        gate.notify_one();
+        for t in [leader, waiter] {
+            let err = t.await.unwrap().unwrap_err();
+            assert!(matches!(err, Error::Loader { .. }), "{err}");
+            assert!(err.to_string().contains("loader bug"), "{err}");
+        }
+        assert_eq!(c.in_flight(), 0);
+        assert_eq!(c.run(&k, || async { Ok(1) }).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn trait_object_coalesces_entries() {
+        let c: Arc<dyn Coalescer> = Arc::new(LocalCoalescer::<Option<Entry>>::new());
+        let e = Entry::new(crate::Version(1), &b"x"[..]);
+        let got = c
+            .coalesce(&key("k"), Box::pin(async move { Ok(Some(e)) }))
+            .await
+            .unwrap();
+        assert_eq!(got.map(|e| e.version), Some(crate::Version(1)));
+    }
+
+    #[test]
+    fn no_runtime_is_an_error_not_a_panic() {
+        let c = LocalCoalescer::<u32>::new();
+        let k = key("k");
+        let fut = c.run(&k, || async { Ok(1) });
+        let r = futures_util::FutureExt::now_or_never(fut);
+        assert!(matches!(r, Some(Err(Error::Closed(_)))));
+    }
+}

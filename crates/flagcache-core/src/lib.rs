@@ -1,0 +1,30 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod coalesce;
+mod codec;
+mod error;
+mod invalidation;
+mod key;
+mod store;
+mod types;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use coalesce::{Coalescer, Fetch, LocalCoalescer};
+pub use codec::{
+    Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, HEADER_LEN,
+    JSON_MAX_VERSION, MAGIC, VERSION_OFFSET,
+};
+pub use error::{Error, Result, Source};
+pub use invalidation::{Invalidation, ResyncReason, Signal, Subscription, Target};
+pub use key::FlagKey;
+pub use store::{FlagStore, FlagStoreExt, Invalidator};
+pub use types::{now_ms, ttl_millis, Capabilities, Checked, Entry, NodeId, PutOutcome, Version};
+
+/// Re-exported so adapters implement the traits with the same macro version.
+pub use async_trait::async_trait;
+/// Re-exported: [`Entry::payload`] is a [`Bytes`](bytes::Bytes).
+pub use bytes;

@@ -1,0 +1,244 @@
+//! The adapter traits: [`FlagStore`] (a tier that holds entries) and [`Invalidator`]
+//! (a channel of invalidation events).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{
+    Capabilities, Checked, Codec, Entry, FlagKey, Invalidation, NodeId, PutOutcome, Result,
+    Subscription, Version, DEFAULT_CODEC,
+};
+
+/// A store of versioned entries: the shared tier (L2) or process memory.
+///
+/// Adapters implement [`get`](FlagStore::get), [`put`](FlagStore::put),
+/// [`delete`](FlagStore::delete) and [`capabilities`](FlagStore::capabilities); the
+/// batch and checked reads have correct default implementations that an adapter
+/// overrides when its backend can do them in one round trip. Typed helpers live on
+/// [`FlagStoreExt`].
+///
+/// # The contract
+/// The conformance suite (`flagcache_core::conformance`, feature `conformance`) checks
+/// every point below; an adapter that passes it can back a `FlagCache`.
+/// - `put` is **version-guarded** and atomic per key: it writes when the key is absent or
+///   holds a lower version, and otherwise returns [`PutOutcome::Superseded`] and changes
+///   nothing. N concurrent writers with distinct versions leave the highest.
+/// - Every write carries a TTL; a zero TTL is refused with
+///   [`Error::InvalidArgument`](crate::Error::InvalidArgument).
+/// - `get_checked(key, expected)` is [`Checked::Hit`] only when the stored version equals
+///   `expected`; older *or newer* is [`Checked::Stale`].
+/// - Stored bytes that do not decode are reported as
+///   [`Error::Corrupt`](crate::Error::Corrupt) or as a miss — never a panic — and a
+///   `put` over them succeeds.
+#[async_trait]
+pub trait FlagStore: Send + Sync {
+    /// The backend's name, used in errors, logs and metrics (`"redis"`, `"memory"`…).
+    fn name(&self) -> &'static str {
+        "custom"
+    }
+
+    /// What this store can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The layout this store writes. `FlagCache` serializes values with it, so a store
+    /// in the JSON interop layout gets JSON payloads.
+    fn codec(&self) -> &Codec {
+        &DEFAULT_CODEC
+    }
+
+    /// Reads one entry.
+    ///
+    /// # Errors
+    /// A backend error, a timeout, or [`Error::Corrupt`](crate::Error::Corrupt) for stored
+    /// bytes that do not decode.
+    async fn get(&self, key: &FlagKey) -> Result<Option<Entry>>;
+
+    /// Reads several entries; the answer has one slot per requested key, in order.
+    ///
+    /// The default issues the reads concurrently; adapters whose backend batches
+    /// (`MGET`, pipelined meta gets) override it with one round trip and set
+    /// [`Capabilities::batch_get`].
+    ///
+    /// # Errors
+    /// As for [`FlagStore::get`].
+    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
+        futures_util::future::try_join_all(keys.iter().map(|k| self.get(k))).await
+    }
+
+    /// Reads one entry only if its version is exactly `expected`.
+    ///
+    /// # Errors
+    /// As for [`FlagStore::get`].
+    async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
+        Ok(match self.get(key).await? {
+            None => Checked::Miss,
+            Some(e) if e.version == expected => Checked::Hit(e),
+            Some(e) => Checked::Stale { current: e.version },
+        })
+    }
+
+    /// Writes `entry` unless the key holds an equal or higher version; see the contract
+    /// above.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero TTL,
+    /// [`Error::ValueTooLarge`](crate::Error::ValueTooLarge) over the backend's limit, a
+    /// codec error when the entry does not fit the store's layout, or a backend error.
+    async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome>;
+
+    /// Removes a key. Removing an absent key is not an error.
+    ///
+    /// # Errors
+    /// A backend error or a timeout.
+    async fn delete(&self, key: &FlagKey) -> Result<()>;
+}
+
+/// A channel of invalidation events between the nodes of a fleet.
+///
+/// `publish` stamps the event with this node's [`NodeId`], a per-node sequence number
+/// (1, 2, 3…) and the send time. Every subscription receives every event published
+/// after it was opened — this node's own included — in each publisher's order, and a
+/// [`Signal::Resync`](crate::Signal::Resync) whenever it may have missed one.
+#[async_trait]
+pub trait Invalidator: Send + Sync {
+    /// This node's identity, stamped on every event it publishes.
+    fn node_id(&self) -> NodeId;
+
+    /// Sends an event to every subscriber.
+    ///
+    /// # Errors
+    /// A backend error, a timeout, or [`Error::Closed`](crate::Error::Closed).
+    async fn publish(&self, event: &Invalidation) -> Result<()>;
+
+    /// Opens a subscription.
+    ///
+    /// # Errors
+    /// A backend error or [`Error::Closed`](crate::Error::Closed).
+    async fn subscribe(&self) -> Result<Subscription>;
+}
+
+/// Forwards both traits through a smart pointer, so `Arc<S>`, `Box<S>` and `&S` are
+/// stores and invalidators whenever `S` is — including `S = dyn FlagStore`. One macro,
+/// so the forwarding impls cannot drift apart.
+macro_rules! forward_impls {
+    ($($ptr:ty),+ $(,)?) => {$(
+        #[async_trait]
+        impl<T: FlagStore + ?Sized> FlagStore for $ptr {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+            fn codec(&self) -> &Codec {
+                (**self).codec()
+            }
+            async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
+                (**self).get(key).await
+            }
+            async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
+                (**self).get_many(keys).await
+            }
+            async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
+                (**self).get_checked(key, expected).await
+            }
+            async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
+                (**self).put(key, entry, ttl).await
+            }
+            async fn delete(&self, key: &FlagKey) -> Result<()> {
+                (**self).delete(key).await
+            }
+        }
+
+        #[async_trait]
+        impl<T: Invalidator + ?Sized> Invalidator for $ptr {
+            fn node_id(&self) -> NodeId {
+                (**self).node_id()
+            }
+            async fn publish(&self, event: &Invalidation) -> Result<()> {
+                (**self).publish(event).await
+            }
+            async fn subscribe(&self) -> Result<Subscription> {
+                (**self).subscribe().await
+            }
+        }
+    )+};
+}
+
+forward_impls!(Arc<T>, Box<T>, &T);
+
+/// Typed conveniences over any [`FlagStore`], serializing with the store's own
+/// [`codec`](FlagStore::codec).
+///
+/// ```
+/// use std::time::Duration;
+/// use flagcache_core::{FlagKey, FlagStore, FlagStoreExt, PutOutcome, Version};
+///
+/// async fn publish_rollout(store: &dyn FlagStore) -> flagcache_core::Result<()> {
+///     let key = FlagKey::new("checkout")?;
+///     let ttl = Duration::from_secs(60);
+///     store.put_value(&key, &true, Version::new(2), ttl).await?;
+///     // A slow replica's older write is refused.
+///     let late = store.put_value(&key, &false, Version::new(1), ttl).await?;
+///     assert_eq!(late, PutOutcome::Superseded { current: Version::new(2) });
+///     assert_eq!(store.get_value::<bool>(&key).await?, Some((true, Version::new(2))));
+///     Ok(())
+/// }
+/// ```
+///
+/// (`flagcache-memory`'s `MemoryStore` runs this very example.)
+#[async_trait]
+pub trait FlagStoreExt: FlagStore {
+    /// Reads and deserializes a value with its version.
+    ///
+    /// # Errors
+    /// As for [`FlagStore::get`], plus [`Error::Codec`](crate::Error::Codec) when the
+    /// payload is not a `T`.
+    async fn get_value<T: DeserializeOwned>(&self, key: &FlagKey) -> Result<Option<(T, Version)>> {
+        match self.get(key).await? {
+            None => Ok(None),
+            Some(e) => Ok(Some((self.codec().decode_value(&e.payload)?, e.version))),
+        }
+    }
+
+    /// Serializes and writes a value under the version guard.
+    ///
+    /// # Errors
+    /// As for [`FlagStore::put`], plus [`Error::Codec`](crate::Error::Codec) when the
+    /// value cannot be serialized.
+    async fn put_value<T: Serialize + Sync + ?Sized>(
+        &self,
+        key: &FlagKey,
+        value: &T,
+        version: Version,
+        ttl: Duration,
+    ) -> Result<PutOutcome> {
+        let entry = Entry::new(version, self.codec().encode_value(value)?);
+        self.put(key, &entry, ttl).await
+    }
+}
+
+impl<S: FlagStore + ?Sized> FlagStoreExt for S {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Object safety is checked by the compiler, not hoped for.
+    fn _store_is_object_safe(_: Box<dyn FlagStore>, _: Arc<dyn FlagStore>, _: &dyn FlagStore) {}
+    fn _invalidator_is_object_safe(_: Box<dyn Invalidator>, _: Arc<dyn Invalidator>) {}
+    fn _coalescer_is_object_safe(_: Box<dyn crate::Coalescer>) {}
+    fn _wrappers_are_stores<S: FlagStore>(s: S) {
+        fn is_store<T: FlagStore + ?Sized>(_: &T) {}
+        is_store(&s);
+        is_store(&&s);
+        let boxed: Box<dyn FlagStore> = Box::new(s);
+        is_store(&boxed);
+        let arc: Arc<dyn FlagStore> = Arc::from(boxed);
+        is_store(&arc);
+    }
+}

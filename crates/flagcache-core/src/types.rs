@@ -1,0 +1,294 @@
+//! Plain data types shared by every crate.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+/// The version of a flag configuration, as assigned by the source of truth.
+///
+/// Versions are totally ordered and only the source assigns them: a cache never invents
+/// one. Every write to a store is guarded by it (an older version never replaces a newer
+/// one), so the order must be meaningful across the whole fleet and must never go
+/// backwards.
+///
+/// **A source that can roll back** — a counter reset by a redeploy, a restored backup —
+/// must fold an epoch into the high bits (see [`Version::from_epoch`]) or use a change
+/// timestamp (milliseconds since the Unix epoch fit comfortably). Otherwise the version
+/// guard will refuse every write after the rollback until the old entries expire.
+///
+/// ```
+/// use flagcache_core::Version;
+///
+/// assert!(Version::new(7) > Version::new(6));
+/// // Epoch 2, counter 1 sorts after epoch 1, counter 1_000_000.
+/// let before = Version::from_epoch(1, 1_000_000).unwrap();
+/// let after = Version::from_epoch(2, 1).unwrap();
+/// assert!(after > before);
+/// assert_eq!(after.epoch(), 2);
+/// assert_eq!(after.counter(), 1);
+/// ```
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Version(pub u64);
+
+impl Version {
+    /// The number of low bits [`Version::from_epoch`] gives to the counter.
+    pub const COUNTER_BITS: u32 = 48;
+
+    /// A version from its raw value.
+    pub const fn new(v: u64) -> Self {
+        Version(v)
+    }
+
+    /// A version whose high 16 bits are `epoch` and low 48 bits are `counter`, so that
+    /// every version of a later epoch sorts after every version of an earlier one.
+    /// `None` when `counter` does not fit in 48 bits.
+    pub const fn from_epoch(epoch: u16, counter: u64) -> Option<Self> {
+        if counter >> Self::COUNTER_BITS != 0 {
+            return None;
+        }
+        Some(Version(((epoch as u64) << Self::COUNTER_BITS) | counter))
+    }
+
+    /// The raw value.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The high 16 bits (meaningful for versions built by [`Version::from_epoch`]).
+    pub const fn epoch(self) -> u16 {
+        (self.0 >> Self::COUNTER_BITS) as u16
+    }
+
+    /// The low 48 bits (meaningful for versions built by [`Version::from_epoch`]).
+    pub const fn counter(self) -> u64 {
+        self.0 & ((1 << Self::COUNTER_BITS) - 1)
+    }
+
+    /// The version as 8 big-endian bytes: the form stored in the envelope header, which
+    /// compares bytewise in the same order as the numbers.
+    pub const fn to_be_bytes(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+impl From<u64> for Version {
+    fn from(v: u64) -> Self {
+        Version(v)
+    }
+}
+
+/// One versioned value as a store holds it.
+///
+/// `payload` is the value serialized by the store's [`Codec`](crate::Codec)
+/// (uncompressed: compression is the envelope's business).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The source's version of this value.
+    pub version: Version,
+    /// When the source produced it, in milliseconds since the Unix epoch (source clock).
+    pub stamp_ms: u64,
+    /// The serialized value.
+    pub payload: Bytes,
+}
+
+impl Entry {
+    /// An entry stamped with the current wall-clock time.
+    pub fn new(version: Version, payload: impl Into<Bytes>) -> Self {
+        Entry {
+            version,
+            stamp_ms: now_ms(),
+            payload: payload.into(),
+        }
+    }
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("version", &self.version)
+            .field("stamp_ms", &self.stamp_ms)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// The answer of [`FlagStore::get_checked`](crate::FlagStore::get_checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// The stored version equals the expected one.
+    Hit(Entry),
+    /// A value is stored but its version differs from the expected one — older, or
+    /// newer (after a rollback, or when the caller's expectation is itself stale).
+    Stale {
+        /// The version that is stored.
+        current: Version,
+    },
+    /// Nothing is stored under the key.
+    Miss,
+}
+
+/// The answer of a version-guarded [`FlagStore::put`](crate::FlagStore::put).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The entry was written: the key was absent, or held a lower version.
+    Stored,
+    /// Nothing was written: the key holds `current`, which is equal to or higher than the
+    /// version offered.
+    Superseded {
+        /// The version that stays stored.
+        current: Version,
+    },
+}
+
+/// What a store can do, as data: `FlagCache` and the conformance suite read it to
+/// choose a strategy (and the tests that apply).
+///
+/// Build it with `..Default::default()` so that new fields do not break adapters:
+///
+/// ```
+/// use flagcache_core::Capabilities;
+/// let caps = Capabilities { atomic_put: true, shared: true, ..Default::default() };
+/// assert!(!caps.batch_get);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `put` is atomic per key across every client of the store (the version guard holds
+    /// under concurrency).
+    pub atomic_put: bool,
+    /// `get_many` costs one round trip, not one per key.
+    pub batch_get: bool,
+    /// `get_checked` is answered by the server without shipping the value on a mismatch.
+    pub native_get_checked: bool,
+    /// The store is shared between processes (a remote L2), not local to this one.
+    pub shared: bool,
+    /// The largest encoded entry the store accepts, when it has a limit.
+    pub max_value_size: Option<usize>,
+    /// The granularity of TTLs: a TTL is rounded up to a multiple of it.
+    pub ttl_resolution: Duration,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            atomic_put: false,
+            batch_get: false,
+            native_get_checked: false,
+            shared: false,
+            max_value_size: None,
+            ttl_resolution: Duration::from_millis(1),
+        }
+    }
+}
+
+/// The identity of one cache node (one replica's invalidator), carried in every event it
+/// publishes so that receivers can recognise their own events and detect gaps in each
+/// publisher's sequence.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct NodeId(pub u64);
+
+impl NodeId {
+    /// The origin of events published by foreign publishers that carry no node id
+    /// (another language's service writing the JSON layout, `redis-cli`).
+    pub const UNKNOWN: NodeId = NodeId(0);
+
+    /// A fresh random node id (never [`NodeId::UNKNOWN`]).
+    pub fn random() -> Self {
+        loop {
+            let id = fastrand::u64(..);
+            if id != 0 {
+                return NodeId(id);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node:{:016x}", self.0)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Milliseconds since the Unix epoch by the local wall clock (0 if the clock is before
+/// 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Checks a write's TTL and returns it in whole milliseconds, rounded up to
+/// `resolution`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero TTL: every write
+/// carries a TTL, and zero would mean "never expires" to some servers.
+pub fn ttl_millis(ttl: Duration, resolution: Duration) -> crate::Result<u64> {
+    if ttl.is_zero() {
+        return Err(crate::Error::InvalidArgument(
+            "a write's TTL must be greater than zero".into(),
+        ));
+    }
+    let res = resolution.as_millis().max(1);
+    let ms = ttl.as_nanos().div_ceil(1_000_000).div_ceil(res) * res;
+    Ok(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ttl_rounding_and_zero() {
+        let ms = Duration::from_millis(1);
+        assert!(ttl_millis(Duration::ZERO, ms).is_err());
+        assert_eq!(ttl_millis(Duration::from_micros(1), ms).unwrap(), 1);
+        assert_eq!(ttl_millis(Duration::from_millis(1500), ms).unwrap(), 1500);
+        let s = Duration::from_secs(1);
+        assert_eq!(ttl_millis(Duration::from_millis(1500), s).unwrap(), 2000);
+        assert_eq!(ttl_millis(Duration::from_millis(1), s).unwrap(), 1000);
+    }
+
+    #[test]
+    fn epoch_overflow_is_refused() {
+        assert!(Version::from_epoch(1, 1 << 48).is_none());
+        assert_eq!(
+            Version::from_epoch(u16::MAX, (1 << 48) - 1),
+            Some(Version(u64::MAX))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn big_endian_bytes_sort_like_numbers(a: u64, b: u64) {
+            let (va, vb) = (Version(a), Version(b));
+            prop_assert_eq!(va.cmp(&vb), va.to_be_bytes().cmp(&vb.to_be_bytes()));
+        }
+    }
+}

@@ -1,0 +1,8 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod invalidator;
+mod store;
+
+pub use invalidator::MemoryInvalidator;
+pub use store::{MemoryStore, MemoryStoreBuilder};

@@ -1,0 +1,180 @@
+//! Shared process plumbing: binaries, free ports, readiness, logs.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// How long a server may take to answer after spawning.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub(crate) struct Binary {
+    pub name: &'static str,
+    pub env: &'static str,
+    pub install: &'static str,
+}
+
+pub(crate) const REDIS_SERVER: Binary = Binary {
+    name: "redis-server",
+    env: "FLAGCACHE_REDIS_SERVER",
+    install: "apt-get install redis-server",
+};
+pub(crate) const REDIS_CLI: Binary = Binary {
+    name: "redis-cli",
+    env: "FLAGCACHE_REDIS_CLI",
+    install: "apt-get install redis-tools",
+};
+pub(crate) const MEMCACHED: Binary = Binary {
+    name: "memcached",
+    env: "FLAGCACHE_MEMCACHED",
+    install: "apt-get install memcached",
+};
+
+impl Binary {
+    /// The binary's path: `$ENV` if set, else the first match on `PATH`.
+    pub fn locate(&self) -> Result<PathBuf> {
+        let missing = || Error::BinaryMissing {
+            binary: self.name,
+            env: self.env,
+            install: self.install,
+        };
+        if let Some(p) = std::env::var_os(self.env) {
+            let p = PathBuf::from(p);
+            return if p.is_file() { Ok(p) } else { Err(missing()) };
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+            .map(|dir| dir.join(self.name))
+            .find(|p| p.is_file())
+            .ok_or_else(missing)
+    }
+}
+
+/// A loopback port that was free a moment ago (and, with `also_plus`, so was
+/// `port + also_plus`, for Redis Cluster's bus port).
+pub(crate) fn free_port(also_plus: Option<u16>) -> Result<u16> {
+    for _ in 0..200 {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        match also_plus {
+            None => return Ok(port),
+            Some(d) => {
+                let Some(bus) = port.checked_add(d) else {
+                    continue;
+                };
+                if TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+                    return Ok(port);
+                }
+            }
+        }
+    }
+    Err(Error::Io(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free loopback port pair found",
+    )))
+}
+
+/// A spawned server process with its log file.
+pub(crate) struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()?;
+        Ok(Proc { child, log })
+    }
+
+    /// Waits until `probe` succeeds against `addr`, failing early if the process exits.
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        addr: SocketAddr,
+        probe: impl Fn(&mut TcpStream) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(self.start_error(what, format!("exited with {status}")));
+            }
+            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                if probe(&mut s) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(self.start_error(what, format!("no answer within {READY_TIMEOUT:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start_error(&self, what: &str, reason: String) -> Error {
+        Error::Start {
+            what: what.to_string(),
+            reason,
+            log: log_tail(&self.log),
+        }
+    }
+
+    /// Kills the process (SIGKILL: a crash, as a fault test wants) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub(crate) fn log_tail(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+pub(crate) fn temp_dir(kind: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("flagcache-testkit-{kind}-"))
+        .tempdir()?)
+}
+
+/// Waits until nothing listens on `port` any more (after a kill), so a restart can bind it.
+pub(crate) fn wait_port_released(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub(crate) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}

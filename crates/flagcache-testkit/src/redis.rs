@@ -1,0 +1,326 @@
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::process::{self, Proc, REDIS_CLI, REDIS_SERVER};
+use crate::{resp, Error, Result};
+
+/// Extra `redis-server` settings, as `--name value` pairs.
+#[derive(Debug, Clone, Default)]
+pub struct RedisServerBuilder {
+    args: Vec<String>,
+    bus_port_offset: Option<u16>,
+}
+
+impl RedisServerBuilder {
+    /// Adds `--<name> <value>` to the command line (e.g. `("maxmemory", "10mb")`).
+    #[must_use]
+    pub fn arg(mut self, name: &str, value: &str) -> Self {
+        self.args.push(format!("--{name}"));
+        self.args.push(value.to_string());
+        self
+    }
+
+    /// Requires a password (`--requirepass`).
+    #[must_use]
+    pub fn password(self, password: &str) -> Self {
+        self.arg("requirepass", password)
+    }
+
+    /// Starts the server.
+    ///
+    /// # Errors
+    /// [`Error::BinaryMissing`] when `redis-server` is not installed; [`Error::Start`]
+    /// (with the log's tail) when it does not come up.
+    pub fn start(self) -> Result<RedisServer> {
+        let bin = REDIS_SERVER.locate()?;
+        let dir = process::temp_dir("redis")?;
+        let mut last = None;
+        // A port found free can be taken before the server binds it: try a few.
+        for _ in 0..5 {
+            let port = process::free_port(self.bus_port_offset)?;
+            let mut server = RedisServer {
+                bin: bin.clone(),
+                dir: dir.path().to_path_buf(),
+                args: self.args.clone(),
+                port,
+                proc: None,
+                _dir: None,
+            };
+            match server.spawn() {
+                Ok(()) => {
+                    server._dir = Some(dir);
+                    return Ok(server);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Command {
+            what: "redis-server".into(),
+            reason: "no attempt made".into(),
+        }))
+    }
+}
+
+/// A `redis-server` on a free loopback port, killed on drop.
+pub struct RedisServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    proc: Option<Proc>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .field("running", &self.proc.is_some())
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl RedisServer {
+    /// Starts a plain server with default settings.
+    ///
+    /// # Errors
+    /// See [`RedisServerBuilder::start`].
+    pub fn start() -> Result<Self> {
+        Self::builder().start()
+    }
+
+    /// Configures a server before starting it.
+    pub fn builder() -> RedisServerBuilder {
+        RedisServerBuilder::default()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let port = self.port.to_string();
+        let log = self.dir.join(format!("redis-{port}.log"));
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--protected-mode", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(&self.dir)
+        .args(&self.args)
+        .current_dir(&self.dir);
+        let mut proc = Proc::spawn(cmd, log)?;
+        let what = format!("redis-server on port {port}");
+        let password = self.password();
+        proc.wait_ready(&what, self.addr(), |s| match &password {
+            None => resp::pings(s),
+            // With requirepass, an auth error still proves the server is up.
+            Some(_) => resp::send(s, &["PING"]).is_ok(),
+        })?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    fn password(&self) -> Option<String> {
+        self.args
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| self.args.get(i + 1).cloned())
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `redis://127.0.0.1:<port>` (with the password, if one is required).
+    pub fn url(&self) -> String {
+        match self.password() {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The server's working directory (its log is there).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Whether the process is running (not stopped by [`RedisServer::stop`]).
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    /// Sends one command and returns the reply as text (see the crate docs).
+    ///
+    /// # Errors
+    /// [`Error::Command`] on a connection failure or an error reply.
+    pub fn command(&self, args: &[&str]) -> Result<String> {
+        let mut full: Vec<&str> = Vec::new();
+        let password = self.password();
+        if let Some(p) = &password {
+            // One connection per command: authenticate inline with HELLO-less AUTH.
+            return self.command_authed(p, args);
+        }
+        full.extend_from_slice(args);
+        resp::command(self.addr(), &full).map_err(|reason| Error::Command {
+            what: format!("redis {:?} on port {}", args.first(), self.port),
+            reason,
+        })
+    }
+
+    fn command_authed(&self, password: &str, args: &[&str]) -> Result<String> {
+        use std::io::BufReader;
+        let fail = |reason: String| Error::Command {
+            what: format!("redis {:?} on port {}", args.first(), self.port),
+            reason,
+        };
+        let mut s = std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        resp::send(&mut s, &["AUTH", password])?;
+        resp::send(&mut s, args)?;
+        let mut r = BufReader::new(s);
+        resp::read_reply(&mut r).map_err(fail)?;
+        resp::read_reply(&mut r).map_err(fail)
+    }
+
+    /// Kills the server (SIGKILL, like a crash). Its port stays reserved for
+    /// [`RedisServer::restart`]; data is lost (no persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the server again on the same port, after [`RedisServer::stop`].
+    ///
+    /// # Errors
+    /// As for [`RedisServerBuilder::start`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        process::wait_port_released(self.port);
+        self.spawn()
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        process::log_tail(&self.dir.join(format!("redis-{}.log", self.port)))
+    }
+}
+
+/// A Redis Cluster of N masters (no replicas) on loopback, torn down on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl fmt::Debug for RedisCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCluster")
+            .field(
+                "ports",
+                &self.nodes.iter().map(|n| n.port).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl RedisCluster {
+    /// Starts `masters` cluster-enabled nodes (at least 3), joins them with
+    /// `redis-cli --cluster create`, and waits until every node reports
+    /// `cluster_state:ok`.
+    ///
+    /// # Errors
+    /// [`Error::BinaryMissing`] when `redis-server` or `redis-cli` is missing;
+    /// [`Error::Start`] when the cluster does not form.
+    pub fn start(masters: usize) -> Result<Self> {
+        let masters = masters.max(3);
+        let cli = REDIS_CLI.locate()?;
+        let mut nodes = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            let mut b = RedisServer::builder()
+                .arg("cluster-enabled", "yes")
+                .arg("cluster-node-timeout", "5000")
+                .arg("cluster-require-full-coverage", "no");
+            b.bus_port_offset = Some(10_000);
+            nodes.push(b.start()?);
+        }
+        for n in &mut nodes {
+            // The node's cluster config lives in its own directory.
+            n.args.extend([
+                "--cluster-config-file".into(),
+                format!("nodes-{}.conf", n.port),
+            ]);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
+        if !out.status.success() {
+            return Err(Error::Start {
+                what: format!("redis cluster on {addrs:?}"),
+                reason: format!("redis-cli --cluster create exited with {}", out.status),
+                log: String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            });
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok()?;
+        Ok(cluster)
+    }
+
+    fn wait_ok(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let all_ok = self.nodes.iter().all(|n| {
+                n.command(&["CLUSTER", "INFO"])
+                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+            });
+            if all_ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Start {
+                    what: format!("redis cluster {:?}", self),
+                    reason: "cluster_state did not become ok within 30 s".into(),
+                    log: self
+                        .nodes
+                        .iter()
+                        .map(RedisServer::log_tail)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The nodes, in creation order.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// One node, mutably (to stop or restart it).
+    pub fn node_mut(&mut self, i: usize) -> Option<&mut RedisServer> {
+        self.nodes.get_mut(i)
+    }
+
+    /// `redis://127.0.0.1:<port>` for every node: the seed list for a cluster client.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}

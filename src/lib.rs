@@ -1,0 +1,12 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+#[doc(inline)]
+pub use flagcache_core::*;
+
+/// The embedded in-process backend: [`MemoryStore`](memory::MemoryStore) and
+/// [`MemoryInvalidator`](memory::MemoryInvalidator).
+#[cfg(feature = "memory")]
+#[doc(inline)]
+pub use flagcache_memory as memory;
