@@ -166,38 +166,78 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let mut slot = {
-            let mut map = self.inner.map();
-            if let Some((_, slot)) = map.get(key) {
-                self.inner.waits.fetch_add(1, Ordering::Relaxed);
-                slot.clone()
-            } else {
-                let runtime = tokio::runtime::Handle::try_current()
-                    .map_err(|_| Error::Closed("tokio runtime (coalescing needs one)"))?;
-                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = watch::channel(None);
-                map.insert(key.clone(), (id, rx.clone()));
-                self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-                let leave = Leave {
-                    inner: self.inner.clone(),
-                    key: key.clone(),
-                    id,
-                };
-                let fut = fetch();
-                runtime.spawn(async move {
-                    let result = match AssertUnwindSafe(fut).catch_unwind().await {
-                        Ok(r) => r,
-                        Err(panic) => Err(Error::loader(&leave.key, Panicked(panic_text(&*panic)))),
-                    };
-                    // Leave the map first: a caller arriving from now on starts afresh
-                    // rather than receiving a result its request may postdate.
-                    drop(leave);
-                    // No receivers left is fine: the result is simply not needed.
-                    let _ = tx.send(Some(result));
-                });
-                rx
-            }
+        self.run_joined(key, fetch).await.0
+    }
+
+    /// [`LocalCoalescer::run`], also telling whether this call joined a fetch that was
+    /// already in flight (`true`) or started one (`false`).
+    pub(crate) async fn run_joined<F, Fut>(&self, key: &FlagKey, fetch: F) -> (Result<V>, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        match self.join_or_start(key, fetch) {
+            Ok((slot, joined)) => (Self::wait(slot).await, joined),
+            Err(e) => (Err(e), false),
+        }
+    }
+
+    /// Starts `fetch` for `key` in the background unless one is already in flight;
+    /// returns whether it started one. Nobody waits for the result: use it for
+    /// refreshes whose result lands elsewhere (a cache).
+    ///
+    /// # Concurrent calls on the same key
+    /// At most one fetch per key runs; calls while it runs return `false` and drop
+    /// their `fetch` unrun.
+    pub fn start<F, Fut>(&self, key: &FlagKey, fetch: F) -> bool
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        if self.inner.map().contains_key(key) {
+            return false;
+        }
+        matches!(self.join_or_start(key, fetch), Ok((_, false)))
+    }
+
+    fn join_or_start<F, Fut>(&self, key: &FlagKey, fetch: F) -> Result<(Slot<V>, bool)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        let mut map = self.inner.map();
+        if let Some((_, slot)) = map.get(key) {
+            self.inner.waits.fetch_add(1, Ordering::Relaxed);
+            return Ok((slot.clone(), true));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Closed("tokio runtime (coalescing needs one)"))?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), (id, rx.clone()));
+        drop(map);
+        self.inner.fetches.fetch_add(1, Ordering::Relaxed);
+        let leave = Leave {
+            inner: self.inner.clone(),
+            key: key.clone(),
+            id,
         };
+        let fut = AssertUnwindSafe(fetch()).catch_unwind();
+        runtime.spawn(async move {
+            let result = match fut.await {
+                Ok(r) => r,
+                Err(panic) => Err(Error::loader(&leave.key, Panicked(panic_text(&*panic)))),
+            };
+            // Leave the map first: a caller arriving from now on starts afresh rather
+            // than receiving a result its request may postdate.
+            drop(leave);
+            // No receivers left is fine: the result is simply not needed.
+            let _ = tx.send(Some(result));
+        });
+        Ok((rx, false))
+    }
+
+    async fn wait(mut slot: Slot<V>) -> Result<V> {
         let done = slot
             .wait_for(Option::is_some)
             .await
@@ -210,6 +250,19 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
 }
 
 impl<V> LocalCoalescer<V> {
+    /// Detaches the fetch in flight for `key`, if any: it runs on and its current
+    /// waiters get its result, but callers arriving from now on start a new fetch.
+    /// Used when an invalidation lands mid-fetch, so nobody who asks *after* it is
+    /// handed a value read *before* it.
+    pub fn forget(&self, key: &FlagKey) {
+        self.inner.map().remove(key);
+    }
+
+    /// [`LocalCoalescer::forget`] for every key.
+    pub fn forget_all(&self) {
+        self.inner.map().clear();
+    }
+
     /// How many keys have a fetch in flight right now.
     pub fn in_flight(&self) -> usize {
         self.inner.map().len()
@@ -417,6 +470,34 @@ mod tests {
         }
         assert_eq!(c.in_flight(), 0);
         assert_eq!(c.run(&k, || async { Ok(1) }).await.unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forget_detaches_the_fetch_in_flight() {
+        let c = LocalCoalescer::<u32>::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (old_gate, new_gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let k = key("k");
+        let before = {
+            let (c, calls, gate, k) = (c.clone(), calls.clone(), old_gate.clone(), k.clone());
+            tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(1))).await })
+        };
+        until(|| c.in_flight() == 1).await;
+        c.forget(&k);
+        assert_eq!(c.in_flight(), 0);
+        let after = {
+            let (c, calls, gate, k) = (c.clone(), calls.clone(), new_gate.clone(), k.clone());
+            tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(2))).await })
+        };
+        until(|| c.in_flight() == 1).await;
+        // The old fetch finishing must not remove the new one from the map.
+        old_gate.notify_one();
+        assert_eq!(before.await.unwrap().unwrap(), 1);
+        assert_eq!(c.in_flight(), 1);
+        new_gate.notify_one();
+        assert_eq!(after.await.unwrap().unwrap(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(c.in_flight(), 0);
     }
 
     #[tokio::test]

@@ -510,6 +510,8 @@ mod json_event {
         seq: u64,
         #[serde(rename = "sentAtMs", default, skip_serializing_if = "is_zero")]
         sent_at_ms: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        purge: bool,
     }
 
     fn is_zero(v: &u64) -> bool {
@@ -531,6 +533,7 @@ mod json_event {
         }
         w.seq = ev.seq;
         w.sent_at_ms = ev.sent_at_ms;
+        w.purge = ev.purge_shared;
         serde_json::to_vec(&w)
             .map(Bytes::from)
             .map_err(|e| Error::codec("JSON serialization failed", e))
@@ -561,6 +564,7 @@ mod json_event {
             origin,
             seq: w.seq,
             sent_at_ms: w.sent_at_ms,
+            purge_shared: w.purge,
         };
         if let Some(n) = w.version {
             ev.version = Some(json_version(&n)?);
@@ -768,7 +772,11 @@ mod tests {
         assert_eq!(v["version"], 3);
         assert_eq!(v["origin"], "ffffffffffffffff");
         assert_eq!(codec.decode_invalidation(&wire).unwrap(), mine);
-        for ev in [Invalidation::tag("team-a"), Invalidation::all()] {
+        for ev in [
+            Invalidation::tag("team-a"),
+            Invalidation::all(),
+            Invalidation::key(FlagKey::new("p").unwrap()).purging_shared(),
+        ] {
             let wire = codec.encode_invalidation(&ev).unwrap();
             assert_eq!(codec.decode_invalidation(&wire).unwrap(), ev);
         }

@@ -50,6 +50,11 @@ pub struct Invalidation {
     /// When the publisher sent it, in milliseconds since the Unix epoch (0 if unknown):
     /// receivers measure invalidation lag from it.
     pub sent_at_ms: u64,
+    /// Asks every receiver to delete the key from the shared tier (L2) too, for
+    /// publishers that cannot delete it themselves. Each receiver then reloads it, so
+    /// prefer deleting L2 once at the publisher (as `FlagCache::invalidate` does).
+    #[serde(default)]
+    pub purge_shared: bool,
 }
 
 impl Invalidation {
@@ -60,6 +65,7 @@ impl Invalidation {
             origin: NodeId::UNKNOWN,
             seq: 0,
             sent_at_ms: 0,
+            purge_shared: false,
         }
     }
 
@@ -82,6 +88,14 @@ impl Invalidation {
     #[must_use]
     pub fn with_version(mut self, version: Version) -> Self {
         self.version = Some(version);
+        self
+    }
+
+    /// Asks receivers to delete the key from the shared tier as well (see
+    /// [`Invalidation::purge_shared`]).
+    #[must_use]
+    pub fn purging_shared(mut self) -> Self {
+        self.purge_shared = true;
         self
     }
 
@@ -122,6 +136,8 @@ pub enum ResyncReason {
     LogReset,
     /// A message could not be decoded, so its content is unknown.
     Undecodable,
+    /// The subscription ended for good: no further events will arrive.
+    Closed,
 }
 
 impl fmt::Display for ResyncReason {
@@ -140,6 +156,7 @@ impl fmt::Display for ResyncReason {
             ResyncReason::HeartbeatMissed => f.write_str("heartbeat missed"),
             ResyncReason::LogReset => f.write_str("invalidation log reset"),
             ResyncReason::Undecodable => f.write_str("undecodable message"),
+            ResyncReason::Closed => f.write_str("subscription closed"),
         }
     }
 }

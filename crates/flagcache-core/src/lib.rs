@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod cache;
 mod coalesce;
 mod codec;
 mod error;
@@ -12,7 +13,12 @@ mod types;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod layer;
 
+pub use cache::{
+    CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Hook, Loader, Lookup, StaleReason, Stats,
+    VersionSource, WarmReport,
+};
 pub use coalesce::{Coalescer, Fetch, LocalCoalescer};
 pub use codec::{
     Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, HEADER_LEN,

@@ -57,6 +57,12 @@ impl MemoryInvalidator {
         Self::node_on(self.bus.clone())
     }
 
+    /// How many subscriptions are open on this bus (a closed `FlagCache` leaves none
+    /// behind).
+    pub fn subscriber_count(&self) -> usize {
+        self.bus.receiver_count()
+    }
+
     fn node_on(bus: broadcast::Sender<Invalidation>) -> Self {
         MemoryInvalidator {
             bus,

@@ -1,0 +1,120 @@
+//! A circuit breaker around the shared tier.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe is in flight; everyone else still skips.
+    HalfOpen,
+}
+
+/// After `threshold` consecutive failures the breaker opens for `backoff`: calls are
+/// skipped, so a dead cache costs one timeout per back-off period instead of one per
+/// request. Then one probe call is let through; its success closes the breaker, its
+/// failure opens it again.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    state: Mutex<State>,
+    threshold: u32,
+    backoff: Duration,
+}
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Permit {
+    /// Call the backend.
+    Call,
+    /// Call it as the half-open probe.
+    Probe,
+    /// Skip it.
+    Skip,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, backoff: Duration) -> Self {
+        Breaker {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            threshold: threshold.max(1),
+            backoff,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn permit(&self) -> Permit {
+        let mut s = self.lock();
+        match *s {
+            State::Closed { .. } => Permit::Call,
+            State::Open { until } if Instant::now() >= until => {
+                *s = State::HalfOpen;
+                Permit::Probe
+            }
+            State::Open { .. } | State::HalfOpen => Permit::Skip,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        !matches!(*self.lock(), State::Closed { .. })
+    }
+
+    pub fn success(&self) {
+        *self.lock() = State::Closed { failures: 0 };
+    }
+
+    /// Records a failure; returns true when this failure opened the breaker.
+    pub fn failure(&self) -> bool {
+        let mut s = self.lock();
+        let failures = match *s {
+            State::Closed { failures } => failures + 1,
+            // A failed probe re-opens at once.
+            State::HalfOpen | State::Open { .. } => self.threshold,
+        };
+        if failures >= self.threshold {
+            let was_closed = matches!(*s, State::Closed { .. });
+            *s = State::Open {
+                until: Instant::now() + self.backoff,
+            };
+            was_closed
+        } else {
+            *s = State::Closed { failures };
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_probes_after_backoff() {
+        let b = Breaker::new(3, Duration::from_millis(30));
+        assert_eq!(b.permit(), Permit::Call);
+        assert!(!b.failure());
+        assert!(!b.failure());
+        b.success(); // resets the count
+        assert!(!b.failure());
+        assert!(!b.failure());
+        assert!(b.failure(), "third consecutive failure opens");
+        assert_eq!(b.permit(), Permit::Skip);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.permit(), Permit::Probe);
+        assert_eq!(b.permit(), Permit::Skip, "one probe at a time");
+        assert!(!b.failure(), "a failed probe re-opens (not a new opening)");
+        assert_eq!(b.permit(), Permit::Skip);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.permit(), Permit::Probe);
+        b.success();
+        assert_eq!(b.permit(), Permit::Call);
+        assert!(!b.is_open());
+    }
+}

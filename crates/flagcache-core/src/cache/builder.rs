@@ -1,0 +1,289 @@
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::breaker::Breaker;
+use super::l1::Fences;
+use super::stats::Telemetry;
+use super::{listen, Config, Evaluation, FlagCache, Hook, Inner, Loader};
+use crate::{Error, FlagKey, FlagStore, Invalidator, LocalCoalescer, NodeId, Result, Version};
+
+/// Where [version-stamped reads](FlagCacheBuilder::version_source) get the version a
+/// key should have: a cheap metadata lookup (a version table, a control-plane
+/// endpoint) that costs less than loading the value.
+#[async_trait]
+pub trait VersionSource: Send + Sync + 'static {
+    /// The current version of `key`, or `None` if unknown (the read is then unchecked).
+    ///
+    /// # Errors
+    /// Any; the read then proceeds unchecked.
+    async fn current_version(&self, key: &FlagKey) -> Result<Option<Version>>;
+}
+
+/// Configures a [`FlagCache`]. Every setting has a default suited to flag configs
+/// read on every request and changed a few times a day.
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | [`fresh_for`](Self::fresh_for) | 30 s (± jitter) | L1 serves an entry as fresh this long after a fill |
+/// | [`stale_for`](Self::stale_for) | 5 min | then serves it while one background refresh runs |
+/// | [`max_staleness`](Self::max_staleness) | 1 h | fail-safe: oldest last known value served when L2 and the loader fail |
+/// | [`l2_ttl`](Self::l2_ttl) | 10 min (± jitter) | TTL of every L2 write |
+/// | [`ttl_jitter`](Self::ttl_jitter) | 0.15 | ± spread of TTLs and freshness, so replicas do not expire in lockstep |
+/// | [`negative_ttl`](Self::negative_ttl) | 5 s | how long "no such flag" is remembered in L1 |
+/// | [`l2_timeout`](Self::l2_timeout) | 250 ms | per L2 call |
+/// | [`loader_timeout`](Self::loader_timeout) | 5 s | per loader call |
+/// | [`circuit_breaker`](Self::circuit_breaker) | 5 failures, 5 s | skip L2 for the back-off after that many consecutive failures |
+/// | [`l1_capacity`](Self::l1_capacity) | 10 000 | L1 entries |
+/// | [`xfetch`](Self::xfetch) | off | probabilistic early refresh |
+/// | [`refetch_jitter`](Self::refetch_jitter) | off | re-fetch an invalidated key in the background after a random delay |
+pub struct FlagCacheBuilder<T> {
+    store: Arc<dyn FlagStore>,
+    loader: Arc<dyn Loader<T>>,
+    invalidator: Option<Arc<dyn Invalidator>>,
+    expected: Option<Arc<dyn VersionSource>>,
+    hook: Option<Hook>,
+    cfg: Config,
+}
+
+impl<T> std::fmt::Debug for FlagCacheBuilder<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlagCacheBuilder")
+            .field("store", &self.store.name())
+            .field("invalidator", &self.invalidator.is_some())
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> FlagCacheBuilder<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    pub(super) fn new(store: Arc<dyn FlagStore>, loader: Arc<dyn Loader<T>>) -> Self {
+        FlagCacheBuilder {
+            store,
+            loader,
+            invalidator: None,
+            expected: None,
+            hook: None,
+            cfg: Config {
+                name: "flags".to_string(),
+                l1_enabled: true,
+                l1_capacity: 10_000,
+                fresh_for: Duration::from_secs(30),
+                stale_for: Duration::from_secs(300),
+                max_staleness: Duration::from_secs(3600),
+                negative_ttl: Duration::from_secs(5),
+                l2_ttl: Duration::from_secs(600),
+                jitter: 0.15,
+                l2_timeout: Duration::from_millis(250),
+                loader_timeout: Duration::from_secs(5),
+                breaker_threshold: 5,
+                breaker_backoff: Duration::from_secs(5),
+                xfetch_beta: 0.0,
+                refetch_jitter: None,
+            },
+        }
+    }
+
+    /// The cache's name: the `cache` label of its metrics and a field of its logs.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.cfg.name = name.into();
+        self
+    }
+
+    /// Subscribes to `invalidator` (and publishes this cache's writes through it).
+    #[must_use]
+    pub fn invalidator(mut self, invalidator: impl Invalidator + 'static) -> Self {
+        self.invalidator = Some(Arc::new(invalidator));
+        self
+    }
+
+    /// Turns L1 off: every read goes to L2 (still coalesced). For measuring L2, or for
+    /// processes that must never hold a copy. There is no fail-safe without L1.
+    #[must_use]
+    pub fn l1(mut self, enabled: bool) -> Self {
+        self.cfg.l1_enabled = enabled;
+        self
+    }
+
+    /// How many entries L1 holds at most.
+    #[must_use]
+    pub fn l1_capacity(mut self, entries: usize) -> Self {
+        self.cfg.l1_capacity = entries;
+        self
+    }
+
+    /// How long after a fill L1 serves an entry as fresh (jittered).
+    #[must_use]
+    pub fn fresh_for(mut self, d: Duration) -> Self {
+        self.cfg.fresh_for = d;
+        self
+    }
+
+    /// How long past freshness L1 still serves an entry while one background refresh
+    /// runs (stale-while-revalidate). Zero turns it off.
+    #[must_use]
+    pub fn stale_for(mut self, d: Duration) -> Self {
+        self.cfg.stale_for = d;
+        self
+    }
+
+    /// The oldest last known value served when L2 and the loader fail (fail-safe),
+    /// counted from its fill. Zero turns fail-safe off.
+    #[must_use]
+    pub fn max_staleness(mut self, d: Duration) -> Self {
+        self.cfg.max_staleness = d;
+        self
+    }
+
+    /// How long L1 remembers that the source has no such flag.
+    #[must_use]
+    pub fn negative_ttl(mut self, d: Duration) -> Self {
+        self.cfg.negative_ttl = d;
+        self
+    }
+
+    /// The TTL of every L2 write (jittered). It is the backstop under every other
+    /// invalidation mechanism.
+    #[must_use]
+    pub fn l2_ttl(mut self, d: Duration) -> Self {
+        self.cfg.l2_ttl = d;
+        self
+    }
+
+    /// The ± spread applied to TTLs and freshness: 0.15 means ±15 %. At most 0.5.
+    #[must_use]
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.cfg.jitter = fraction;
+        self
+    }
+
+    /// The time limit of each L2 call.
+    #[must_use]
+    pub fn l2_timeout(mut self, d: Duration) -> Self {
+        self.cfg.l2_timeout = d;
+        self
+    }
+
+    /// The time limit of each loader call.
+    #[must_use]
+    pub fn loader_timeout(mut self, d: Duration) -> Self {
+        self.cfg.loader_timeout = d;
+        self
+    }
+
+    /// After `failures` consecutive L2 failures, skip L2 for `backoff`, then let one
+    /// probe through.
+    #[must_use]
+    pub fn circuit_breaker(mut self, failures: u32, backoff: Duration) -> Self {
+        self.cfg.breaker_threshold = failures;
+        self.cfg.breaker_backoff = backoff;
+        self
+    }
+
+    /// Probabilistic early refresh (XFetch) with parameter `beta` (1.0 is the usual
+    /// choice; larger refreshes earlier). Off (0) by default.
+    #[must_use]
+    pub fn xfetch(mut self, beta: f64) -> Self {
+        self.cfg.xfetch_beta = beta;
+        self
+    }
+
+    /// After an invalidation of a key, re-fetch it in the background after a random
+    /// delay of at most `max`, so that a fleet does not re-fetch at the same instant and
+    /// the next read finds it warm. Off by default (the next read fetches).
+    #[must_use]
+    pub fn refetch_jitter(mut self, max: Duration) -> Self {
+        self.cfg.refetch_jitter = Some(max);
+        self
+    }
+
+    /// Version-stamped reads: check every L2 entry against the version `source` says
+    /// the key has, and treat any mismatch — older or newer — as a miss.
+    #[must_use]
+    pub fn version_source(mut self, source: impl VersionSource) -> Self {
+        self.expected = Some(Arc::new(source));
+        self
+    }
+
+    /// Calls `hook` after every read with the key, where the answer came from, the
+    /// version and the latency. Keep it cheap: it runs on the read path.
+    #[must_use]
+    pub fn on_evaluation(mut self, hook: impl Fn(&Evaluation<'_>) + Send + Sync + 'static) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let c = &self.cfg;
+        let bad = |what: &'static str| Err(Error::InvalidArgument(what.into()));
+        if !(0.0..=0.5).contains(&c.jitter) || c.jitter.is_nan() {
+            return bad("ttl_jitter must be between 0 and 0.5");
+        }
+        if c.l2_ttl.is_zero() {
+            return bad("l2_ttl must be greater than zero: every write carries a TTL");
+        }
+        if c.l2_timeout.is_zero() || c.loader_timeout.is_zero() {
+            return bad("timeouts must be greater than zero");
+        }
+        if c.l1_enabled && c.l1_capacity == 0 {
+            return bad("l1_capacity must be at least 1 (or turn L1 off with l1(false))");
+        }
+        if c.xfetch_beta.is_nan() || c.xfetch_beta < 0.0 {
+            return bad("xfetch beta must be 0 (off) or positive");
+        }
+        Ok(())
+    }
+
+    /// Builds the cache and, with an invalidator, subscribes and starts the task that
+    /// applies invalidations (it ends when the last clone of the cache is dropped).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an inconsistent setting; the invalidator's error
+    /// if subscribing fails.
+    pub async fn build(self) -> Result<FlagCache<T>> {
+        self.validate()?;
+        let subscription = match &self.invalidator {
+            Some(inv) => Some(inv.subscribe().await?),
+            None => None,
+        };
+        let node = self
+            .invalidator
+            .as_ref()
+            .map_or_else(NodeId::random, |i| i.node_id());
+        let cfg = self.cfg;
+        let keep_fences_for = cfg.l2_timeout
+            + cfg.loader_timeout
+            + cfg.l2_ttl.mul_f64(1.0 + cfg.jitter)
+            + Duration::from_secs(1);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let inner = Arc::new(Inner {
+            l1: quick_cache::sync::Cache::new(cfg.l1_capacity.max(1)),
+            epoch: AtomicU64::new(0),
+            fences: Fences::new(keep_fences_for),
+            fills: LocalCoalescer::new(),
+            breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff),
+            tel: Telemetry::new(&cfg.name),
+            store: self.store,
+            loader: self.loader,
+            invalidator: self.invalidator,
+            expected: self.expected,
+            hook: self.hook,
+            node,
+            _shutdown: subscription.as_ref().map(|_| shutdown_tx),
+            cfg,
+        });
+        if let Some(sub) = subscription {
+            tokio::spawn(listen(Arc::downgrade(&inner), sub, shutdown_rx));
+        }
+        Ok(FlagCache { inner })
+    }
+}

@@ -1,0 +1,965 @@
+//! [`FlagCache`]: the two tiers together.
+
+mod breaker;
+mod builder;
+mod l1;
+mod loader;
+mod stats;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+pub use builder::{FlagCacheBuilder, VersionSource};
+pub use loader::Loader;
+pub use stats::Stats;
+
+use breaker::{Breaker, Permit};
+use l1::{Fences, Slot};
+use stats::{seconds, Ev, Telemetry};
+
+use crate::{
+    now_ms, Checked, Entry, Error, FlagKey, FlagStore, Invalidation, Invalidator, LocalCoalescer,
+    NodeId, PutOutcome, Result, ResyncReason, Signal, Subscription, Target, Version,
+};
+
+/// Where a read was answered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// Fresh from the in-process tier.
+    HitL1,
+    /// From the shared tier.
+    HitL2,
+    /// From the loader (the source of truth).
+    Miss,
+    /// A value past its freshness, served on purpose; see [`StaleReason`].
+    Stale(StaleReason),
+}
+
+/// Why a stale value was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StaleReason {
+    /// Past its soft expiry, inside the stale-while-revalidate window: one background
+    /// refresh is running.
+    Revalidating,
+    /// L2 and the loader failed or timed out; this is the last known value, within the
+    /// maximum staleness.
+    FailSafe,
+}
+
+/// The answer of [`FlagCache::lookup`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Lookup<T> {
+    /// The value; `None` when the source has no such flag.
+    pub value: Option<Arc<T>>,
+    /// Its version (`None` for an absent flag).
+    pub version: Option<Version>,
+    /// Where it came from.
+    pub status: CacheStatus,
+}
+
+impl<T> Clone for Lookup<T> {
+    fn clone(&self) -> Self {
+        Lookup {
+            value: self.value.clone(),
+            version: self.version,
+            status: self.status,
+        }
+    }
+}
+
+impl<T> Lookup<T> {
+    fn from_slot(slot: Slot<T>, status: CacheStatus) -> Self {
+        Lookup {
+            version: slot.value.as_ref().map(|_| slot.version),
+            value: slot.value,
+            status,
+        }
+    }
+}
+
+/// What the evaluation hook receives for every read.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Evaluation<'a> {
+    /// The key read.
+    pub key: &'a FlagKey,
+    /// Where the answer came from; `None` when the read failed.
+    pub status: Option<CacheStatus>,
+    /// The version served, if any.
+    pub version: Option<Version>,
+    /// How long the read took.
+    pub latency: Duration,
+}
+
+/// The evaluation hook's type.
+pub type Hook = Arc<dyn Fn(&Evaluation<'_>) + Send + Sync>;
+
+/// What [`FlagCache::warm`] did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct WarmReport {
+    /// Keys already fresh in L1.
+    pub already_fresh: usize,
+    /// Keys filled from L2 (in one batched read).
+    pub from_l2: usize,
+    /// Keys filled from the loader.
+    pub loaded: usize,
+    /// Keys the source does not have.
+    pub absent: usize,
+    /// Keys that could not be filled, with why.
+    pub failed: Vec<(FlagKey, Error)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    L2,
+    Loader,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("circuit breaker open: the shared tier is being skipped after repeated failures")]
+struct CircuitOpen;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub name: String,
+    pub l1_enabled: bool,
+    pub l1_capacity: usize,
+    pub fresh_for: Duration,
+    pub stale_for: Duration,
+    pub max_staleness: Duration,
+    pub negative_ttl: Duration,
+    pub l2_ttl: Duration,
+    pub jitter: f64,
+    pub l2_timeout: Duration,
+    pub loader_timeout: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_backoff: Duration,
+    pub xfetch_beta: f64,
+    pub refetch_jitter: Option<Duration>,
+}
+
+impl Config {
+    /// `d` spread uniformly over ±`jitter`.
+    fn jittered(&self, d: Duration) -> Duration {
+        if self.jitter <= 0.0 {
+            return d;
+        }
+        d.mul_f64(1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0))
+    }
+}
+
+type Filled<T> = (Slot<T>, Tier);
+
+struct Inner<T> {
+    cfg: Config,
+    store: Arc<dyn FlagStore>,
+    loader: Arc<dyn Loader<T>>,
+    invalidator: Option<Arc<dyn Invalidator>>,
+    expected: Option<Arc<dyn VersionSource>>,
+    hook: Option<Hook>,
+    node: NodeId,
+    l1: quick_cache::sync::Cache<FlagKey, Slot<T>>,
+    /// Bumped by every `Resync`: entries of an older epoch are unverified.
+    epoch: AtomicU64,
+    fences: Fences,
+    fills: LocalCoalescer<Filled<T>>,
+    breaker: Breaker,
+    tel: Telemetry,
+    /// Dropped with the cache: ends the invalidation task.
+    _shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// A typed, two-tier, invalidation-aware cache of versioned values.
+///
+/// Reads go L1 (in process, decoded `Arc<T>`) → L2 (a shared [`FlagStore`]) → the
+/// [`Loader`] (the source of truth), coalesced per key; writes are version-guarded;
+/// invalidations from an [`Invalidator`] evict L1 on every replica, behind version
+/// fences. Cloning is cheap and shares everything.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> flagcache_core::Result<()> {
+/// use flagcache_core::{CacheStatus, FlagCache, FlagKey, Version};
+/// # let store = flagcache_memory::MemoryStore::new();
+///
+/// // The source of truth: here, a closure.
+/// let loader = |key: FlagKey| async move {
+///     Ok(Some((format!("config of {key}"), Version::new(1))))
+/// };
+/// let cache = FlagCache::<String>::builder(store, loader).build().await?;
+/// let key = FlagKey::new("checkout")?;
+///
+/// let first = cache.lookup(&key).await?;
+/// assert_eq!(first.status, CacheStatus::Miss);
+/// let again = cache.lookup(&key).await?;
+/// assert_eq!(again.status, CacheStatus::HitL1);
+/// assert_eq!(again.value.as_deref().map(String::as_str), Some("config of checkout"));
+/// # Ok(()) }
+/// ```
+pub struct FlagCache<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for FlagCache<T> {
+    fn clone(&self) -> Self {
+        FlagCache {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for FlagCache<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlagCache")
+            .field("name", &self.inner.cfg.name)
+            .field("node", &self.inner.node)
+            .field("store", &self.inner.store.name())
+            .field("l1_entries", &self.inner.l1.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> FlagCache<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Starts building a cache over `store` (L2) and `loader` (the source of truth).
+    /// See [`FlagCacheBuilder`] for the settings and their defaults.
+    pub fn builder(store: impl FlagStore + 'static, loader: impl Loader<T>) -> FlagCacheBuilder<T> {
+        FlagCacheBuilder::new(Arc::new(store), Arc::new(loader))
+    }
+
+    /// Reads `key`: the value, or `None` when the source has no such flag.
+    ///
+    /// # Concurrent calls on the same key
+    /// Concurrent misses of one key share one fill: one L2 read and, if L2 misses, one
+    /// loader call, whose result every caller receives. A caller being dropped does not
+    /// cancel the fill. An error reaches every waiter and is not cached.
+    ///
+    /// # Errors
+    /// When neither L2 nor the loader produced a value and no last known value within
+    /// the maximum staleness exists: the loader's error, [`Error::Timeout`], or a codec
+    /// error.
+    pub async fn get(&self, key: &FlagKey) -> Result<Option<Arc<T>>> {
+        self.lookup(key).await.map(|l| l.value)
+    }
+
+    /// Reads `key` and tells where the answer came from (see [`Lookup`]).
+    ///
+    /// # Concurrent calls on the same key
+    /// As for [`FlagCache::get`].
+    ///
+    /// # Errors
+    /// As for [`FlagCache::get`].
+    pub async fn lookup(&self, key: &FlagKey) -> Result<Lookup<T>> {
+        let inner = &self.inner;
+        let Some(hook) = &inner.hook else {
+            return inner.lookup(key).await;
+        };
+        let started = Instant::now();
+        let result = inner.lookup(key).await;
+        let (status, version) = match &result {
+            Ok(l) => (Some(l.status), l.version),
+            Err(_) => (None, None),
+        };
+        hook(&Evaluation {
+            key,
+            status,
+            version,
+            latency: started.elapsed(),
+        });
+        result
+    }
+
+    /// Writes `value` at `version` through to L2 (version-guarded), updates L1, and
+    /// publishes the invalidation so other replicas drop their copy.
+    ///
+    /// Returns [`PutOutcome::Superseded`] when L2 already holds `version` or newer; the
+    /// refused value is then not installed anywhere, and an L1 copy older than the
+    /// stored version is dropped. When L2 already holds exactly `version`, the
+    /// invalidation is published again, so retrying a `set` whose publish failed is safe.
+    ///
+    /// # Concurrent calls on the same key
+    /// Writers race in L2, where the version guard lets the highest version win; a
+    /// read that started before this write cannot install its older value in L1 after it.
+    ///
+    /// # Errors
+    /// A codec error; an L2 error or timeout (nothing was changed); or a publish error,
+    /// in which case the value *is* stored and other replicas learn of it only by TTL
+    /// until the `set` is retried.
+    pub async fn set(&self, key: &FlagKey, value: T, version: Version) -> Result<PutOutcome> {
+        let inner = &self.inner;
+        let payload = inner.store.codec().encode_value(&value)?;
+        let entry = Entry {
+            version,
+            stamp_ms: now_ms(),
+            payload,
+        };
+        let outcome = inner.write_l2_strict(key, &entry).await?;
+        match outcome {
+            PutOutcome::Stored => {
+                let slot = inner.make_slot(Some(Arc::new(value)), version, Duration::ZERO);
+                inner.install_authoritative(key, slot);
+                inner
+                    .publish(Invalidation::key(key.clone()).with_version(version))
+                    .await?;
+            }
+            PutOutcome::Superseded { current } => {
+                inner.drop_older_than(key, current);
+                if current == version {
+                    inner
+                        .publish(Invalidation::key(key.clone()).with_version(version))
+                        .await?;
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Drops `key` everywhere: from this L1, from L2, and — through the invalidator —
+    /// from every other replica's L1. The next read loads it from the source.
+    ///
+    /// # Errors
+    /// An L2 or publish error (this replica's L1 is dropped regardless).
+    pub async fn invalidate(&self, key: &FlagKey) -> Result<()> {
+        let inner = &self.inner;
+        inner.drop_local(key, None);
+        let deleted = inner.delete_l2(key).await;
+        let published = inner.publish(Invalidation::key(key.clone())).await;
+        deleted.and(published)
+    }
+
+    /// Drops every replica's L1 (this one's at once). L2 keeps its entries — they are
+    /// versioned and guarded — so replicas refill from L2, not from the source.
+    ///
+    /// # Errors
+    /// A publish error (this replica's L1 is dropped regardless).
+    pub async fn invalidate_all(&self) -> Result<()> {
+        self.inner.drop_all_local();
+        self.inner.publish(Invalidation::all()).await
+    }
+
+    /// Pre-loads `keys` before they are needed (a rollout step, a deploy): one batched
+    /// L2 read for those not fresh in L1, then the loader for L2's misses, 16 at a time.
+    ///
+    /// # Concurrent calls on the same key
+    /// Loader calls are coalesced with concurrent reads of the same keys.
+    pub async fn warm(&self, keys: &[FlagKey]) -> WarmReport {
+        self.inner.warm(keys).await
+    }
+
+    /// A snapshot of the counters (cheap: a few atomic loads).
+    pub fn stats(&self) -> Stats {
+        let mut stats = self
+            .inner
+            .tel
+            .snapshot(self.inner.l1.len(), self.inner.breaker.is_open());
+        // Counted when a caller joins, not when the fill it joined ends.
+        stats.coalesced_waits = self.inner.fills.coalesced_waits();
+        stats
+    }
+
+    /// This replica's node id (the one its invalidations carry).
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// The shared tier.
+    pub fn store(&self) -> &Arc<dyn FlagStore> {
+        &self.inner.store
+    }
+}
+
+impl<T> Inner<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    async fn lookup(self: &Arc<Self>, key: &FlagKey) -> Result<Lookup<T>> {
+        let mut fallback = None;
+        if self.cfg.l1_enabled {
+            if let Some(slot) = self.l1.get(key) {
+                if slot.epoch == self.epoch.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now < slot.fresh_until {
+                        if self.cfg.xfetch_beta > 0.0 && self.xfetch_due(&slot, now) {
+                            self.refresh_in_background(key);
+                        }
+                        self.tel.bump(Ev::HitL1);
+                        return Ok(Lookup::from_slot(slot, CacheStatus::HitL1));
+                    }
+                    if now < slot.stale_until {
+                        self.refresh_in_background(key);
+                        self.tel.bump(Ev::StaleRevalidating);
+                        let status = CacheStatus::Stale(StaleReason::Revalidating);
+                        return Ok(Lookup::from_slot(slot, status));
+                    }
+                }
+                fallback = Some(slot);
+            }
+        }
+        match self.fetch(key).await {
+            Ok((slot, tier)) => {
+                let (ev, status) = match tier {
+                    Tier::L2 => (Ev::HitL2, CacheStatus::HitL2),
+                    Tier::Loader => (Ev::Miss, CacheStatus::Miss),
+                };
+                self.tel.bump(ev);
+                Ok(Lookup::from_slot(slot, status))
+            }
+            Err(e) => {
+                let usable = fallback.filter(|fb| {
+                    e.is_transient() && fb.filled_at.elapsed() <= self.cfg.max_staleness
+                });
+                match usable {
+                    Some(fb) => {
+                        tracing::warn!(cache = %self.cfg.name, %key, error = %e,
+                            "serving last known value (fail-safe)");
+                        self.tel.bump(Ev::StaleFailSafe);
+                        Ok(Lookup::from_slot(
+                            fb,
+                            CacheStatus::Stale(StaleReason::FailSafe),
+                        ))
+                    }
+                    None => {
+                        self.tel.bump(Ev::Error);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// XFetch (Vattani et al.): refresh early with a probability that rises as expiry
+    /// nears, scaled by how long a fill takes.
+    fn xfetch_due(&self, slot: &Slot<T>, now: Instant) -> bool {
+        let remaining = slot
+            .fresh_until
+            .saturating_duration_since(now)
+            .as_secs_f64();
+        let delta = slot.cost.as_secs_f64().max(0.001);
+        let u = fastrand::f64().max(f64::MIN_POSITIVE);
+        delta * self.cfg.xfetch_beta * -u.ln() >= remaining
+    }
+
+    /// One coalesced fill of `key`.
+    async fn fetch(self: &Arc<Self>, key: &FlagKey) -> Result<Filled<T>> {
+        let this = self.clone();
+        let k = key.clone();
+        let (result, joined) = self
+            .fills
+            .run_joined(key, move || async move { this.fill(&k).await })
+            .await;
+        if joined {
+            self.tel.bump(Ev::Coalesced);
+        }
+        result
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey) {
+        let this = self.clone();
+        let k = key.clone();
+        self.fills
+            .start(key, move || async move { this.fill(&k).await });
+    }
+
+    async fn fill(self: &Arc<Self>, key: &FlagKey) -> Result<Filled<T>> {
+        let span = tracing::debug_span!("flagcache.fill", cache = %self.cfg.name, %key);
+        async move {
+            let start = self.fences.begin();
+            let began = Instant::now();
+            let mut read = self.read_l2(key).await;
+            let min = self.fences.lock().min_version(key);
+            if let (Some(m), Some(e)) = (min, &read) {
+                if e.version < m {
+                    // An invalidation announced a newer version than L2 gave us. The
+                    // writer usually stores before it publishes: read once more.
+                    tracing::debug!(version = %e.version, announced = %m, "L2 older than announced; re-reading");
+                    read = self.read_l2(key).await.filter(|e| e.version >= m);
+                }
+            }
+            if let Some(entry) = read {
+                {
+                    match self.store.codec().decode_value::<T>(&entry.payload) {
+                        Ok(v) => {
+                            let slot = self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
+                            self.install(key, &slot, start);
+                            return Ok((slot, Tier::L2));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
+                            self.tel.bump(Ev::Corrupt);
+                            let _ = self.delete_l2(key).await;
+                        }
+                    }
+                }
+            }
+            self.load(key, start, began).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Reads L2 through the breaker and timeout. Failures are counted and become
+    /// `None`: the loader is the truth, L2 only saves trips to it.
+    async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
+        if self.breaker.permit() == Permit::Skip {
+            self.tel.bump(Ev::L2Skipped);
+            return None;
+        }
+        let t = Instant::now();
+        let read = tokio::time::timeout(self.cfg.l2_timeout, self.read_l2_raw(key)).await;
+        self.tel.l2_latency.record(seconds(t.elapsed()));
+        match read {
+            Ok(Ok(entry)) => {
+                self.breaker.success();
+                entry
+            }
+            Ok(Err(Error::Corrupt { reason, .. })) => {
+                self.breaker.success();
+                tracing::warn!(cache = %self.cfg.name, %key, %reason, "corrupt L2 entry; deleting it");
+                self.tel.bump(Ev::Corrupt);
+                let _ = self.delete_l2(key).await;
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(cache = %self.cfg.name, %key, error = %e, "L2 read failed");
+                self.tel.bump(Ev::L2Error);
+                self.l2_failed();
+                None
+            }
+            Err(_) => {
+                tracing::warn!(cache = %self.cfg.name, %key, "L2 read timed out");
+                self.tel.bump(Ev::L2Timeout);
+                self.l2_failed();
+                None
+            }
+        }
+    }
+
+    async fn read_l2_raw(&self, key: &FlagKey) -> Result<Option<Entry>> {
+        let Some(source) = &self.expected else {
+            return self.store.get(key).await;
+        };
+        match source.current_version(key).await {
+            Ok(Some(v)) => match self.store.get_checked(key, v).await? {
+                Checked::Hit(e) => Ok(Some(e)),
+                Checked::Stale { current } => {
+                    tracing::debug!(%key, expected = %v, %current, "version-stamped read: L2 is stale");
+                    Ok(None)
+                }
+                Checked::Miss => Ok(None),
+            },
+            Ok(None) => self.store.get(key).await,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "version source failed; reading L2 unchecked");
+                self.store.get(key).await
+            }
+        }
+    }
+
+    fn l2_failed(&self) {
+        if self.breaker.failure() {
+            tracing::warn!(cache = %self.cfg.name, backoff = ?self.cfg.breaker_backoff,
+                "L2 circuit breaker opened");
+            self.tel.bump(Ev::BreakerOpened);
+        }
+    }
+
+    async fn load(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        start: u64,
+        began: Instant,
+    ) -> Result<Filled<T>> {
+        let t = Instant::now();
+        let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
+        self.tel.load_latency.record(seconds(t.elapsed()));
+        let loaded = match loaded {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.tel.bump(Ev::LoadError);
+                return Err(e);
+            }
+            Err(_) => {
+                self.tel.bump(Ev::LoadError);
+                return Err(Error::Timeout {
+                    backend: "loader",
+                    operation: "load",
+                    after: self.cfg.loader_timeout,
+                });
+            }
+        };
+        let Some((value, version)) = loaded else {
+            self.tel.bump(Ev::LoadAbsent);
+            let slot = self.make_slot(None, Version::default(), began.elapsed());
+            self.install(key, &slot, start);
+            return Ok((slot, Tier::Loader));
+        };
+        self.tel.bump(Ev::Load);
+        let payload = self.store.codec().encode_value(&value)?;
+        let entry = Entry {
+            version,
+            stamp_ms: now_ms(),
+            payload,
+        };
+        let slot = self.make_slot(Some(Arc::new(value)), version, began.elapsed());
+        match self.write_l2(key, &entry).await {
+            // L2 knows a newer version than the source just gave us (a lagging read
+            // replica of the source): answer this read, but do not pin it in L1.
+            Some(PutOutcome::Superseded { current }) if current > version => {
+                tracing::debug!(%key, %version, %current, "loaded version is older than L2's");
+            }
+            _ => {
+                self.install(key, &slot, start);
+            }
+        }
+        Ok((slot, Tier::Loader))
+    }
+
+    /// Best-effort write of a loaded value to L2; failures are counted, not returned.
+    async fn write_l2(&self, key: &FlagKey, entry: &Entry) -> Option<PutOutcome> {
+        match self.write_l2_strict(key, entry).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(cache = %self.cfg.name, %key, error = %e, "L2 write failed");
+                None
+            }
+        }
+    }
+
+    async fn write_l2_strict(&self, key: &FlagKey, entry: &Entry) -> Result<PutOutcome> {
+        if self.breaker.permit() == Permit::Skip {
+            self.tel.bump(Ev::L2Skipped);
+            return Err(Error::backend(self.store.name(), "put", true, CircuitOpen));
+        }
+        let ttl = self.cfg.jittered(self.cfg.l2_ttl);
+        let t = Instant::now();
+        let put = tokio::time::timeout(self.cfg.l2_timeout, self.store.put(key, entry, ttl)).await;
+        self.tel.l2_latency.record(seconds(t.elapsed()));
+        match put {
+            Ok(Ok(o)) => {
+                self.breaker.success();
+                Ok(o)
+            }
+            Ok(Err(e)) => {
+                if e.is_transient() {
+                    self.tel.bump(Ev::L2Error);
+                    self.l2_failed();
+                } else {
+                    self.breaker.success();
+                }
+                Err(e)
+            }
+            Err(_) => {
+                self.tel.bump(Ev::L2Timeout);
+                self.l2_failed();
+                Err(Error::Timeout {
+                    backend: self.store.name(),
+                    operation: "put",
+                    after: self.cfg.l2_timeout,
+                })
+            }
+        }
+    }
+
+    async fn delete_l2(&self, key: &FlagKey) -> Result<()> {
+        if self.breaker.permit() == Permit::Skip {
+            self.tel.bump(Ev::L2Skipped);
+            return Err(Error::backend(
+                self.store.name(),
+                "delete",
+                true,
+                CircuitOpen,
+            ));
+        }
+        let t = Instant::now();
+        let deleted = tokio::time::timeout(self.cfg.l2_timeout, self.store.delete(key)).await;
+        self.tel.l2_latency.record(seconds(t.elapsed()));
+        match deleted {
+            Ok(Ok(())) => {
+                self.breaker.success();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.tel.bump(Ev::L2Error);
+                self.l2_failed();
+                Err(e)
+            }
+            Err(_) => {
+                self.tel.bump(Ev::L2Timeout);
+                self.l2_failed();
+                Err(Error::Timeout {
+                    backend: self.store.name(),
+                    operation: "delete",
+                    after: self.cfg.l2_timeout,
+                })
+            }
+        }
+    }
+
+    fn make_slot(&self, value: Option<Arc<T>>, version: Version, cost: Duration) -> Slot<T> {
+        let now = Instant::now();
+        let (fresh, stale) = if value.is_some() {
+            (self.cfg.jittered(self.cfg.fresh_for), self.cfg.stale_for)
+        } else {
+            (self.cfg.negative_ttl, Duration::ZERO)
+        };
+        Slot {
+            value,
+            version,
+            filled_at: now,
+            fresh_until: now + fresh,
+            stale_until: now + fresh + stale,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            cost,
+        }
+    }
+
+    /// Installs a fill into L1 unless a fence refuses it (an invalidation landed since
+    /// the fill started) or L1 already holds a newer version.
+    fn install(&self, key: &FlagKey, slot: &Slot<T>, start: u64) -> bool {
+        if !self.cfg.l1_enabled {
+            return false;
+        }
+        let fences = self.fences.lock();
+        if !fences.admits(key, start, slot.version) {
+            tracing::debug!(cache = %self.cfg.name, %key, version = %slot.version,
+                "fill refused: an invalidation landed while it ran");
+            self.tel.bump(Ev::FencedFill);
+            return false;
+        }
+        if slot.value.is_some() {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            if let Some(cur) = self.l1.peek(key) {
+                if cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version {
+                    return false;
+                }
+            }
+        }
+        self.l1.insert(key.clone(), slot.clone());
+        true
+    }
+
+    /// Installs a value this replica wrote itself, fencing out older fills in flight.
+    fn install_authoritative(&self, key: &FlagKey, slot: Slot<T>) {
+        let mut fences = self.fences.lock();
+        fences.invalidate(key, Some(slot.version));
+        self.fills.forget(key);
+        if self.cfg.l1_enabled {
+            self.l1.insert(key.clone(), slot);
+        }
+    }
+
+    fn drop_older_than(&self, key: &FlagKey, current: Version) {
+        let mut fences = self.fences.lock();
+        fences.invalidate(key, Some(current));
+        self.l1
+            .remove_if(key, |s| s.value.is_none() || s.version < current);
+        self.fills.forget(key);
+    }
+
+    /// Drops `key` from L1 unless L1 already holds `at_least` or newer, and fences out
+    /// fills that started before now.
+    fn drop_local(&self, key: &FlagKey, at_least: Option<Version>) {
+        let mut fences = self.fences.lock();
+        fences.invalidate(key, at_least);
+        self.l1.remove_if(key, |s| match at_least {
+            Some(v) => s.value.is_none() || s.version < v,
+            None => true,
+        });
+        drop(fences);
+        self.fills.forget(key);
+    }
+
+    fn drop_all_local(&self) {
+        let mut fences = self.fences.lock();
+        fences.invalidate_all();
+        self.l1.clear();
+        drop(fences);
+        self.fills.forget_all();
+    }
+
+    async fn publish(&self, event: Invalidation) -> Result<()> {
+        let Some(inv) = &self.invalidator else {
+            return Ok(());
+        };
+        match tokio::time::timeout(
+            self.cfg.l2_timeout.max(Duration::from_secs(1)),
+            inv.publish(&event),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.tel.bump(Ev::PublishError);
+                Err(e)
+            }
+            Err(_) => {
+                self.tel.bump(Ev::PublishError);
+                Err(Error::Timeout {
+                    backend: "invalidator",
+                    operation: "publish",
+                    after: self.cfg.l2_timeout.max(Duration::from_secs(1)),
+                })
+            }
+        }
+    }
+
+    /// Applies one event received from the invalidator.
+    async fn apply(self: &Arc<Self>, ev: &Invalidation) {
+        if ev.origin != NodeId::UNKNOWN && ev.origin == self.node {
+            self.tel.bump(Ev::OwnEventSkipped);
+            return;
+        }
+        if ev.sent_at_ms > 0 {
+            let lag_ms = now_ms().saturating_sub(ev.sent_at_ms);
+            self.tel.lag.record(lag_ms as f64 / 1000.0);
+        }
+        self.tel.bump(Ev::Invalidation);
+        match &ev.target {
+            Target::Key(key) => {
+                self.drop_local(key, ev.version);
+                if ev.purge_shared {
+                    let _ = self.delete_l2(key).await;
+                }
+                if let Some(max) = self.cfg.refetch_jitter {
+                    let this = self.clone();
+                    let key = key.clone();
+                    let delay = max.mul_f64(fastrand::f64());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        this.refresh_in_background(&key);
+                    });
+                }
+            }
+            // Tags are not tracked per key: dropping everything is always correct.
+            _ => self.drop_all_local(),
+        }
+    }
+
+    /// Marks every L1 entry unverified: never served as fresh again, only as a
+    /// fail-safe fallback when L2 and the loader both fail.
+    fn resync(&self, reason: &ResyncReason) {
+        tracing::warn!(cache = %self.cfg.name, %reason, "resync: L1 marked unverified");
+        self.tel.bump(Ev::Resync);
+        let mut fences = self.fences.lock();
+        fences.invalidate_all();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        drop(fences);
+        self.fills.forget_all();
+    }
+
+    async fn warm(self: &Arc<Self>, keys: &[FlagKey]) -> WarmReport {
+        use futures_util::StreamExt;
+        let mut report = WarmReport::default();
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let now = Instant::now();
+        let cold: Vec<FlagKey> = keys
+            .iter()
+            .filter(|k| {
+                let fresh = self.cfg.l1_enabled
+                    && self
+                        .l1
+                        .peek(*k)
+                        .is_some_and(|s| s.epoch == epoch && now < s.fresh_until);
+                if fresh {
+                    report.already_fresh += 1;
+                }
+                !fresh
+            })
+            .cloned()
+            .collect();
+        let mut misses = Vec::new();
+        let start = self.fences.begin();
+        let began = Instant::now();
+        let batch = if cold.is_empty() || self.breaker.permit() == Permit::Skip {
+            None
+        } else {
+            match tokio::time::timeout(self.cfg.l2_timeout, self.store.get_many(&cold)).await {
+                Ok(Ok(found)) if found.len() == cold.len() => {
+                    self.breaker.success();
+                    Some(found)
+                }
+                _ => {
+                    self.tel.bump(Ev::L2Error);
+                    self.l2_failed();
+                    None
+                }
+            }
+        };
+        match batch {
+            Some(found) => {
+                for (key, entry) in cold.into_iter().zip(found) {
+                    let decoded = entry.and_then(|e| {
+                        self.store
+                            .codec()
+                            .decode_value::<T>(&e.payload)
+                            .ok()
+                            .map(|v| (v, e.version))
+                    });
+                    match decoded {
+                        Some((v, version)) => {
+                            let slot = self.make_slot(Some(Arc::new(v)), version, began.elapsed());
+                            self.install(&key, &slot, start);
+                            report.from_l2 += 1;
+                        }
+                        None => misses.push(key),
+                    }
+                }
+            }
+            None => misses = cold,
+        }
+        let results: Vec<_> = futures_util::stream::iter(misses)
+            .map(|key| async move {
+                let r = self.fetch(&key).await;
+                (key, r)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for (key, r) in results {
+            match r {
+                Ok((slot, Tier::L2)) if slot.value.is_some() => report.from_l2 += 1,
+                Ok((slot, _)) if slot.value.is_none() => report.absent += 1,
+                Ok(_) => report.loaded += 1,
+                Err(e) => report.failed.push((key, e)),
+            }
+        }
+        report
+    }
+}
+
+/// Consumes the subscription until the cache is dropped.
+async fn listen<T>(weak: Weak<Inner<T>>, mut sub: Subscription, mut shutdown: oneshot::Receiver<()>)
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    loop {
+        let signal = tokio::select! {
+            _ = &mut shutdown => return,
+            s = sub.recv() => s,
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        match signal {
+            Some(Signal::Invalidated(ev)) => inner.apply(&ev).await,
+            Some(Signal::Resync(reason)) => inner.resync(&reason),
+            None => {
+                tracing::error!(cache = %inner.cfg.name,
+                    "invalidation subscription ended; L1 can no longer be kept coherent");
+                inner.resync(&ResyncReason::Closed);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Counters: cheap atomics for [`Stats`] snapshots, mirrored to the `metrics` facade.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+
+/// Everything the cache counts. The discriminant indexes the counter arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ev {
+    HitL1,
+    HitL2,
+    Miss,
+    StaleRevalidating,
+    StaleFailSafe,
+    Load,
+    LoadAbsent,
+    LoadError,
+    L2Timeout,
+    L2Error,
+    L2Skipped,
+    Corrupt,
+    Coalesced,
+    Invalidation,
+    OwnEventSkipped,
+    Resync,
+    FencedFill,
+    BreakerOpened,
+    PublishError,
+    Error,
+}
+
+const N: usize = Ev::Error as usize + 1;
+
+impl Ev {
+    const ALL: [Ev; N] = [
+        Ev::HitL1,
+        Ev::HitL2,
+        Ev::Miss,
+        Ev::StaleRevalidating,
+        Ev::StaleFailSafe,
+        Ev::Load,
+        Ev::LoadAbsent,
+        Ev::LoadError,
+        Ev::L2Timeout,
+        Ev::L2Error,
+        Ev::L2Skipped,
+        Ev::Corrupt,
+        Ev::Coalesced,
+        Ev::Invalidation,
+        Ev::OwnEventSkipped,
+        Ev::Resync,
+        Ev::FencedFill,
+        Ev::BreakerOpened,
+        Ev::PublishError,
+        Ev::Error,
+    ];
+
+    /// The metric name and its one distinguishing label.
+    fn metric(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Ev::HitL1 => ("flagcache_requests_total", "status", "hit_l1"),
+            Ev::HitL2 => ("flagcache_requests_total", "status", "hit_l2"),
+            Ev::Miss => ("flagcache_requests_total", "status", "miss"),
+            Ev::StaleRevalidating => ("flagcache_stale_served_total", "reason", "revalidating"),
+            Ev::StaleFailSafe => ("flagcache_stale_served_total", "reason", "fail_safe"),
+            Ev::Load => ("flagcache_loads_total", "outcome", "ok"),
+            Ev::LoadAbsent => ("flagcache_loads_total", "outcome", "absent"),
+            Ev::LoadError => ("flagcache_loads_total", "outcome", "error"),
+            Ev::L2Timeout => ("flagcache_l2_errors_total", "kind", "timeout"),
+            Ev::L2Error => ("flagcache_l2_errors_total", "kind", "backend"),
+            Ev::L2Skipped => ("flagcache_l2_errors_total", "kind", "skipped_open_breaker"),
+            Ev::Corrupt => ("flagcache_l2_errors_total", "kind", "corrupt"),
+            Ev::Coalesced => ("flagcache_coalesced_waits_total", "step", "fill"),
+            Ev::Invalidation => ("flagcache_invalidations_total", "applied", "yes"),
+            Ev::OwnEventSkipped => ("flagcache_invalidations_total", "applied", "own_event"),
+            Ev::Resync => ("flagcache_resyncs_total", "signal", "resync"),
+            Ev::FencedFill => ("flagcache_fenced_fills_total", "refused", "yes"),
+            Ev::BreakerOpened => ("flagcache_breaker_opened_total", "tier", "l2"),
+            Ev::PublishError => ("flagcache_errors_total", "kind", "publish"),
+            Ev::Error => ("flagcache_errors_total", "kind", "returned"),
+        }
+    }
+}
+
+pub(crate) struct Telemetry {
+    counts: [AtomicU64; N],
+    meters: [Counter; N],
+    pub lag: Histogram,
+    pub l2_latency: Histogram,
+    pub load_latency: Histogram,
+}
+
+impl Telemetry {
+    /// Registers every metric once, with the cache's name as a label, so recording on
+    /// the hot path is an atomic add and never allocates. Install your `metrics`
+    /// recorder before building the cache.
+    pub fn new(cache: &str) -> Self {
+        let name = cache.to_string();
+        Telemetry {
+            counts: Default::default(),
+            meters: Ev::ALL.map(|ev| {
+                let (metric, label, value) = ev.metric();
+                metrics::counter!(metric, "cache" => name.clone(), label => value)
+            }),
+            lag: metrics::histogram!("flagcache_invalidation_lag_seconds", "cache" => name.clone()),
+            l2_latency: metrics::histogram!("flagcache_l2_latency_seconds", "cache" => name.clone()),
+            load_latency: metrics::histogram!("flagcache_load_latency_seconds", "cache" => name),
+        }
+    }
+
+    #[inline]
+    pub fn bump(&self, ev: Ev) {
+        self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
+        self.meters[ev as usize].increment(1);
+    }
+
+    fn get(&self, ev: Ev) -> u64 {
+        self.counts[ev as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self, l1_entries: usize, breaker_open: bool) -> Stats {
+        Stats {
+            hits_l1: self.get(Ev::HitL1),
+            hits_l2: self.get(Ev::HitL2),
+            misses: self.get(Ev::Miss),
+            stale_revalidating: self.get(Ev::StaleRevalidating),
+            stale_fail_safe: self.get(Ev::StaleFailSafe),
+            loads: self.get(Ev::Load),
+            loads_absent: self.get(Ev::LoadAbsent),
+            load_errors: self.get(Ev::LoadError),
+            l2_timeouts: self.get(Ev::L2Timeout),
+            l2_errors: self.get(Ev::L2Error),
+            l2_skipped: self.get(Ev::L2Skipped),
+            corrupt: self.get(Ev::Corrupt),
+            coalesced_waits: self.get(Ev::Coalesced),
+            invalidations: self.get(Ev::Invalidation),
+            own_events_skipped: self.get(Ev::OwnEventSkipped),
+            resyncs: self.get(Ev::Resync),
+            fenced_fills: self.get(Ev::FencedFill),
+            breaker_opened: self.get(Ev::BreakerOpened),
+            publish_errors: self.get(Ev::PublishError),
+            errors: self.get(Ev::Error),
+            l1_entries,
+            breaker_open,
+        }
+    }
+}
+
+pub(crate) fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// A snapshot of a cache's counters, from [`FlagCache::stats`](crate::FlagCache::stats).
+/// Cheap: a few relaxed atomic loads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Reads answered fresh from L1.
+    pub hits_l1: u64,
+    /// Reads answered from L2 (after an L1 miss).
+    pub hits_l2: u64,
+    /// Reads that went to the loader.
+    pub misses: u64,
+    /// Reads answered with an L1 value past its soft expiry while a refresh ran.
+    pub stale_revalidating: u64,
+    /// Reads answered with a last known value because L2 or the loader failed.
+    pub stale_fail_safe: u64,
+    /// Loader calls that returned a value.
+    pub loads: u64,
+    /// Loader calls that found no such flag.
+    pub loads_absent: u64,
+    /// Loader calls that failed or timed out.
+    pub load_errors: u64,
+    /// L2 calls that timed out.
+    pub l2_timeouts: u64,
+    /// L2 calls that failed.
+    pub l2_errors: u64,
+    /// L2 calls skipped because the circuit breaker was open.
+    pub l2_skipped: u64,
+    /// Corrupt L2 entries found (each deleted and treated as a miss).
+    pub corrupt: u64,
+    /// Reads that waited on another read's fill instead of starting one.
+    pub coalesced_waits: u64,
+    /// Invalidation events applied to L1.
+    pub invalidations: u64,
+    /// Events from this node's own writes, not applied.
+    pub own_events_skipped: u64,
+    /// `Resync` signals (L1 marked unverified).
+    pub resyncs: u64,
+    /// Fills refused because an invalidation landed while they ran.
+    pub fenced_fills: u64,
+    /// Times the L2 circuit breaker opened.
+    pub breaker_opened: u64,
+    /// Invalidations this node failed to publish.
+    pub publish_errors: u64,
+    /// Errors returned to callers.
+    pub errors: u64,
+    /// Entries in L1 now.
+    pub l1_entries: usize,
+    /// Whether the L2 circuit breaker is open now.
+    pub breaker_open: bool,
+}
+
+impl Stats {
+    /// Share of reads answered from a cache tier (L1, L2, or stale-while-revalidate):
+    /// `(hits_l1 + hits_l2 + stale_revalidating) / (those + misses)`; 0 with no reads.
+    pub fn hit_rate(&self) -> f64 {
+        let hits = self.hits_l1 + self.hits_l2 + self.stale_revalidating;
+        let total = hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            hits as f64 / total as f64
+        }
+    }
+}
