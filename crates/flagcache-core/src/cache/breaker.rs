@@ -11,8 +11,11 @@ enum State {
     Open {
         until: Instant,
     },
-    /// One probe is in flight; everyone else still skips.
-    HalfOpen,
+    /// One probe is in flight; everyone else still skips. If its outcome is never
+    /// recorded (its caller was dropped), another probe is allowed after `until`.
+    HalfOpen {
+        until: Instant,
+    },
 }
 
 /// After `threshold` consecutive failures the breaker opens for `backoff`: calls are
@@ -54,11 +57,13 @@ impl Breaker {
         let mut s = self.lock();
         match *s {
             State::Closed { .. } => Permit::Call,
-            State::Open { until } if Instant::now() >= until => {
-                *s = State::HalfOpen;
+            State::Open { until } | State::HalfOpen { until } if Instant::now() >= until => {
+                *s = State::HalfOpen {
+                    until: Instant::now() + self.backoff,
+                };
                 Permit::Probe
             }
-            State::Open { .. } | State::HalfOpen => Permit::Skip,
+            State::Open { .. } | State::HalfOpen { .. } => Permit::Skip,
         }
     }
 
@@ -76,7 +81,7 @@ impl Breaker {
         let failures = match *s {
             State::Closed { failures } => failures + 1,
             // A failed probe re-opens at once.
-            State::HalfOpen | State::Open { .. } => self.threshold,
+            State::HalfOpen { .. } | State::Open { .. } => self.threshold,
         };
         if failures >= self.threshold {
             let was_closed = matches!(*s, State::Closed { .. });
@@ -116,5 +121,17 @@ mod tests {
         b.success();
         assert_eq!(b.permit(), Permit::Call);
         assert!(!b.is_open());
+    }
+
+    #[test]
+    fn an_abandoned_probe_does_not_wedge_the_breaker() {
+        let b = Breaker::new(1, Duration::from_millis(20));
+        assert!(b.failure());
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.permit(), Permit::Probe);
+        // The probe's caller is dropped: neither success nor failure is recorded.
+        assert_eq!(b.permit(), Permit::Skip);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.permit(), Permit::Probe, "a new probe after the back-off");
     }
 }

@@ -1,4 +1,4 @@
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -240,6 +240,22 @@ where
         if c.xfetch_beta.is_nan() || c.xfetch_beta < 0.0 {
             return bad("xfetch beta must be 0 (off) or positive");
         }
+        // Deadlines are computed as `now + duration`: keep them representable.
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        let durations = [
+            c.fresh_for,
+            c.stale_for,
+            c.max_staleness,
+            c.negative_ttl,
+            c.l2_ttl,
+            c.l2_timeout,
+            c.loader_timeout,
+            c.breaker_backoff,
+            c.refetch_jitter.unwrap_or_default(),
+        ];
+        if durations.iter().any(|d| *d > YEAR) {
+            return bad("durations must be at most one year");
+        }
         Ok(())
     }
 
@@ -268,6 +284,7 @@ where
         let inner = Arc::new(Inner {
             l1: quick_cache::sync::Cache::new(cfg.l1_capacity.max(1)),
             epoch: AtomicU64::new(0),
+            deaf: AtomicBool::new(false),
             fences: Fences::new(keep_fences_for),
             fills: LocalCoalescer::new(),
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff),

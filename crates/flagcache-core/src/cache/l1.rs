@@ -2,7 +2,7 @@
 //! that keep late fills out of it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,9 @@ pub(crate) struct Slot<T> {
     pub epoch: u64,
     /// How long the fill took (XFetch's delta).
     pub cost: Duration,
+    /// Set once a background refresh of this entry started (shared by its clones), so
+    /// a stale hit decides without a lock whether to start one.
+    pub refreshing: Arc<AtomicBool>,
 }
 
 impl<T> Clone for Slot<T> {
@@ -35,14 +38,21 @@ impl<T> Clone for Slot<T> {
             stale_until: self.stale_until,
             epoch: self.epoch,
             cost: self.cost,
+            refreshing: self.refreshing.clone(),
         }
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Fence {
+    /// The sequence number of the latest invalidation of the key.
     seq: u64,
-    min_version: Option<Version>,
+    /// The version that latest invalidation announced: a fill that started before it
+    /// may still install if it is at least this new. `None`: no earlier fill may.
+    admit_from: Option<Version>,
+    /// The highest version any invalidation of the key announced: anything older is
+    /// known to be stale, whenever the fill started.
+    announced: Option<Version>,
     at: Instant,
 }
 
@@ -57,13 +67,20 @@ struct Fence {
 pub(crate) struct Fences {
     seq: AtomicU64,
     all_seq: AtomicU64,
-    by_key: Mutex<HashMap<FlagKey, Fence>>,
+    by_key: Mutex<Map>,
     keep_for: Duration,
+}
+
+struct Map {
+    fences: HashMap<FlagKey, Fence>,
+    /// Expired fences are swept when the map reaches this size; it doubles when a
+    /// sweep frees little, so sweeping stays amortised O(1) per invalidation.
+    sweep_at: usize,
 }
 
 pub(crate) struct FenceGuard<'a> {
     fences: &'a Fences,
-    map: MutexGuard<'a, HashMap<FlagKey, Fence>>,
+    map: MutexGuard<'a, Map>,
 }
 
 impl Fences {
@@ -73,7 +90,10 @@ impl Fences {
         Fences {
             seq: AtomicU64::new(0),
             all_seq: AtomicU64::new(0),
-            by_key: Mutex::new(HashMap::new()),
+            by_key: Mutex::new(Map {
+                fences: HashMap::new(),
+                sweep_at: 1024,
+            }),
             keep_for,
         }
     }
@@ -96,16 +116,19 @@ impl FenceGuard<'_> {
     pub fn invalidate(&mut self, key: &FlagKey, version: Option<Version>) {
         let seq = self.fences.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let now = Instant::now();
-        if self.map.len() >= 1024 {
+        let map = &mut *self.map;
+        if map.fences.len() >= map.sweep_at {
             let keep = self.fences.keep_for;
-            self.map.retain(|_, f| now.duration_since(f.at) < keep);
+            map.fences.retain(|_, f| now.duration_since(f.at) < keep);
+            map.sweep_at = (map.fences.len() * 2).max(1024);
         }
-        let min_version = self.map.get(key).and_then(|f| f.min_version).max(version);
-        self.map.insert(
+        let announced = map.fences.get(key).and_then(|f| f.announced).max(version);
+        map.fences.insert(
             key.clone(),
             Fence {
                 seq,
-                min_version,
+                admit_from: version,
+                announced,
                 at: now,
             },
         );
@@ -117,22 +140,38 @@ impl FenceGuard<'_> {
         self.fences.all_seq.store(seq, Ordering::SeqCst);
     }
 
-    /// The lowest version an invalidation of `key` announced: anything older is known
+    /// The highest version an invalidation of `key` announced: anything older is known
     /// to be stale, wherever it comes from.
-    pub fn min_version(&self, key: &FlagKey) -> Option<Version> {
+    pub fn announced(&self, key: &FlagKey) -> Option<Version> {
         self.map
+            .fences
             .get(key)
             .filter(|f| f.at.elapsed() < self.fences.keep_for)
-            .and_then(|f| f.min_version)
+            .and_then(|f| f.announced)
     }
 
-    /// Whether a fill of `key` at `version` that started at `start` may install.
-    pub fn admits(&self, key: &FlagKey, start: u64, version: Version) -> bool {
+    /// Whether a value of `key` at `version`, read by a fill that started at `start`,
+    /// may be installed (or written back, or served as a fallback): no invalidation of
+    /// the key — or of everything — landed since `start` unless it announced `version`
+    /// or older, and no invalidation ever announced a newer version.
+    ///
+    /// `version` is `None` for a negative result (the source has no such flag): it is
+    /// not held to announced versions — the flag may have been deleted since — but it is
+    /// fenced by time like any fill.
+    pub fn admits(&self, key: &FlagKey, start: u64, version: Option<Version>) -> bool {
         if self.fences.all_seq.load(Ordering::SeqCst) > start {
             return false;
         }
-        match self.map.get(key) {
-            Some(f) if f.seq > start => f.min_version.is_some_and(|m| version >= m),
+        if let (Some(v), Some(a)) = (version, self.announced(key)) {
+            if v < a {
+                return false;
+            }
+        }
+        match self.map.fences.get(key) {
+            Some(f) if f.seq > start => match (version, f.admit_from) {
+                (Some(v), Some(m)) => v >= m,
+                _ => false,
+            },
             _ => true,
         }
     }

@@ -7,7 +7,7 @@ mod loader;
 mod stats;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,9 @@ struct Inner<T> {
     l1: quick_cache::sync::Cache<FlagKey, Slot<T>>,
     /// Bumped by every `Resync`: entries of an older epoch are unverified.
     epoch: AtomicU64,
+    /// Set while the invalidation subscription is down: L1 then serves nothing as
+    /// fresh (only as a fail-safe fallback), since it would not hear of changes.
+    deaf: AtomicBool,
     fences: Fences,
     fills: LocalCoalescer<Filled<T>>,
     breaker: Breaker,
@@ -336,6 +339,8 @@ where
         let inner = &self.inner;
         inner.drop_local(key, None);
         let deleted = inner.delete_l2(key).await;
+        // A read in the meantime may have refilled L1 from the entry just deleted.
+        inner.drop_local(key, None);
         let published = inner.publish(Invalidation::key(key.clone())).await;
         deleted.and(published)
     }
@@ -387,26 +392,29 @@ where
 {
     async fn lookup(self: &Arc<Self>, key: &FlagKey) -> Result<Lookup<T>> {
         let mut fallback = None;
-        if self.cfg.l1_enabled {
+        if self.cfg.l1_enabled && !self.deaf.load(Ordering::Relaxed) {
             if let Some(slot) = self.l1.get(key) {
                 if slot.epoch == self.epoch.load(Ordering::Relaxed) {
                     let now = Instant::now();
                     if now < slot.fresh_until {
                         if self.cfg.xfetch_beta > 0.0 && self.xfetch_due(&slot, now) {
-                            self.refresh_in_background(key);
+                            self.refresh_in_background(key, &slot);
                         }
                         self.tel.bump(Ev::HitL1);
                         return Ok(Lookup::from_slot(slot, CacheStatus::HitL1));
                     }
                     if now < slot.stale_until {
-                        self.refresh_in_background(key);
+                        self.refresh_in_background(key, &slot);
                         self.tel.bump(Ev::StaleRevalidating);
                         let status = CacheStatus::Stale(StaleReason::Revalidating);
                         return Ok(Lookup::from_slot(slot, status));
                     }
                 }
-                fallback = Some(slot);
+                fallback = Some((slot, self.fences.begin()));
             }
+        } else if self.cfg.l1_enabled {
+            // Not subscribed: L1 cannot be trusted as fresh, only as a fallback.
+            fallback = self.l1.get(key).map(|slot| (slot, self.fences.begin()));
         }
         match self.fetch(key).await {
             Ok((slot, tier)) => {
@@ -418,9 +426,18 @@ where
                 Ok(Lookup::from_slot(slot, status))
             }
             Err(e) => {
-                let usable = fallback.filter(|fb| {
-                    e.is_transient() && fb.filled_at.elapsed() <= self.cfg.max_staleness
-                });
+                // Never fall back to a value invalidated while the fetch ran.
+                let usable = fallback
+                    .filter(|(fb, seen)| {
+                        e.is_transient()
+                            && fb.filled_at.elapsed() <= self.cfg.max_staleness
+                            && self.fences.lock().admits(
+                                key,
+                                *seen,
+                                fb.value.as_ref().map(|_| fb.version),
+                            )
+                    })
+                    .map(|(fb, _)| fb);
                 match usable {
                     Some(fb) => {
                         tracing::warn!(cache = %self.cfg.name, %key, error = %e,
@@ -466,7 +483,27 @@ where
         result
     }
 
-    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey) {
+    /// Starts one background refresh for the entry in `slot`, unless one is running.
+    /// The check is the slot's own flag — no lock on the hit path.
+    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey, slot: &Slot<T>) {
+        if slot.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        let k = key.clone();
+        let flag = slot.refreshing.clone();
+        self.fills.start(key, move || async move {
+            let result = this.fill(&k).await;
+            if result.is_err() {
+                // Let a later read try again.
+                flag.store(false, Ordering::Release);
+            }
+            result
+        });
+    }
+
+    /// A background refresh not tied to an entry (after an invalidation).
+    fn refetch_in_background(self: &Arc<Self>, key: &FlagKey) {
         let this = self.clone();
         let k = key.clone();
         self.fills
@@ -479,7 +516,7 @@ where
             let start = self.fences.begin();
             let began = Instant::now();
             let mut read = self.read_l2(key).await;
-            let min = self.fences.lock().min_version(key);
+            let min = self.fences.lock().announced(key);
             if let (Some(m), Some(e)) = (min, &read) {
                 if e.version < m {
                     // An invalidation announced a newer version than L2 gave us. The
@@ -614,6 +651,12 @@ where
             payload,
         };
         let slot = self.make_slot(Some(Arc::new(value)), version, began.elapsed());
+        if !self.fences.lock().admits(key, start, Some(version)) {
+            // Invalidated while loading: answer this read, but neither write the value
+            // back to L2 (it might outlive the invalidation there) nor install it.
+            self.tel.bump(Ev::FencedFill);
+            return Ok((slot, Tier::Loader));
+        }
         match self.write_l2(key, &entry).await {
             // L2 knows a newer version than the source just gave us (a lagging read
             // replica of the source): answer this read, but do not pin it in L1.
@@ -723,6 +766,7 @@ where
             stale_until: now + fresh + stale,
             epoch: self.epoch.load(Ordering::SeqCst),
             cost,
+            refreshing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -733,7 +777,8 @@ where
             return false;
         }
         let fences = self.fences.lock();
-        if !fences.admits(key, start, slot.version) {
+        let version = slot.value.as_ref().map(|_| slot.version);
+        if !fences.admits(key, start, version) {
             tracing::debug!(cache = %self.cfg.name, %key, version = %slot.version,
                 "fill refused: an invalidation landed while it ran");
             self.tel.bump(Ev::FencedFill);
@@ -756,7 +801,14 @@ where
         let mut fences = self.fences.lock();
         fences.invalidate(key, Some(slot.version));
         self.fills.forget(key);
-        if self.cfg.l1_enabled {
+        if !self.cfg.l1_enabled {
+            return;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let newer_held = self.l1.peek(key).is_some_and(|cur| {
+            cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version
+        });
+        if !newer_held {
             self.l1.insert(key.clone(), slot);
         }
     }
@@ -778,7 +830,7 @@ where
             Some(v) => s.value.is_none() || s.version < v,
             None => true,
         });
-        drop(fences);
+        // Still under the fence lock: nobody can join the old fill in between.
         self.fills.forget(key);
     }
 
@@ -786,7 +838,6 @@ where
         let mut fences = self.fences.lock();
         fences.invalidate_all();
         self.l1.clear();
-        drop(fences);
         self.fills.forget_all();
     }
 
@@ -818,20 +869,17 @@ where
 
     /// Applies one event received from the invalidator.
     async fn apply(self: &Arc<Self>, ev: &Invalidation) {
-        if ev.origin != NodeId::UNKNOWN && ev.origin == self.node {
-            self.tel.bump(Ev::OwnEventSkipped);
-            return;
-        }
-        if ev.sent_at_ms > 0 {
-            let lag_ms = now_ms().saturating_sub(ev.sent_at_ms);
-            self.tel.lag.record(lag_ms as f64 / 1000.0);
-        }
-        self.tel.bump(Ev::Invalidation);
+        // This node's own events are applied too: the version they carry keeps the
+        // value this node just wrote (an L1 entry at that version or newer stays), and
+        // another cache sharing this node's invalidator must not miss them.
+        let own = ev.origin != NodeId::UNKNOWN && ev.origin == self.node;
         match &ev.target {
             Target::Key(key) => {
                 self.drop_local(key, ev.version);
                 if ev.purge_shared {
                     let _ = self.delete_l2(key).await;
+                    // A read in the meantime may have refilled from the deleted entry.
+                    self.drop_local(key, ev.version);
                 }
                 if let Some(max) = self.cfg.refetch_jitter {
                     let this = self.clone();
@@ -839,25 +887,32 @@ where
                     let delay = max.mul_f64(fastrand::f64());
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
-                        this.refresh_in_background(&key);
+                        this.refetch_in_background(&key);
                     });
                 }
             }
             // Tags are not tracked per key: dropping everything is always correct.
             _ => self.drop_all_local(),
         }
+        // Counted once applied, so an observer of the counter sees the effect.
+        if ev.sent_at_ms > 0 {
+            let lag_ms = now_ms().saturating_sub(ev.sent_at_ms);
+            self.tel.lag.record(lag_ms as f64 / 1000.0);
+        }
+        self.tel
+            .bump(if own { Ev::OwnEvent } else { Ev::Invalidation });
     }
 
     /// Marks every L1 entry unverified: never served as fresh again, only as a
     /// fail-safe fallback when L2 and the loader both fail.
     fn resync(&self, reason: &ResyncReason) {
         tracing::warn!(cache = %self.cfg.name, %reason, "resync: L1 marked unverified");
-        self.tel.bump(Ev::Resync);
         let mut fences = self.fences.lock();
         fences.invalidate_all();
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        drop(fences);
         self.fills.forget_all();
+        drop(fences);
+        self.tel.bump(Ev::Resync);
     }
 
     async fn warm(self: &Arc<Self>, keys: &[FlagKey]) -> WarmReport {
@@ -883,7 +938,11 @@ where
         let mut misses = Vec::new();
         let start = self.fences.begin();
         let began = Instant::now();
-        let batch = if cold.is_empty() || self.breaker.permit() == Permit::Skip {
+        // Version-stamped reads check each key on its own; the batch read cannot.
+        let batch = if cold.is_empty()
+            || self.expected.is_some()
+            || self.breaker.permit() == Permit::Skip
+        {
             None
         } else {
             match tokio::time::timeout(self.cfg.l2_timeout, self.store.get_many(&cold)).await {
@@ -940,7 +999,8 @@ where
     }
 }
 
-/// Consumes the subscription until the cache is dropped.
+/// Consumes the subscription until the cache is dropped; when the subscription ends,
+/// marks L1 untrusted and subscribes again with back-off.
 async fn listen<T>(weak: Weak<Inner<T>>, mut sub: Subscription, mut shutdown: oneshot::Receiver<()>)
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -956,9 +1016,31 @@ where
             Some(Signal::Resync(reason)) => inner.resync(&reason),
             None => {
                 tracing::error!(cache = %inner.cfg.name,
-                    "invalidation subscription ended; L1 can no longer be kept coherent");
+                    "invalidation subscription ended; L1 is untrusted until it is back");
+                inner.deaf.store(true, Ordering::SeqCst);
                 inner.resync(&ResyncReason::Closed);
-                return;
+                let Some(invalidator) = inner.invalidator.clone() else {
+                    return;
+                };
+                drop(inner);
+                let mut backoff = Duration::from_millis(50);
+                sub = loop {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    match invalidator.subscribe().await {
+                        Ok(s) => break s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "resubscribing failed");
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                };
+                let Some(inner) = weak.upgrade() else { return };
+                // Whatever happened meanwhile was missed.
+                inner.resync(&ResyncReason::Reconnected);
+                inner.deaf.store(false, Ordering::SeqCst);
             }
         }
     }

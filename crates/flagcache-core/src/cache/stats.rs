@@ -22,7 +22,7 @@ pub(crate) enum Ev {
     Corrupt,
     Coalesced,
     Invalidation,
-    OwnEventSkipped,
+    OwnEvent,
     Resync,
     FencedFill,
     BreakerOpened,
@@ -48,7 +48,7 @@ impl Ev {
         Ev::Corrupt,
         Ev::Coalesced,
         Ev::Invalidation,
-        Ev::OwnEventSkipped,
+        Ev::OwnEvent,
         Ev::Resync,
         Ev::FencedFill,
         Ev::BreakerOpened,
@@ -73,7 +73,7 @@ impl Ev {
             Ev::Corrupt => ("flagcache_l2_errors_total", "kind", "corrupt"),
             Ev::Coalesced => ("flagcache_coalesced_waits_total", "step", "fill"),
             Ev::Invalidation => ("flagcache_invalidations_total", "applied", "yes"),
-            Ev::OwnEventSkipped => ("flagcache_invalidations_total", "applied", "own_event"),
+            Ev::OwnEvent => ("flagcache_invalidations_total", "applied", "own_event"),
             Ev::Resync => ("flagcache_resyncs_total", "signal", "resync"),
             Ev::FencedFill => ("flagcache_fenced_fills_total", "refused", "yes"),
             Ev::BreakerOpened => ("flagcache_breaker_opened_total", "tier", "l2"),
@@ -135,7 +135,7 @@ impl Telemetry {
             corrupt: self.get(Ev::Corrupt),
             coalesced_waits: self.get(Ev::Coalesced),
             invalidations: self.get(Ev::Invalidation),
-            own_events_skipped: self.get(Ev::OwnEventSkipped),
+            own_events: self.get(Ev::OwnEvent),
             resyncs: self.get(Ev::Resync),
             fenced_fills: self.get(Ev::FencedFill),
             breaker_opened: self.get(Ev::BreakerOpened),
@@ -184,8 +184,9 @@ pub struct Stats {
     pub coalesced_waits: u64,
     /// Invalidation events applied to L1.
     pub invalidations: u64,
-    /// Events from this node's own writes, not applied.
-    pub own_events_skipped: u64,
+    /// Events this node published itself, received back (applied idempotently: they
+    /// never evict the version this node wrote).
+    pub own_events: u64,
     /// `Resync` signals (L1 marked unverified).
     pub resyncs: u64,
     /// Fills refused because an invalidation landed while they ran.

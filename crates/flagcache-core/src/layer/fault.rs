@@ -34,6 +34,14 @@ impl Op {
     }
 }
 
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("injected fault")]
 struct Injected;
@@ -178,8 +186,9 @@ impl<S: FlagStore> FaultyStore<S> {
         let mut rx = self.state.hold_reads.subscribe();
         if *rx.borrow_and_update() {
             self.state.held.fetch_add(1, Ordering::SeqCst);
+            // Counted down even if the read is dropped while held (a timeout).
+            let _held = Held(&self.state.held);
             let _ = rx.wait_for(|hold| !*hold).await;
-            self.state.held.fetch_sub(1, Ordering::SeqCst);
         }
         answer
     }
