@@ -78,10 +78,10 @@ impl<T> Clone for Lookup<T> {
 }
 
 impl<T> Lookup<T> {
-    fn from_slot(slot: Slot<T>, status: CacheStatus) -> Self {
+    fn from_slot(slot: &Slot<T>, status: CacheStatus) -> Self {
         Lookup {
             version: slot.value.as_ref().map(|_| slot.version),
-            value: slot.value,
+            value: slot.value.clone(),
             status,
         }
     }
@@ -159,7 +159,7 @@ impl Config {
     }
 }
 
-type Filled<T> = (Slot<T>, Tier);
+type Filled<T> = (Arc<Slot<T>>, Tier);
 
 struct Inner<T> {
     cfg: Config,
@@ -169,7 +169,7 @@ struct Inner<T> {
     expected: Option<Arc<dyn VersionSource>>,
     hook: Option<Hook>,
     node: NodeId,
-    l1: quick_cache::sync::Cache<FlagKey, Slot<T>>,
+    l1: quick_cache::sync::Cache<FlagKey, Arc<Slot<T>>>,
     /// Bumped by every `Resync`: entries of an older epoch are unverified.
     epoch: AtomicU64,
     /// Set while the invalidation subscription is down: L1 then serves nothing as
@@ -395,19 +395,19 @@ where
         if self.cfg.l1_enabled && !self.deaf.load(Ordering::Relaxed) {
             if let Some(slot) = self.l1.get(key) {
                 if slot.epoch == self.epoch.load(Ordering::Relaxed) {
-                    let now = Instant::now();
+                    let now = quanta::Instant::now();
                     if now < slot.fresh_until {
                         if self.cfg.xfetch_beta > 0.0 && self.xfetch_due(&slot, now) {
                             self.refresh_in_background(key, &slot);
                         }
                         self.tel.bump(Ev::HitL1);
-                        return Ok(Lookup::from_slot(slot, CacheStatus::HitL1));
+                        return Ok(Lookup::from_slot(&slot, CacheStatus::HitL1));
                     }
                     if now < slot.stale_until {
                         self.refresh_in_background(key, &slot);
                         self.tel.bump(Ev::StaleRevalidating);
                         let status = CacheStatus::Stale(StaleReason::Revalidating);
-                        return Ok(Lookup::from_slot(slot, status));
+                        return Ok(Lookup::from_slot(&slot, status));
                     }
                 }
                 fallback = Some((slot, self.fences.begin()));
@@ -423,7 +423,7 @@ where
                     Tier::Loader => (Ev::Miss, CacheStatus::Miss),
                 };
                 self.tel.bump(ev);
-                Ok(Lookup::from_slot(slot, status))
+                Ok(Lookup::from_slot(&slot, status))
             }
             Err(e) => {
                 // Never fall back to a value invalidated while the fetch ran.
@@ -444,7 +444,7 @@ where
                             "serving last known value (fail-safe)");
                         self.tel.bump(Ev::StaleFailSafe);
                         Ok(Lookup::from_slot(
-                            fb,
+                            &fb,
                             CacheStatus::Stale(StaleReason::FailSafe),
                         ))
                     }
@@ -459,7 +459,7 @@ where
 
     /// XFetch (Vattani et al.): refresh early with a probability that rises as expiry
     /// nears, scaled by how long a fill takes.
-    fn xfetch_due(&self, slot: &Slot<T>, now: Instant) -> bool {
+    fn xfetch_due(&self, slot: &Slot<T>, now: quanta::Instant) -> bool {
         let remaining = slot
             .fresh_until
             .saturating_duration_since(now)
@@ -485,18 +485,18 @@ where
 
     /// Starts one background refresh for the entry in `slot`, unless one is running.
     /// The check is the slot's own flag — no lock on the hit path.
-    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey, slot: &Slot<T>) {
+    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey, slot: &Arc<Slot<T>>) {
         if slot.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
         let k = key.clone();
-        let flag = slot.refreshing.clone();
+        let flag = slot.clone();
         self.fills.start(key, move || async move {
             let result = this.fill(&k).await;
             if result.is_err() {
                 // Let a later read try again.
-                flag.store(false, Ordering::Release);
+                flag.refreshing.store(false, Ordering::Release);
             }
             result
         });
@@ -751,14 +751,14 @@ where
         }
     }
 
-    fn make_slot(&self, value: Option<Arc<T>>, version: Version, cost: Duration) -> Slot<T> {
-        let now = Instant::now();
+    fn make_slot(&self, value: Option<Arc<T>>, version: Version, cost: Duration) -> Arc<Slot<T>> {
+        let now = quanta::Instant::now();
         let (fresh, stale) = if value.is_some() {
             (self.cfg.jittered(self.cfg.fresh_for), self.cfg.stale_for)
         } else {
             (self.cfg.negative_ttl, Duration::ZERO)
         };
-        Slot {
+        Arc::new(Slot {
             value,
             version,
             filled_at: now,
@@ -766,13 +766,13 @@ where
             stale_until: now + fresh + stale,
             epoch: self.epoch.load(Ordering::SeqCst),
             cost,
-            refreshing: Arc::new(AtomicBool::new(false)),
-        }
+            refreshing: AtomicBool::new(false),
+        })
     }
 
     /// Installs a fill into L1 unless a fence refuses it (an invalidation landed since
     /// the fill started) or L1 already holds a newer version.
-    fn install(&self, key: &FlagKey, slot: &Slot<T>, start: u64) -> bool {
+    fn install(&self, key: &FlagKey, slot: &Arc<Slot<T>>, start: u64) -> bool {
         if !self.cfg.l1_enabled {
             return false;
         }
@@ -797,7 +797,7 @@ where
     }
 
     /// Installs a value this replica wrote itself, fencing out older fills in flight.
-    fn install_authoritative(&self, key: &FlagKey, slot: Slot<T>) {
+    fn install_authoritative(&self, key: &FlagKey, slot: Arc<Slot<T>>) {
         let mut fences = self.fences.lock();
         fences.invalidate(key, Some(slot.version));
         self.fills.forget(key);
@@ -919,7 +919,7 @@ where
         use futures_util::StreamExt;
         let mut report = WarmReport::default();
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let now = Instant::now();
+        let now = quanta::Instant::now();
         let cold: Vec<FlagKey> = keys
             .iter()
             .filter(|k| {
