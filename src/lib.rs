@@ -10,3 +10,9 @@ pub use flagcache_core::*;
 #[cfg(feature = "memory")]
 #[doc(inline)]
 pub use flagcache_memory as memory;
+
+/// The Redis / Valkey backend: [`RedisStore`](redis::RedisStore) and
+/// [`RedisInvalidator`](redis::RedisInvalidator).
+#[cfg(feature = "redis")]
+#[doc(inline)]
+pub use flagcache_redis as redis;

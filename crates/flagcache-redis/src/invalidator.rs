@@ -1,0 +1,463 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use flagcache_core::{
+    now_ms, Codec, Error, Invalidation, Invalidator, NodeId, Result, ResyncReason, Signal,
+    Subscription,
+};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::store::{backend_error, with_conn, Conn, Target};
+use crate::BACKEND;
+
+const HEARTBEAT_MAGIC: [u8; 3] = [0xF1, 0xA8, 0x01];
+
+/// What travels on the channel besides events: "node `origin` has published `seq`
+/// events so far". It proves the subscription alive, and reveals a lost *last* event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heartbeat {
+    origin: NodeId,
+    seq: u64,
+}
+
+fn encode_heartbeat(codec: &Codec, hb: Heartbeat) -> Vec<u8> {
+    match codec {
+        Codec::Json(_) => {
+            format!(r#"{{"heartbeat":"{}","seq":{}}}"#, hb.origin, hb.seq).into_bytes()
+        }
+        _ => {
+            let mut b = HEARTBEAT_MAGIC.to_vec();
+            b.extend_from_slice(&hb.origin.0.to_be_bytes());
+            b.extend_from_slice(&hb.seq.to_be_bytes());
+            b
+        }
+    }
+}
+
+fn decode_heartbeat(bytes: &[u8]) -> Option<Heartbeat> {
+    if let Some(rest) = bytes.strip_prefix(&HEARTBEAT_MAGIC) {
+        if rest.len() != 16 {
+            return None;
+        }
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&rest[..8]);
+        let origin = NodeId(u64::from_be_bytes(a));
+        a.copy_from_slice(&rest[8..]);
+        return Some(Heartbeat {
+            origin,
+            seq: u64::from_be_bytes(a),
+        });
+    }
+    // {"heartbeat":"<hex>","seq":N}: a tiny fixed shape, parsed without a JSON crate.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let rest = text.trim().strip_prefix(r#"{"heartbeat":""#)?;
+    let (hex, rest) = rest.split_once('"')?;
+    let seq = rest.strip_prefix(r#","seq":"#)?.strip_suffix('}')?;
+    Some(Heartbeat {
+        origin: NodeId(u64::from_str_radix(hex, 16).ok()?),
+        seq: seq.trim().parse().ok()?,
+    })
+}
+
+/// Configures a [`RedisInvalidator`].
+#[derive(Debug, Clone)]
+pub struct RedisInvalidatorBuilder {
+    target: Target,
+    channel: String,
+    codec: Codec,
+    heartbeat: Option<Duration>,
+}
+
+impl Default for RedisInvalidatorBuilder {
+    fn default() -> Self {
+        RedisInvalidatorBuilder {
+            target: Target {
+                urls: vec!["redis://127.0.0.1:6379".to_string()],
+                cluster: false,
+                connection_timeout: Duration::from_secs(2),
+                response_timeout: Duration::from_millis(500),
+            },
+            channel: "flag_updates".to_string(),
+            codec: Codec::default(),
+            heartbeat: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl RedisInvalidatorBuilder {
+    /// One server (see `RedisStoreBuilder::url` for the URL forms).
+    #[must_use]
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.target.urls = vec![url.into()];
+        self.target.cluster = false;
+        self
+    }
+
+    /// A Redis Cluster: events are published through the cluster client and received
+    /// on a subscription to the first node (classic pub/sub reaches every node).
+    #[must_use]
+    pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
+        self.target.urls = urls.into_iter().map(Into::into).collect();
+        self.target.cluster = true;
+        self
+    }
+
+    /// The pub/sub channel (default `flag_updates`).
+    #[must_use]
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into();
+        self
+    }
+
+    /// The message format: the core envelope codec (default) or `JsonCodec` for
+    /// `{"flagKey": "…", "version": N}`, to interoperate with other languages.
+    #[must_use]
+    pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
+        self.codec = codec.into();
+        self
+    }
+
+    /// How often each subscribing node publishes a heartbeat (default 1 s; `None`
+    /// turns heartbeats off). A subscription that hears nothing for three intervals is
+    /// presumed dead: it reconnects and signals `Resync`.
+    #[must_use]
+    pub fn heartbeat(mut self, every: Option<Duration>) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// Connects the publishing connection.
+    ///
+    /// # Errors
+    /// As for `RedisStoreBuilder::build`.
+    pub async fn build(self) -> Result<RedisInvalidator> {
+        let conn = self.target.connect().await?;
+        Ok(RedisInvalidator {
+            inner: Arc::new(Inner {
+                conn,
+                target: self.target,
+                channel: self.channel,
+                codec: self.codec,
+                heartbeat: self.heartbeat,
+                node: NodeId::random(),
+                send: Mutex::new(0),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    conn: Conn,
+    target: Target,
+    channel: String,
+    codec: Codec,
+    heartbeat: Option<Duration>,
+    node: NodeId,
+    /// The last sequence number assigned. Held while sending, so that this node's
+    /// messages leave in sequence order and a heartbeat never overtakes an event.
+    send: Mutex<u64>,
+}
+
+/// An [`Invalidator`] over Redis pub/sub.
+///
+/// Pub/sub is fire-and-forget, so every event carries its publisher's node id and a
+/// per-publisher sequence number; subscribers signal `Resync` on a gap. Each subscribing
+/// node also publishes heartbeats carrying its own count of events, which both prove the
+/// subscription alive and reveal a lost last event. A subscription reconnects by itself
+/// and signals `Resync` before any event received after the reconnection.
+///
+/// Clones are the same node.
+#[derive(Clone)]
+pub struct RedisInvalidator {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisInvalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisInvalidator")
+            .field("node", &self.inner.node)
+            .field("channel", &self.inner.channel)
+            .field("target", &self.inner.target)
+            .field("heartbeat", &self.inner.heartbeat)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisInvalidator {
+    /// Configures an invalidator.
+    pub fn builder() -> RedisInvalidatorBuilder {
+        RedisInvalidatorBuilder::default()
+    }
+
+    /// Connects to one server with default settings.
+    ///
+    /// # Errors
+    /// As for [`RedisInvalidatorBuilder::build`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::builder().url(url).build().await
+    }
+
+    /// Another node on the same channel and server, with its own node id and sequence
+    /// (a simulated replica in tests). It opens its own connection.
+    ///
+    /// # Errors
+    /// As for [`RedisInvalidatorBuilder::build`].
+    pub async fn peer(&self) -> Result<Self> {
+        RedisInvalidatorBuilder {
+            target: self.inner.target.clone(),
+            channel: self.inner.channel.clone(),
+            codec: self.inner.codec.clone(),
+            heartbeat: self.inner.heartbeat,
+        }
+        .build()
+        .await
+    }
+
+    async fn send(&self, payload: Vec<u8>) -> Result<()> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&self.inner.channel).arg(payload);
+        let r: redis::RedisResult<i64> =
+            with_conn!(self.inner.conn.clone(), c => cmd.query_async(&mut c).await);
+        r.map(drop).map_err(|e| backend_error("publish", e))
+    }
+
+    async fn publish_heartbeat(&self) -> Result<()> {
+        let guard = self.inner.send.lock().await;
+        let hb = Heartbeat {
+            origin: self.inner.node,
+            seq: *guard,
+        };
+        self.send(encode_heartbeat(&self.inner.codec, hb)).await
+    }
+}
+
+#[async_trait]
+impl Invalidator for RedisInvalidator {
+    fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    async fn publish(&self, event: &Invalidation) -> Result<()> {
+        let mut last = self.inner.send.lock().await;
+        let seq = *last + 1;
+        let stamped = event.clone().stamped(self.inner.node, seq, now_ms());
+        let payload = self.inner.codec.encode_invalidation(&stamped)?;
+        // The number is spent even if sending fails: a subscriber may have received it.
+        *last = seq;
+        self.send(payload.to_vec()).await
+    }
+
+    async fn subscribe(&self) -> Result<Subscription> {
+        let url = self
+            .inner
+            .target
+            .urls
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
+        let client = redis::Client::open(url).map_err(|e| backend_error("subscribe", e))?;
+        let pubsub = open_pubsub(&client, &self.inner.channel).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(listen(self.clone(), client, pubsub, tx));
+        Ok(Subscription::from_receiver(rx))
+    }
+}
+
+async fn open_pubsub(client: &redis::Client, channel: &str) -> Result<redis::aio::PubSub> {
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| backend_error("subscribe", e))?;
+    pubsub
+        .subscribe(channel)
+        .await
+        .map_err(|e| backend_error("subscribe", e))?;
+    Ok(pubsub)
+}
+
+/// Per-publisher sequence tracking.
+#[derive(Default)]
+struct Sequences {
+    last: HashMap<NodeId, (u64, Instant)>,
+}
+
+impl Sequences {
+    /// Notes `seq` from `origin`; returns the gap, if it reveals one.
+    fn note(&mut self, origin: NodeId, seq: u64, heartbeat: bool) -> Option<ResyncReason> {
+        if origin == NodeId::UNKNOWN || seq == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let prev = self.last.insert(origin, (seq, now)).map(|(s, _)| s);
+        match prev {
+            // A heartbeat says how many events the publisher has sent: more than we saw
+            // means some were lost.
+            Some(p) if heartbeat && seq > p => Some(ResyncReason::SequenceGap {
+                origin,
+                expected: p + 1,
+                got: seq,
+            }),
+            Some(p) if !heartbeat && seq > p + 1 => Some(ResyncReason::SequenceGap {
+                origin,
+                expected: p + 1,
+                got: seq,
+            }),
+            Some(p) if heartbeat && seq < p => {
+                // The heartbeat was sent before the event we already saw: keep the max.
+                self.last.insert(origin, (p, now));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn forget_older_than(&mut self, age: Duration) {
+        self.last.retain(|_, (_, at)| at.elapsed() < age);
+    }
+}
+
+/// Reads the subscription, turning messages into signals, until the `Subscription`
+/// is dropped; reconnects (and signals `Resync`) whenever the connection is lost or
+/// falls silent.
+async fn listen(
+    inv: RedisInvalidator,
+    client: redis::Client,
+    mut pubsub: redis::aio::PubSub,
+    tx: mpsc::Sender<Signal>,
+) {
+    let codec = inv.inner.codec.clone();
+    let channel = inv.inner.channel.clone();
+    let beat = inv.inner.heartbeat;
+    let silence = beat.map_or(Duration::MAX, |b| b * 3);
+    let mut seqs = Sequences::default();
+    loop {
+        let mut stream = pubsub.into_on_message();
+        let mut ticker = tokio::time::interval(beat.unwrap_or(Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let reason = loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = ticker.tick() => {
+                    if beat.is_some() {
+                        if let Err(e) = inv.publish_heartbeat().await {
+                            tracing::debug!(error = %e, "heartbeat not published");
+                        }
+                        seqs.forget_older_than(silence * 4);
+                    }
+                    if last_heard.elapsed() > silence {
+                        break ResyncReason::HeartbeatMissed;
+                    }
+                }
+                msg = stream.next() => {
+                    let Some(msg) = msg else { break ResyncReason::Reconnected };
+                    last_heard = Instant::now();
+                    for signal in decode(&codec, &mut seqs, msg.get_payload_bytes()) {
+                        if tx.send(signal).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        drop(stream);
+        tracing::warn!(%reason, %channel, "invalidation subscription lost; reconnecting");
+        let mut backoff = Duration::from_millis(50);
+        pubsub = loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            match open_pubsub(&client, &channel).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "resubscribe failed");
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        // Anything published while we were away is lost: say so before any new event.
+        seqs = Sequences::default();
+        if tx.send(Signal::Resync(reason)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn decode(codec: &Codec, seqs: &mut Sequences, bytes: &[u8]) -> Vec<Signal> {
+    if let Some(hb) = decode_heartbeat(bytes) {
+        return seqs
+            .note(hb.origin, hb.seq, true)
+            .map(Signal::Resync)
+            .into_iter()
+            .collect();
+    }
+    match codec.decode_invalidation(bytes) {
+        Ok(ev) => {
+            let mut out = Vec::with_capacity(2);
+            if let Some(gap) = seqs.note(ev.origin, ev.seq, false) {
+                out.push(Signal::Resync(gap));
+            }
+            out.push(Signal::Invalidated(ev));
+            out
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, backend = BACKEND, "undecodable invalidation message");
+            vec![Signal::Resync(ResyncReason::Undecodable)]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_round_trip_in_both_layouts() {
+        let hb = Heartbeat {
+            origin: NodeId(0xdead_beef),
+            seq: 42,
+        };
+        for codec in [
+            Codec::default(),
+            Codec::from(flagcache_core::JsonCodec::new()),
+        ] {
+            assert_eq!(decode_heartbeat(&encode_heartbeat(&codec, hb)), Some(hb));
+        }
+        assert_eq!(decode_heartbeat(br#"{"flagKey":"x"}"#), None);
+        assert_eq!(decode_heartbeat(&[0xF1, 0xA8, 0x01, 1]), None);
+    }
+
+    #[test]
+    fn gaps_are_detected_from_events_and_heartbeats() {
+        let mut s = Sequences::default();
+        let n = NodeId(7);
+        assert_eq!(s.note(n, 5, false), None, "first sight: any number");
+        assert_eq!(s.note(n, 6, false), None);
+        assert!(matches!(
+            s.note(n, 8, false),
+            Some(ResyncReason::SequenceGap {
+                expected: 7,
+                got: 8,
+                ..
+            })
+        ));
+        assert_eq!(s.note(n, 8, true), None, "heartbeat agrees");
+        assert!(
+            matches!(s.note(n, 9, true), Some(ResyncReason::SequenceGap { .. })),
+            "event 9 was lost"
+        );
+        assert_eq!(s.note(n, 10, false), None);
+        assert_eq!(s.note(n, 9, true), None, "an older heartbeat is no gap");
+        assert_eq!(s.note(n, 11, false), None);
+        assert_eq!(
+            s.note(NodeId::UNKNOWN, 99, false),
+            None,
+            "foreign publishers are not tracked"
+        );
+    }
+}

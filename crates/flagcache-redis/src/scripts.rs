@@ -1,0 +1,75 @@
+//! The server-side scripts. Each runs atomically on the server holding the key.
+//!
+//! Versions are compared without converting them to Lua numbers (doubles, exact only
+//! below 2^53): in the envelope layout they are the 8 big-endian bytes at offset 4,
+//! compared byte by byte (not with Lua's `<` on strings, which goes through the
+//! server's collation locale). In the JSON layout they are read with `cjson` and
+//! compared as numbers, which is exact because that layout keeps versions below 2^53.
+
+use redis::Script;
+
+/// Shared Lua: `version_of(stored)` returns the stored version (8-byte string in the
+/// envelope layout, a number in the JSON layout) or `nil` for bytes that are not a
+/// well-formed entry; `newer(a, b)` tells whether version `a` > `b`.
+const PRELUDE: &str = r#"
+local layout = ARGV[1]
+local function version_of(v)
+  if layout == 'json' then
+    local ok, doc = pcall(cjson.decode, v)
+    if ok and type(doc) == 'table' and type(doc['version']) == 'number' and doc['flagConfig'] ~= nil then
+      return doc['version']
+    end
+    return nil
+  end
+  if #v >= 28 and string.byte(v, 1) == 0xF1 and string.byte(v, 2) == 0xA6 and string.byte(v, 3) == 1 then
+    return string.sub(v, 5, 12)
+  end
+  return nil
+end
+local function cmp(a, b)
+  if layout == 'json' then
+    a = tonumber(a); b = tonumber(b)
+    if a > b then return 1 elseif a < b then return -1 else return 0 end
+  end
+  for i = 1, 8 do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x > y then return 1 elseif x < y then return -1 end
+  end
+  return 0
+end
+"#;
+
+/// `put`: KEYS[1] the entry; ARGV = layout, new bytes, new version, ttl ms.
+/// Returns `{1}` when written; `{0, current}` when the stored version is equal or
+/// higher (nothing changed). Absent or unreadable entries are overwritten.
+pub(crate) fn put() -> Script {
+    Script::new(&format!(
+        "{PRELUDE}
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cv = version_of(cur)
+  if cv and cmp(cv, ARGV[3]) >= 0 then
+    return {{0, cv}}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+return {{1}}
+"
+    ))
+}
+
+/// `get_checked`: KEYS[1] the entry; ARGV = layout, expected version.
+/// Returns nil (miss), `{1, bytes}` (hit: the stored version equals the expected one),
+/// `{0, current}` (stale: any other version), or `{2}` (unreadable bytes).
+pub(crate) fn get_checked() -> Script {
+    Script::new(&format!(
+        "{PRELUDE}
+local cur = redis.call('GET', KEYS[1])
+if not cur then return nil end
+local cv = version_of(cur)
+if not cv then return {{2}} end
+if cmp(cv, ARGV[2]) == 0 then return {{1, cur}} end
+return {{0, cv}}
+"
+    ))
+}

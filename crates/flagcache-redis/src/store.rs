@@ -1,0 +1,461 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flagcache_core::{
+    ttl_millis, Capabilities, Checked, Codec, Entry, Error, FlagKey, FlagStore, PutOutcome, Result,
+    Version,
+};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
+
+use crate::{redact, scripts, BACKEND};
+
+/// A connection: one multiplexed, auto-reconnecting connection to a single node, or
+/// a Redis Cluster connection that routes each key to its slot's node.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection.
+macro_rules! with_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            Conn::Single(mut $c) => $body,
+            Conn::Cluster(mut $c) => $body,
+        }
+    };
+}
+pub(crate) use with_conn;
+
+/// Converts a redis-rs error, keeping it as the source and classifying it.
+pub(crate) fn backend_error(operation: &'static str, e: redis::RedisError) -> Error {
+    let transient = !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+        || e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal();
+    if e.is_timeout() {
+        return Error::Timeout {
+            backend: BACKEND,
+            operation,
+            after: Duration::ZERO,
+        };
+    }
+    Error::backend(BACKEND, operation, transient, e)
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub connection_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field("cluster", &self.cluster)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
+}
+
+impl Target {
+    pub(crate) async fn connect(&self) -> Result<Conn> {
+        let fail = |e| backend_error("connect", e);
+        if self.cluster {
+            let client = redis::cluster::ClusterClient::builder(self.urls.clone())
+                .connection_timeout(self.connection_timeout)
+                .response_timeout(self.response_timeout)
+                .build()
+                .map_err(fail)?;
+            Ok(Conn::Cluster(
+                client.get_async_connection().await.map_err(fail)?,
+            ))
+        } else {
+            let url = self
+                .urls
+                .first()
+                .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(fail)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.connection_timeout))
+                .set_response_timeout(Some(self.response_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            Ok(Conn::Single(
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(fail)?,
+            ))
+        }
+    }
+}
+
+/// Configures a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    target: Target,
+    namespace: String,
+    codec: Codec,
+    max_value_size: usize,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        RedisStoreBuilder {
+            target: Target {
+                urls: vec!["redis://127.0.0.1:6379".to_string()],
+                cluster: false,
+                connection_timeout: Duration::from_secs(2),
+                response_timeout: Duration::from_millis(500),
+            },
+            namespace: "flags".to_string(),
+            codec: Codec::default(),
+            max_value_size: 512 << 20,
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    /// One server: `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+    #[must_use]
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.target.urls = vec![url.into()];
+        self.target.cluster = false;
+        self
+    }
+
+    /// A Redis Cluster, from any of its nodes (seed URLs).
+    #[must_use]
+    pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
+        self.target.urls = urls.into_iter().map(Into::into).collect();
+        self.target.cluster = true;
+        self
+    }
+
+    /// The key prefix: entries live at `<namespace>:{<flag key>}` (default `flags`).
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The stored layout (default: the binary envelope; `JsonCodec` to share keys with
+    /// services that use `{"flagConfig": …, "version": N}`).
+    #[must_use]
+    pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
+        self.codec = codec.into();
+        self
+    }
+
+    /// How long to wait for a connection (default 2 s).
+    #[must_use]
+    pub fn connection_timeout(mut self, d: Duration) -> Self {
+        self.target.connection_timeout = d;
+        self
+    }
+
+    /// How long to wait for a reply (default 500 ms).
+    #[must_use]
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.target.response_timeout = d;
+        self
+    }
+
+    /// Refuse encoded entries larger than this with `Error::ValueTooLarge` (default
+    /// 512 MiB, Redis' own limit for a string).
+    #[must_use]
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// Connects (and authenticates).
+    ///
+    /// # Errors
+    /// A transient `Error::Backend` when the server cannot be reached; a permanent one
+    /// for a bad URL or refused credentials.
+    pub async fn build(self) -> Result<RedisStore> {
+        let conn = self.target.connect().await?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                target: self.target,
+                prefix: format!("{}:{{", self.namespace),
+                codec: self.codec,
+                max_value_size: self.max_value_size,
+                put: scripts::put(),
+                get_checked: scripts::get_checked(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    conn: Conn,
+    target: Target,
+    prefix: String,
+    codec: Codec,
+    max_value_size: usize,
+    put: Script,
+    get_checked: Script,
+}
+
+/// A [`FlagStore`] on Redis or Valkey, single node or cluster.
+///
+/// - Entries live at `<namespace>:{<flag key>}`: the hash tag is the flag key, so a
+///   flag and its lock share a slot while flags spread over the cluster.
+/// - `put` is one Lua script (loaded once, called by `EVALSHA`, reloaded on `NOSCRIPT`):
+///   it compares versions on the server and writes with `PX` only when the key is
+///   absent, unreadable, or older — atomic per key.
+/// - `get_checked` is one script too; `get_many` is one `MGET` (split per node by the
+///   cluster client, answers back in request order).
+///
+/// Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.inner.target)
+            .field("prefix", &self.inner.prefix)
+            .field("codec", &self.inner.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Configures a store.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// Connects to one server with default settings.
+    ///
+    /// # Errors
+    /// See [`RedisStoreBuilder::build`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::builder().url(url).build().await
+    }
+
+    /// The Redis key of a flag: `<namespace>:{<flag key>}`.
+    pub fn redis_key(&self, key: &FlagKey) -> String {
+        let mut k = String::with_capacity(self.inner.prefix.len() + key.as_str().len() + 1);
+        k.push_str(&self.inner.prefix);
+        k.push_str(key.as_str());
+        k.push('}');
+        k
+    }
+
+    fn layout(&self) -> &'static str {
+        match self.inner.codec {
+            Codec::Json(_) => "json",
+            _ => "env",
+        }
+    }
+
+    /// The version as the scripts compare it.
+    fn version_arg(&self, v: Version) -> Vec<u8> {
+        match self.inner.codec {
+            Codec::Json(_) => v.get().to_string().into_bytes(),
+            _ => v.to_be_bytes().to_vec(),
+        }
+    }
+
+    fn version_from(&self, v: &Value) -> Result<Version> {
+        match v {
+            Value::BulkString(b) if b.len() == 8 => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                Ok(Version(u64::from_be_bytes(a)))
+            }
+            Value::Int(n) => u64::try_from(*n)
+                .map(Version)
+                .map_err(|_| Error::corrupt(format!("negative version {n}"))),
+            other => Err(Error::corrupt(format!(
+                "unexpected version reply {other:?}"
+            ))),
+        }
+    }
+
+    fn decode(&self, key: &FlagKey, bytes: Vec<u8>) -> Result<Entry> {
+        self.inner
+            .codec
+            .decode_entry(Bytes::from(bytes))
+            .map_err(|e| e.with_key(key))
+    }
+
+    fn conn(&self) -> Conn {
+        self.inner.conn.clone()
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T> {
+        with_conn!(self.conn(), c => cmd.query_async(&mut c).await)
+            .map_err(|e| backend_error(operation, e))
+    }
+
+    async fn script(
+        &self,
+        operation: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<Value> {
+        async fn run(
+            inv: &redis::ScriptInvocation<'_>,
+            c: &mut impl ConnectionLike,
+        ) -> redis::RedisResult<Value> {
+            inv.invoke_async(c).await
+        }
+        with_conn!(self.conn(), c => run(&inv, &mut c).await)
+            .map_err(|e| backend_error(operation, e))
+    }
+}
+
+#[async_trait]
+impl FlagStore for RedisStore {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            atomic_put: true,
+            batch_get: true,
+            native_get_checked: true,
+            shared: true,
+            max_value_size: Some(self.inner.max_value_size),
+            ..Default::default()
+        }
+    }
+
+    fn codec(&self) -> &Codec {
+        &self.inner.codec
+    }
+
+    async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
+        let raw: Option<Vec<u8>> = self
+            .query("get", redis::cmd("GET").arg(self.redis_key(key)))
+            .await
+            .map_err(|e| e.with_key(key))?;
+        raw.map(|b| self.decode(key, b)).transpose()
+    }
+
+    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(self.redis_key(k));
+        }
+        let raw: Vec<Option<Vec<u8>>> = self.query("get_many", &cmd).await?;
+        if raw.len() != keys.len() {
+            return Err(Error::corrupt(format!(
+                "MGET of {} keys answered {} values",
+                keys.len(),
+                raw.len()
+            )));
+        }
+        // One unreadable entry is a miss in its slot, not a failed batch.
+        Ok(keys
+            .iter()
+            .zip(raw)
+            .map(|(k, b)| b.and_then(|b| self.decode(k, b).ok()))
+            .collect())
+    }
+
+    async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
+        let script = &self.inner.get_checked;
+        let mut inv = script.prepare_invoke();
+        inv.key(self.redis_key(key))
+            .arg(self.layout())
+            .arg(self.version_arg(expected));
+        let reply = self
+            .script("get_checked", inv)
+            .await
+            .map_err(|e| e.with_key(key))?;
+        match reply {
+            Value::Nil => Ok(Checked::Miss),
+            Value::Array(items) => match items.as_slice() {
+                [Value::Int(1), Value::BulkString(b)] => {
+                    Ok(Checked::Hit(self.decode(key, b.clone())?))
+                }
+                [Value::Int(0), v] => Ok(Checked::Stale {
+                    current: self.version_from(v)?,
+                }),
+                [Value::Int(2)] => {
+                    Err(Error::corrupt("stored bytes are not an entry").with_key(key))
+                }
+                other => Err(Error::corrupt(format!(
+                    "unexpected get_checked reply {other:?}"
+                ))),
+            },
+            other => Err(Error::corrupt(format!(
+                "unexpected get_checked reply {other:?}"
+            ))),
+        }
+    }
+
+    async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
+        let ttl = ttl_millis(ttl, Duration::from_millis(1))?;
+        let bytes = self
+            .inner
+            .codec
+            .encode_entry(entry)
+            .map_err(|e| e.with_key(key))?;
+        if bytes.len() > self.inner.max_value_size {
+            return Err(Error::ValueTooLarge {
+                key: key.to_string(),
+                size: bytes.len(),
+                limit: self.inner.max_value_size,
+                backend: BACKEND,
+            });
+        }
+        let script = &self.inner.put;
+        let mut inv = script.prepare_invoke();
+        inv.key(self.redis_key(key))
+            .arg(self.layout())
+            .arg(&bytes[..])
+            .arg(self.version_arg(entry.version))
+            .arg(ttl);
+        let reply = self.script("put", inv).await.map_err(|e| e.with_key(key))?;
+        match reply {
+            Value::Array(items) => match items.as_slice() {
+                [Value::Int(1)] => Ok(PutOutcome::Stored),
+                [Value::Int(0), v] => Ok(PutOutcome::Superseded {
+                    current: self.version_from(v)?,
+                }),
+                other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
+            },
+            other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
+        }
+    }
+
+    async fn delete(&self, key: &FlagKey) -> Result<()> {
+        let _: i64 = self
+            .query("delete", redis::cmd("DEL").arg(self.redis_key(key)))
+            .await
+            .map_err(|e| e.with_key(key))?;
+        Ok(())
+    }
+}
