@@ -35,11 +35,20 @@ pub(crate) use with_conn;
 
 /// Converts a redis-rs error, keeping it as the source and classifying it.
 pub(crate) fn backend_error(operation: &'static str, e: redis::RedisError) -> Error {
-    let transient = !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
-        || e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal();
+    // Credentials and configuration do not fix themselves: those are permanent even
+    // where redis-rs would reconnect and try again.
+    let permanent = matches!(
+        e.kind(),
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
+    ) || e
+        .code()
+        .is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS" || c == "NOPERM");
+    let transient = !permanent
+        && (!matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+            || e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal());
     if e.is_timeout() {
         return Error::Timeout {
             backend: BACKEND,

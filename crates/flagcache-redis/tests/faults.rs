@@ -1,0 +1,319 @@
+//! Faults and bad input against a real redis-server: restarts, flushed scripts, silent
+//! subscriptions, foreign publishers, garbage entries, oversized values, bad passwords.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flagcache_core::{
+    CacheStatus, Entry, Error, FlagCache, FlagKey, FlagStore, FlagStoreExt, Invalidation,
+    Invalidator, JsonCodec, PutOutcome, ResyncReason, Signal, StaleReason, Subscription, Target,
+    Version,
+};
+use flagcache_redis::{RedisInvalidator, RedisStore};
+use flagcache_testkit::RedisServer;
+
+fn key(s: &str) -> FlagKey {
+    FlagKey::new(s).unwrap()
+}
+
+async fn next(sub: &mut Subscription) -> Signal {
+    tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("no signal within 10 s")
+        .expect("subscription ended")
+}
+
+/// The next signal that is not an event from `skip`'s own heartbeats/noise.
+async fn next_event_or_resync(sub: &mut Subscription) -> Signal {
+    next(sub).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first() {
+    let mut server = RedisServer::start().unwrap();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .response_timeout(Duration::from_millis(300))
+        .connection_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let publisher = RedisInvalidator::builder()
+        .url(server.url())
+        .heartbeat(Some(Duration::from_millis(100)))
+        .build()
+        .await
+        .unwrap();
+    let subscriber = publisher.peer().await.unwrap();
+    let mut sub = subscriber.subscribe().await.unwrap();
+    let k = key("k");
+    store
+        .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    server.stop();
+    let t = Instant::now();
+    let err = store.get(&k).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "failing took {:?}",
+        t.elapsed()
+    );
+
+    server.restart().unwrap();
+    // The store reconnects by itself (the restarted server is empty).
+    let mut recovered = false;
+    for _ in 0..100 {
+        if let Ok(None) = store.get(&k).await {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "the store did not recover after the restart");
+    assert_eq!(
+        store
+            .put_value(&k, &2u32, Version::new(2), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+
+    // The subscriber says Resync before any event published after the restart.
+    let marker = key("after-restart");
+    let mut resynced = false;
+    for _ in 0..200 {
+        let _ = publisher.publish(&Invalidation::key(marker.clone())).await;
+        match next_event_or_resync(&mut sub).await {
+            Signal::Resync(_) => resynced = true,
+            Signal::Invalidated(ev) if ev.target == Target::Key(marker.clone()) => {
+                assert!(resynced, "an event after the restart arrived before Resync");
+                return;
+            }
+            _ => {}
+        }
+    }
+    panic!("no event after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_reloaded_after_script_flush() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let k = key("k");
+    for v in 1..=20u64 {
+        if v % 5 == 0 {
+            assert_eq!(server.command(&["SCRIPT", "FLUSH"]).unwrap(), "OK");
+        }
+        let out = store
+            .put(
+                &k,
+                &Entry::new(Version::new(v), vec![v as u8]),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, PutOutcome::Stored);
+        assert!(matches!(
+            store.get_checked(&k, Version::new(v)).await.unwrap(),
+            flagcache_core::Checked::Hit(_)
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_noticed_by_missing_heartbeats() {
+    let server = RedisServer::start().unwrap();
+    let inv = RedisInvalidator::builder()
+        .url(server.url())
+        .heartbeat(Some(Duration::from_millis(100)))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    // The server stops answering everyone for 1.5 s: nothing arrives, not even our
+    // own heartbeats, yet no connection is closed.
+    server.command(&["CLIENT", "PAUSE", "1500", "ALL"]).unwrap();
+    match next(&mut sub).await {
+        Signal::Resync(ResyncReason::HeartbeatMissed) => {}
+        other => panic!("expected a heartbeat Resync, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_events_from_redis_cli_are_received() {
+    let server = RedisServer::start().unwrap();
+    let inv = RedisInvalidator::builder()
+        .url(server.url())
+        .codec(JsonCodec::new())
+        .heartbeat(None)
+        .build()
+        .await
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    let cli = std::env::var("FLAGCACHE_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
+    let out = std::process::Command::new(cli)
+        .args(["-p", &server.port().to_string(), "PUBLISH", "flag_updates"])
+        .arg(r#"{"flagKey": "checkout", "version": 42}"#)
+        .output()
+        .expect("redis-cli runs");
+    assert!(out.status.success());
+    match next(&mut sub).await {
+        Signal::Invalidated(ev) => {
+            assert_eq!(ev.target, Target::Key(key("checkout")));
+            assert_eq!(ev.version, Some(Version::new(42)));
+        }
+        other => panic!("{other:?}"),
+    }
+    // And what this crate publishes in JSON, another language reads as such.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.subscribe("flag_updates").await.unwrap();
+    let mut stream = ps.into_on_message();
+    inv.publish(&Invalidation::key(key("k")).with_version(Version::new(3)))
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let text: String = msg.get_payload().unwrap();
+    assert!(
+        text.contains(r#""flagKey":"k""#) && text.contains(r#""version":3"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_clear_error_at_connect() {
+    let server = RedisServer::builder().password("right").start().unwrap();
+    let url = format!("redis://:wrong@127.0.0.1:{}", server.port());
+    let err = RedisStore::connect(&url).await.unwrap_err();
+    let text = err.to_string();
+    assert!(!err.is_transient(), "{text}");
+    assert!(
+        text.to_lowercase().contains("auth") || text.contains("WRONGPASS"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wrong@"),
+        "the password leaked into the error: {text}"
+    );
+    let ok = RedisStore::connect(&server.url()).await.unwrap();
+    assert!(
+        !format!("{ok:?}").contains("right"),
+        "Debug shows the password"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_values_are_refused_and_nothing_is_written() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .max_value_size(4096)
+        .build()
+        .await
+        .unwrap();
+    let big: Vec<u8> = (0..8192).map(|_| fastrand::u8(..)).collect();
+    let err = store
+        .put(
+            &key("big"),
+            &Entry::new(Version::new(1), big),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(err, Err(Error::ValueTooLarge { limit: 4096, .. })),
+        "{err:?}"
+    );
+    assert_eq!(server.command(&["EXISTS", "flags:{big}"]).unwrap(), "0");
+    // Keys that a text protocol could not carry never get this far.
+    assert!(matches!(
+        FlagKey::new("a b\r\nFLUSHALL"),
+        Err(Error::InvalidKey { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
+    let mut server = RedisServer::start().unwrap();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .response_timeout(Duration::from_millis(200))
+        .connection_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (l, u) = (loads.clone(), up.clone());
+    let loader = move |k: FlagKey| {
+        let (l, u) = (l.clone(), u.clone());
+        async move {
+            l.fetch_add(1, Ordering::SeqCst);
+            if u.load(Ordering::SeqCst) {
+                Ok(Some((format!("{k}@1"), Version::new(1))))
+            } else {
+                Err(Error::loader(&k, std::io::Error::other("source down")))
+            }
+        }
+    };
+    let cache = FlagCache::<String>::builder(store.clone(), loader)
+        .fresh_for(Duration::from_millis(50))
+        .stale_for(Duration::ZERO)
+        .l2_timeout(Duration::from_millis(300))
+        .circuit_breaker(3, Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+
+    // Garbage under a flag key, written by another client: counted, a miss, reloaded.
+    server
+        .command(&["SET", "flags:{garbage}", "not an envelope"])
+        .unwrap();
+    let l = cache.lookup(&key("garbage")).await.unwrap();
+    assert_eq!(l.status, CacheStatus::Miss);
+    assert_eq!(cache.stats().corrupt, 1);
+    let got: Option<(String, Version)> = store.get_value(&key("garbage")).await.unwrap();
+    assert_eq!(got, Some(("garbage@1".into(), Version::new(1))));
+
+    // Redis dies and the source fails too: the last known value is served.
+    cache.get(&key("k")).await.unwrap();
+    server.stop();
+    up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    for _ in 0..20 {
+        let l = cache.lookup(&key("k")).await.unwrap();
+        assert_eq!(l.status, CacheStatus::Stale(StaleReason::FailSafe));
+    }
+    assert!(cache.stats().breaker_open, "{:?}", cache.stats());
+
+    // Everything comes back, without restarting anything in the app.
+    server.restart().unwrap();
+    up.store(true, Ordering::SeqCst);
+    let mut refilled = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = cache.lookup(&key("k")).await;
+        if let Ok(Some(v)) = store.get_value::<String>(&key("k")).await {
+            refilled = Some(v);
+            break;
+        }
+    }
+    assert_eq!(
+        refilled,
+        Some(("k@1".into(), Version::new(1))),
+        "L2 never refilled: {:?}",
+        cache.stats()
+    );
+    assert!(!cache.stats().breaker_open);
+    let l = cache.lookup(&key("k")).await.unwrap();
+    assert!(!matches!(l.status, CacheStatus::Stale(_)), "{l:?}");
+}
