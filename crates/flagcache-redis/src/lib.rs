@@ -2,10 +2,12 @@
 #![deny(missing_docs)]
 
 mod invalidator;
+mod lock;
 mod scripts;
 mod store;
 
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
+pub use lock::RedisLock;
 pub use store::{RedisStore, RedisStoreBuilder};
 
 const BACKEND: &str = "redis";

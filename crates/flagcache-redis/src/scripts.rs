@@ -73,3 +73,11 @@ return {{0, cv}}
 "
     ))
 }
+
+/// Lock release: KEYS[1] the lock; ARGV[1] the holder's token. Deletes the lock only
+/// if this holder still holds it (it may have expired and been taken by another).
+pub(crate) fn release() -> Script {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+    )
+}

@@ -205,6 +205,7 @@ impl RedisStoreBuilder {
                 conn,
                 target: self.target,
                 prefix: format!("{}:{{", self.namespace),
+                lock_prefix: format!("{}:lock:{{", self.namespace),
                 codec: self.codec,
                 max_value_size: self.max_value_size,
                 put: scripts::put(),
@@ -218,6 +219,7 @@ struct Inner {
     conn: Conn,
     target: Target,
     prefix: String,
+    lock_prefix: String,
     codec: Codec,
     max_value_size: usize,
     put: Script,
@@ -273,6 +275,12 @@ impl RedisStore {
         k
     }
 
+    /// The Redis key of a flag's stampede lock: `<namespace>:lock:{<flag key>}`, in
+    /// the same cluster slot as the flag.
+    pub fn lock_key(&self, key: &FlagKey) -> String {
+        format!("{}{}}}", self.inner.lock_prefix, key.as_str())
+    }
+
     fn layout(&self) -> &'static str {
         match self.inner.codec {
             Codec::Json(_) => "json",
@@ -311,11 +319,11 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
-    fn conn(&self) -> Conn {
+    pub(crate) fn conn(&self) -> Conn {
         self.inner.conn.clone()
     }
 
-    async fn query<T: redis::FromRedisValue>(
+    pub(crate) async fn query<T: redis::FromRedisValue>(
         &self,
         operation: &'static str,
         cmd: &redis::Cmd,
@@ -324,7 +332,7 @@ impl RedisStore {
             .map_err(|e| backend_error(operation, e))
     }
 
-    async fn script(
+    pub(crate) async fn script(
         &self,
         operation: &'static str,
         inv: redis::ScriptInvocation<'_>,

@@ -11,7 +11,9 @@ use super::breaker::Breaker;
 use super::l1::Fences;
 use super::stats::Telemetry;
 use super::{listen, Config, Evaluation, FlagCache, Hook, Inner, Loader};
-use crate::{Error, FlagKey, FlagStore, Invalidator, LocalCoalescer, NodeId, Result, Version};
+use crate::{
+    Coalescer, Error, FlagKey, FlagStore, Invalidator, LocalCoalescer, NodeId, Result, Version,
+};
 
 /// Where [version-stamped reads](FlagCacheBuilder::version_source) get the version a
 /// key should have: a cheap metadata lookup (a version table, a control-plane
@@ -47,6 +49,7 @@ pub struct FlagCacheBuilder<T> {
     loader: Arc<dyn Loader<T>>,
     invalidator: Option<Arc<dyn Invalidator>>,
     expected: Option<Arc<dyn VersionSource>>,
+    fleet: Option<Arc<dyn Coalescer>>,
     hook: Option<Hook>,
     cfg: Config,
 }
@@ -71,6 +74,7 @@ where
             loader,
             invalidator: None,
             expected: None,
+            fleet: None,
             hook: None,
             cfg: Config {
                 name: "flags".to_string(),
@@ -214,6 +218,16 @@ where
         self
     }
 
+    /// Coalesces loads across processes with `coalescer` (a backend's distributed lock,
+    /// such as Redis' `RedisLock`): when many replicas miss the same key at once, one
+    /// loads from the source and the others wait for its value in L2. Within a process,
+    /// loads are always coalesced.
+    #[must_use]
+    pub fn cross_process(mut self, coalescer: impl Coalescer + 'static) -> Self {
+        self.fleet = Some(Arc::new(coalescer));
+        self
+    }
+
     /// Calls `hook` after every read with the key, where the answer came from, the
     /// version and the latency. Keep it cheap: it runs on the read path.
     #[must_use]
@@ -293,6 +307,7 @@ where
             loader: self.loader,
             invalidator: self.invalidator,
             expected: self.expected,
+            fleet: self.fleet,
             hook: self.hook,
             node,
             _shutdown: subscription.as_ref().map(|_| shutdown_tx),

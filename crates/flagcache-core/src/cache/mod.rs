@@ -167,6 +167,8 @@ struct Inner<T> {
     loader: Arc<dyn Loader<T>>,
     invalidator: Option<Arc<dyn Invalidator>>,
     expected: Option<Arc<dyn VersionSource>>,
+    /// Coalesces loads across processes (a distributed lock), when configured.
+    fleet: Option<Arc<dyn crate::Coalescer>>,
     hook: Option<Hook>,
     node: NodeId,
     l1: quick_cache::sync::Cache<FlagKey, Arc<Slot<T>>>,
@@ -613,12 +615,59 @@ where
         }
     }
 
+    /// Loads from the source — through the cross-process coalescer when there is one,
+    /// so that one process of the fleet loads while the others wait for its value in L2.
     async fn load(
         self: &Arc<Self>,
         key: &FlagKey,
         start: u64,
         began: Instant,
     ) -> Result<Filled<T>> {
+        let Some(fleet) = &self.fleet else {
+            return self
+                .load_from_source(key, start, began)
+                .await
+                .map(|(f, _)| f);
+        };
+        let mine: Arc<std::sync::Mutex<Option<Filled<T>>>> = Arc::default();
+        let out = mine.clone();
+        let this = self.clone();
+        let k = key.clone();
+        let fetch: crate::Fetch = Box::pin(async move {
+            let (filled, entry) = this.load_from_source(&k, start, began).await?;
+            *out.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(filled);
+            Ok(entry)
+        });
+        let entry = fleet.coalesce(key, fetch).await?;
+        let ran_here = mine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(filled) = ran_here {
+            return Ok(filled);
+        }
+        // Another process loaded it and stored it in L2.
+        if let Some(entry) = entry {
+            if let Ok(v) = self.store.codec().decode_value::<T>(&entry.payload) {
+                let slot = self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
+                self.install(key, &slot, start);
+                return Ok((slot, Tier::L2));
+            }
+        }
+        self.load_from_source(key, start, began)
+            .await
+            .map(|(f, _)| f)
+    }
+
+    /// Calls the loader, writes its value to L2 and installs it; returns the stored
+    /// entry too (`None` when the source has no such flag).
+    async fn load_from_source(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        start: u64,
+        began: Instant,
+    ) -> Result<(Filled<T>, Option<Entry>)> {
         let t = Instant::now();
         let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
         self.tel.load_latency.record(seconds(t.elapsed()));
@@ -641,7 +690,7 @@ where
             self.tel.bump(Ev::LoadAbsent);
             let slot = self.make_slot(None, Version::default(), began.elapsed());
             self.install(key, &slot, start);
-            return Ok((slot, Tier::Loader));
+            return Ok(((slot, Tier::Loader), None));
         };
         self.tel.bump(Ev::Load);
         let payload = self.store.codec().encode_value(&value)?;
@@ -655,7 +704,7 @@ where
             // Invalidated while loading: answer this read, but neither write the value
             // back to L2 (it might outlive the invalidation there) nor install it.
             self.tel.bump(Ev::FencedFill);
-            return Ok((slot, Tier::Loader));
+            return Ok(((slot, Tier::Loader), None));
         }
         match self.write_l2(key, &entry).await {
             // L2 knows a newer version than the source just gave us (a lagging read
@@ -667,7 +716,7 @@ where
                 self.install(key, &slot, start);
             }
         }
-        Ok((slot, Tier::Loader))
+        Ok(((slot, Tier::Loader), Some(entry)))
     }
 
     /// Best-effort write of a loaded value to L2; failures are counted, not returned.

@@ -1,0 +1,105 @@
+//! Cross-process stampede protection with a Redis lock, against a real server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flagcache_core::{Error, FlagCache, FlagKey, Version};
+use flagcache_redis::{RedisLock, RedisStore};
+use flagcache_testkit::RedisServer;
+
+type Loader = Arc<
+    dyn Fn(
+            FlagKey,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            flagcache_core::Result<Option<(String, Version)>>,
+        > + Send
+        + Sync,
+>;
+
+fn slow_source(calls: &Arc<AtomicUsize>, latency: Duration) -> Loader {
+    let calls = calls.clone();
+    Arc::new(move |k: FlagKey| {
+        let calls = calls.clone();
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(latency).await;
+            Ok::<_, Error>(Some((format!("{k}@1"), Version::new(1))))
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_replicas_times_100_cold_reads_cost_one_load() {
+    let server = RedisServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = slow_source(&calls, Duration::from_millis(200));
+    let mut replicas = Vec::new();
+    for i in 0..8 {
+        // Each replica has its own connection, as separate processes would.
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let source = source.clone();
+        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+            .name(format!("replica-{i}"))
+            .cross_process(RedisLock::new(&store))
+            .build()
+            .await
+            .unwrap();
+        replicas.push(cache);
+    }
+    let k = FlagKey::new("cold").unwrap();
+    let mut reads = Vec::new();
+    for cache in &replicas {
+        for _ in 0..100 {
+            let (c, k) = (cache.clone(), k.clone());
+            reads.push(tokio::spawn(async move { c.get(&k).await }));
+        }
+    }
+    for r in reads {
+        let v = r.await.unwrap().unwrap();
+        assert_eq!(v.as_deref().map(String::as_str), Some("cold@1"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "loader calls across 8 replicas"
+    );
+    assert_eq!(
+        server.command(&["EXISTS", "flags:lock:{cold}"]).unwrap(),
+        "0",
+        "lock released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    // A process took the lock and died: nobody will ever write the value.
+    server
+        .command(&["SET", "flags:lock:{orphan}", "dead-holder", "PX", "300"])
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = slow_source(&calls, Duration::from_millis(1));
+    let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+        .cross_process(RedisLock::new(&store).ttl(Duration::from_millis(300)))
+        .build()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let v = cache.get(&FlagKey::new("orphan").unwrap()).await.unwrap();
+    assert_eq!(v.as_deref().map(String::as_str), Some("orphan@1"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200),
+        "did not wait for the holder: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "waited too long: {waited:?}"
+    );
+}
