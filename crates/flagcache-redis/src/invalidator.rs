@@ -78,6 +78,7 @@ impl Default for RedisInvalidatorBuilder {
             target: Target {
                 urls: vec!["redis://127.0.0.1:6379".to_string()],
                 cluster: false,
+                sentinel_service: None,
                 connection_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_millis(500),
             },
@@ -94,6 +95,21 @@ impl RedisInvalidatorBuilder {
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.target.urls = vec![url.into()];
         self.target.cluster = false;
+        self.target.sentinel_service = None;
+        self
+    }
+
+    /// The primary of `service`, found through these Redis Sentinels (and found again
+    /// after a failover, with a `Resync`).
+    #[must_use]
+    pub fn sentinel<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        sentinel_urls: I,
+        service: impl Into<String>,
+    ) -> Self {
+        self.target.urls = sentinel_urls.into_iter().map(Into::into).collect();
+        self.target.cluster = false;
+        self.target.sentinel_service = Some(service.into());
         self
     }
 
@@ -103,6 +119,7 @@ impl RedisInvalidatorBuilder {
     pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
         self.target.urls = urls.into_iter().map(Into::into).collect();
         self.target.cluster = true;
+        self.target.sentinel_service = None;
         self
     }
 
@@ -252,22 +269,36 @@ impl Invalidator for RedisInvalidator {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let url = self
-            .inner
-            .target
-            .urls
-            .first()
-            .cloned()
-            .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
-        let client = redis::Client::open(url).map_err(|e| backend_error("subscribe", e))?;
-        let pubsub = open_pubsub(&client, &self.inner.channel).await?;
+        let pubsub = self.open_pubsub().await?;
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(listen(self.clone(), client, pubsub, tx));
+        tokio::spawn(listen(self.clone(), pubsub, tx));
         Ok(Subscription::from_receiver(rx))
     }
 }
 
-async fn open_pubsub(client: &redis::Client, channel: &str) -> Result<redis::aio::PubSub> {
+impl RedisInvalidator {
+    /// A dedicated pub/sub connection, subscribed: to the first node given, or to the
+    /// current primary when connected through Sentinel.
+    async fn open_pubsub(&self) -> Result<redis::aio::PubSub> {
+        let client =
+            match &self.inner.conn {
+                Conn::Sentinel(s) => s
+                    .primary_client()
+                    .await
+                    .map_err(|e| backend_error("subscribe", e))?,
+                _ => {
+                    let url =
+                        self.inner.target.urls.first().cloned().ok_or_else(|| {
+                            Error::InvalidArgument("a Redis URL is required".into())
+                        })?;
+                    redis::Client::open(url).map_err(|e| backend_error("subscribe", e))?
+                }
+            };
+        subscribe_on(&client, &self.inner.channel).await
+    }
+}
+
+async fn subscribe_on(client: &redis::Client, channel: &str) -> Result<redis::aio::PubSub> {
     let mut pubsub = client
         .get_async_pubsub()
         .await
@@ -323,12 +354,7 @@ impl Sequences {
 /// Reads the subscription, turning messages into signals, until the `Subscription`
 /// is dropped; reconnects (and signals `Resync`) whenever the connection is lost or
 /// falls silent.
-async fn listen(
-    inv: RedisInvalidator,
-    client: redis::Client,
-    mut pubsub: redis::aio::PubSub,
-    tx: mpsc::Sender<Signal>,
-) {
+async fn listen(inv: RedisInvalidator, mut pubsub: redis::aio::PubSub, tx: mpsc::Sender<Signal>) {
     let codec = inv.inner.codec.clone();
     let channel = inv.inner.channel.clone();
     let beat = inv.inner.heartbeat;
@@ -372,7 +398,7 @@ async fn listen(
                 _ = tx.closed() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            match open_pubsub(&client, &channel).await {
+            match inv.open_pubsub().await {
                 Ok(p) => break p,
                 Err(e) => {
                     tracing::debug!(error = %e, "resubscribe failed");

@@ -10,24 +10,84 @@ use flagcache_core::{
 };
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{Script, Value};
 
 use crate::{redact, scripts, BACKEND};
 
-/// A connection: one multiplexed, auto-reconnecting connection to a single node, or
-/// a Redis Cluster connection that routes each key to its slot's node.
+/// A connection: one multiplexed, auto-reconnecting connection to a single node, a
+/// Redis Cluster connection that routes each key to its slot's node, or a connection to
+/// whichever node Redis Sentinel says is the primary.
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelConn>),
 }
 
-/// Runs `$body` with `$c` bound to the concrete connection.
+/// The primary's connection, found through Sentinel and found again after a failure
+/// (the primary may have changed).
+pub(crate) struct SentinelConn {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<ConnectionManager>>,
+    config: ConnectionManagerConfig,
+}
+
+impl SentinelConn {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The primary's connection, asking Sentinel where the primary is if needed.
+    pub(crate) async fn get(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.slot().clone() {
+            return Ok(c);
+        }
+        let client = self.sentinel.lock().await.async_get_client().await?;
+        let conn = ConnectionManager::new_with_config(client, self.config.clone()).await?;
+        *self.slot() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A client for the current primary (for a pub/sub connection).
+    pub(crate) async fn primary_client(&self) -> redis::RedisResult<redis::Client> {
+        self.sentinel.lock().await.async_get_client().await
+    }
+
+    /// Forgets the connection after an error that may mean the primary moved.
+    pub(crate) fn check(&self, e: &redis::RedisError) {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.code() == Some("READONLY")
+        {
+            *self.slot() = None;
+        }
+    }
+}
+
+/// Runs `$body` (a `RedisResult`) with `$c` bound to the concrete connection.
 macro_rules! with_conn {
     ($conn:expr, $c:ident => $body:expr) => {
         match $conn {
             Conn::Single(mut $c) => $body,
             Conn::Cluster(mut $c) => $body,
+            Conn::Sentinel(s) => match s.get().await {
+                Ok(mut $c) => {
+                    let r = $body;
+                    if let Err(e) = &r {
+                        s.check(e);
+                    }
+                    r
+                }
+                Err(e) => {
+                    s.check(&e);
+                    Err(e)
+                }
+            },
         }
     };
 }
@@ -64,6 +124,8 @@ pub(crate) fn backend_error(operation: &'static str, e: redis::RedisError) -> Er
 pub(crate) struct Target {
     pub urls: Vec<String>,
     pub cluster: bool,
+    /// With Sentinel: `urls` are the sentinels', and this is the monitored service.
+    pub sentinel_service: Option<String>,
     pub connection_timeout: Duration,
     pub response_timeout: Duration,
 }
@@ -76,6 +138,7 @@ impl fmt::Debug for Target {
                 &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
             )
             .field("cluster", &self.cluster)
+            .field("sentinel_service", &self.sentinel_service)
             .field("connection_timeout", &self.connection_timeout)
             .field("response_timeout", &self.response_timeout)
             .finish()
@@ -83,8 +146,32 @@ impl fmt::Debug for Target {
 }
 
 impl Target {
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1))
+    }
+
     pub(crate) async fn connect(&self) -> Result<Conn> {
         let fail = |e| backend_error("connect", e);
+        if let Some(service) = &self.sentinel_service {
+            let sentinel = SentinelClient::build(
+                self.urls.clone(),
+                service.clone(),
+                None,
+                SentinelServerType::Master,
+            )
+            .map_err(fail)?;
+            let conn = Arc::new(SentinelConn {
+                sentinel: tokio::sync::Mutex::new(sentinel),
+                current: std::sync::Mutex::new(None),
+                config: self.manager_config(),
+            });
+            conn.get().await.map_err(fail)?;
+            return Ok(Conn::Sentinel(conn));
+        }
         if self.cluster {
             let client = redis::cluster::ClusterClient::builder(self.urls.clone())
                 .connection_timeout(self.connection_timeout)
@@ -100,11 +187,7 @@ impl Target {
                 .first()
                 .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
             let client = redis::Client::open(url.as_str()).map_err(fail)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.connection_timeout))
-                .set_response_timeout(Some(self.response_timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_secs(1));
+            let config = self.manager_config();
             Ok(Conn::Single(
                 ConnectionManager::new_with_config(client, config)
                     .await
@@ -129,6 +212,7 @@ impl Default for RedisStoreBuilder {
             target: Target {
                 urls: vec!["redis://127.0.0.1:6379".to_string()],
                 cluster: false,
+                sentinel_service: None,
                 connection_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_millis(500),
             },
@@ -145,6 +229,7 @@ impl RedisStoreBuilder {
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.target.urls = vec![url.into()];
         self.target.cluster = false;
+        self.target.sentinel_service = None;
         self
     }
 
@@ -153,6 +238,21 @@ impl RedisStoreBuilder {
     pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
         self.target.urls = urls.into_iter().map(Into::into).collect();
         self.target.cluster = true;
+        self.target.sentinel_service = None;
+        self
+    }
+
+    /// The primary of `service`, found through these Redis Sentinels, and found again
+    /// after a failover.
+    #[must_use]
+    pub fn sentinel<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        sentinel_urls: I,
+        service: impl Into<String>,
+    ) -> Self {
+        self.target.urls = sentinel_urls.into_iter().map(Into::into).collect();
+        self.target.cluster = false;
+        self.target.sentinel_service = Some(service.into());
         self
     }
 

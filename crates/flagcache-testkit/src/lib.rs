@@ -7,7 +7,7 @@ mod redis;
 mod resp;
 
 pub use memcached::{MemcachedServer, MemcachedServerBuilder};
-pub use redis::{RedisCluster, RedisServer, RedisServerBuilder};
+pub use redis::{RedisCluster, RedisSentinel, RedisServer, RedisServerBuilder};
 
 /// Why a test server could not be provided.
 #[derive(Debug, thiserror::Error)]

@@ -140,3 +140,13 @@ fn a_missing_binary_names_the_install_command() {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn sentinel_promotes_the_replica_when_the_primary_dies() {
+    let mut s = flagcache_testkit::RedisSentinel::start().unwrap();
+    let before = s.primary_port().unwrap();
+    assert_ne!(before, s.replica().port());
+    s.fail_over().unwrap();
+    assert_eq!(s.primary_port().unwrap(), s.replica().port());
+    assert_eq!(s.replica().command(&["SET", "k", "v"]).unwrap(), "OK");
+}

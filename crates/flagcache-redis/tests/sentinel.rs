@@ -1,0 +1,103 @@
+//! Through Redis Sentinel: the store and the invalidator follow a failover to the
+//! promoted replica, and subscribers are told to resync.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use flagcache_core::{
+    FlagKey, FlagStore, FlagStoreExt, Invalidation, Invalidator, PutOutcome, Signal, Target,
+    Version,
+};
+use flagcache_redis::{RedisInvalidator, RedisStore};
+use flagcache_testkit::RedisSentinel;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_invalidator_carry_on_after_a_failover() {
+    let setup = RedisSentinel::start().unwrap();
+    let sentinels = [setup.sentinel_url()];
+    let store = RedisStore::builder()
+        .sentinel(sentinels.clone(), RedisSentinel::SERVICE)
+        .response_timeout(Duration::from_millis(300))
+        .connection_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let publisher = RedisInvalidator::builder()
+        .sentinel(sentinels.clone(), RedisSentinel::SERVICE)
+        .heartbeat(Some(Duration::from_millis(200)))
+        .build()
+        .await
+        .unwrap();
+    let subscriber = publisher.peer().await.unwrap();
+    let mut sub = subscriber.subscribe().await.unwrap();
+    let k = FlagKey::new("k").unwrap();
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        store
+            .put_value(&k, &1u32, Version::new(1), ttl)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    // Both see the same events before the failover.
+    publisher
+        .publish(&Invalidation::key(k.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap(),
+        Some(Signal::Invalidated(_))
+    ));
+
+    // The primary dies; the sentinel promotes the replica.
+    let setup = tokio::task::spawn_blocking(move || {
+        let mut setup = setup;
+        setup.fail_over().unwrap();
+        setup
+    })
+    .await
+    .unwrap();
+    assert_eq!(setup.primary_port().unwrap(), setup.replica().port());
+
+    // The store finds the new primary by itself.
+    let t = Instant::now();
+    let mut written = false;
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Ok(out) = store.put_value(&k, &2u32, Version::new(2), ttl).await {
+            assert_eq!(out, PutOutcome::Stored);
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(written, "the store never reached the promoted replica");
+    assert_eq!(
+        store.get_value::<u32>(&k).await.unwrap(),
+        Some((2, Version::new(2)))
+    );
+    assert!(store.get(&k).await.unwrap().is_some());
+
+    // The subscriber reconnects to the new primary and says Resync before new events.
+    let marker = FlagKey::new("after-failover").unwrap();
+    let mut resynced = false;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        let _ = publisher.publish(&Invalidation::key(marker.clone())).await;
+        match tokio::time::timeout(Duration::from_millis(500), sub.recv()).await {
+            Ok(Some(Signal::Resync(_))) => resynced = true,
+            Ok(Some(Signal::Invalidated(ev))) if ev.target == Target::Key(marker.clone()) => {
+                assert!(
+                    resynced,
+                    "an event after the failover arrived before Resync"
+                );
+                return;
+            }
+            Ok(None) => panic!("subscription ended"),
+            _ => {}
+        }
+    }
+    panic!("no event after the failover (resynced: {resynced})");
+}
