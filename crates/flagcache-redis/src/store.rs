@@ -224,7 +224,7 @@ impl Default for RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
-    /// One server: `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+    /// One server: `redis://[user:password@]host[:port][/db]` (TLS is not enabled yet).
     #[must_use]
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.target.urls = vec![url.into()];

@@ -317,3 +317,12 @@ async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
     let l = cache.lookup(&key("k")).await.unwrap();
     assert!(!matches!(l.status, CacheStatus::Stale(_)), "{l:?}");
 }
+
+#[tokio::test]
+async fn tls_urls_are_refused_clearly_in_this_build() {
+    let err = RedisStore::connect("rediss://127.0.0.1:6380")
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.to_string().to_lowercase().contains("tls"), "{err}");
+}
