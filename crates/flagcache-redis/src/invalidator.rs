@@ -70,6 +70,7 @@ pub struct RedisInvalidatorBuilder {
     channel: String,
     codec: Codec,
     heartbeat: Option<Duration>,
+    heartbeat_set: bool,
 }
 
 impl Default for RedisInvalidatorBuilder {
@@ -85,6 +86,7 @@ impl Default for RedisInvalidatorBuilder {
             channel: "flag_updates".to_string(),
             codec: Codec::default(),
             heartbeat: Some(Duration::from_secs(1)),
+            heartbeat_set: false,
         }
     }
 }
@@ -138,12 +140,15 @@ impl RedisInvalidatorBuilder {
         self
     }
 
-    /// How often each subscribing node publishes a heartbeat (default 1 s; `None`
-    /// turns heartbeats off). A subscription that hears nothing for three intervals is
-    /// presumed dead: it reconnects and signals `Resync`.
+    /// How often a subscription checks its connection (PING) and, once this node has
+    /// published, publishes a heartbeat carrying its event count, which reveals a lost
+    /// last event to every subscriber. Default 1 s. `None` keeps the PING (every second)
+    /// but sends no heartbeats — the default with `JsonCodec`, whose channel other
+    /// languages' subscribers share.
     #[must_use]
     pub fn heartbeat(mut self, every: Option<Duration>) -> Self {
         self.heartbeat = every;
+        self.heartbeat_set = true;
         self
     }
 
@@ -153,13 +158,17 @@ impl RedisInvalidatorBuilder {
     /// As for `RedisStoreBuilder::build`.
     pub async fn build(self) -> Result<RedisInvalidator> {
         let conn = self.target.connect().await?;
+        let heartbeat = match (&self.codec, self.heartbeat_set) {
+            (Codec::Json(_), false) => None,
+            _ => self.heartbeat,
+        };
         Ok(RedisInvalidator {
             inner: Arc::new(Inner {
                 conn,
                 target: self.target,
                 channel: self.channel,
                 codec: self.codec,
-                heartbeat: self.heartbeat,
+                heartbeat,
                 node: NodeId::random(),
                 send: Mutex::new(0),
             }),
@@ -229,6 +238,7 @@ impl RedisInvalidator {
             channel: self.inner.channel.clone(),
             codec: self.inner.codec.clone(),
             heartbeat: self.inner.heartbeat,
+            heartbeat_set: true,
         }
         .build()
         .await
@@ -242,8 +252,13 @@ impl RedisInvalidator {
         r.map(drop).map_err(|e| backend_error("publish", e))
     }
 
+    /// Publishes "this node has sent N events" — only once it has sent any, so quiet
+    /// subscribers add no traffic.
     async fn publish_heartbeat(&self) -> Result<()> {
         let guard = self.inner.send.lock().await;
+        if *guard == 0 {
+            return Ok(());
+        }
         let hb = Heartbeat {
             origin: self.inner.node,
             seq: *guard,
@@ -280,20 +295,27 @@ impl RedisInvalidator {
     /// A dedicated pub/sub connection, subscribed: to the first node given, or to the
     /// current primary when connected through Sentinel.
     async fn open_pubsub(&self) -> Result<redis::aio::PubSub> {
-        let client =
-            match &self.inner.conn {
-                Conn::Sentinel(s) => s
-                    .primary_client()
-                    .await
-                    .map_err(|e| backend_error("subscribe", e))?,
-                _ => {
-                    let url =
-                        self.inner.target.urls.first().cloned().ok_or_else(|| {
-                            Error::InvalidArgument("a Redis URL is required".into())
-                        })?;
-                    redis::Client::open(url).map_err(|e| backend_error("subscribe", e))?
-                }
-            };
+        self.open_pubsub_at(0).await
+    }
+
+    /// As [`RedisInvalidator::open_pubsub`], to the `attempt`-th node given (modulo
+    /// their number): a reconnecting subscriber rotates through a cluster's seeds, so
+    /// the loss of one node does not leave it deaf.
+    async fn open_pubsub_at(&self, attempt: usize) -> Result<redis::aio::PubSub> {
+        let client = match &self.inner.conn {
+            Conn::Sentinel(s) => s
+                .primary_client()
+                .await
+                .map_err(|e| backend_error("subscribe", e))?,
+            _ => {
+                let urls = &self.inner.target.urls;
+                let url = urls
+                    .get(attempt % urls.len().max(1))
+                    .cloned()
+                    .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
+                redis::Client::open(url).map_err(|e| backend_error("subscribe", e))?
+            }
+        };
         subscribe_on(&client, &self.inner.channel).await
     }
 }
@@ -322,6 +344,7 @@ impl Sequences {
         if origin == NodeId::UNKNOWN || seq == 0 {
             return None;
         }
+        self.prune();
         let now = Instant::now();
         let prev = self.last.insert(origin, (seq, now)).map(|(s, _)| s);
         match prev {
@@ -337,8 +360,8 @@ impl Sequences {
                 expected: p + 1,
                 got: seq,
             }),
-            Some(p) if heartbeat && seq < p => {
-                // The heartbeat was sent before the event we already saw: keep the max.
+            Some(p) if seq < p => {
+                // Older than what we saw (a late heartbeat, a reordering): keep the max.
                 self.last.insert(origin, (p, now));
                 None
             }
@@ -346,65 +369,86 @@ impl Sequences {
         }
     }
 
-    fn forget_older_than(&mut self, age: Duration) {
-        self.last.retain(|_, (_, at)| at.elapsed() < age);
+    /// Bounds the table: publishers not heard from for an hour are forgotten (their
+    /// next event is then a first sight).
+    fn prune(&mut self) {
+        if self.last.len() > 4096 {
+            self.last
+                .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(3600));
+        }
     }
 }
 
 /// Reads the subscription, turning messages into signals, until the `Subscription`
-/// is dropped; reconnects (and signals `Resync`) whenever the connection is lost or
-/// falls silent.
-async fn listen(inv: RedisInvalidator, mut pubsub: redis::aio::PubSub, tx: mpsc::Sender<Signal>) {
+/// is dropped. Every interval it PINGs the subscribed connection (a silent dead
+/// subscription is noticed without any traffic from others) and, if this node has
+/// published, sends a heartbeat with its event count. When the connection is lost or
+/// falls silent it signals `Resync` at once, reconnects (rotating through the nodes it
+/// was given), and signals `Resync` again before any event received afterwards.
+async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sender<Signal>) {
     let codec = inv.inner.codec.clone();
     let channel = inv.inner.channel.clone();
-    let beat = inv.inner.heartbeat;
-    let silence = beat.map_or(Duration::MAX, |b| b * 3);
+    let every = inv.inner.heartbeat.unwrap_or(Duration::from_secs(1));
+    let reply_limit = inv.inner.target.response_timeout.max(every);
     let mut seqs = Sequences::default();
+    let mut pubsub = pubsub;
+    let mut attempt = 0usize;
     loop {
-        let mut stream = pubsub.into_on_message();
-        let mut ticker = tokio::time::interval(beat.unwrap_or(Duration::from_secs(3600)));
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
+        ticker.tick().await;
         let reason = loop {
             tokio::select! {
+                biased;
                 _ = tx.closed() => return,
-                _ = ticker.tick() => {
-                    if beat.is_some() {
-                        if let Err(e) = inv.publish_heartbeat().await {
-                            tracing::debug!(error = %e, "heartbeat not published");
-                        }
-                        seqs.forget_older_than(silence * 4);
-                    }
-                    if last_heard.elapsed() > silence {
-                        break ResyncReason::HeartbeatMissed;
-                    }
-                }
                 msg = stream.next() => {
                     let Some(msg) = msg else { break ResyncReason::Reconnected };
-                    last_heard = Instant::now();
                     for signal in decode(&codec, &mut seqs, msg.get_payload_bytes()) {
                         if tx.send(signal).await.is_err() {
                             return;
                         }
                     }
                 }
+                _ = ticker.tick() => {
+                    let alive = tokio::time::timeout(reply_limit, sink.ping::<redis::Value>()).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        break ResyncReason::HeartbeatMissed;
+                    }
+                    if inv.inner.heartbeat.is_some() {
+                        if let Err(e) = inv.publish_heartbeat().await {
+                            tracing::debug!(error = %e, "heartbeat not published");
+                        }
+                    }
+                }
             }
         };
-        drop(stream);
+        drop((sink, stream));
         tracing::warn!(%reason, %channel, "invalidation subscription lost; reconnecting");
+        // Events may be missed from now on: tell the cache at once, not only when back.
+        if tx.send(Signal::Resync(reason.clone())).await.is_err() {
+            return;
+        }
         let mut backoff = Duration::from_millis(50);
         pubsub = loop {
             tokio::select! {
                 _ = tx.closed() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            match inv.open_pubsub().await {
-                Ok(p) => break p,
-                Err(e) => {
-                    tracing::debug!(error = %e, "resubscribe failed");
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+            attempt += 1;
+            let opened = tokio::select! {
+                _ = tx.closed() => return,
+                r = tokio::time::timeout(
+                    inv.inner.target.connection_timeout + inv.inner.target.response_timeout,
+                    inv.open_pubsub_at(attempt),
+                ) => r,
+            };
+            match opened {
+                Ok(Ok(p)) => break p,
+                Ok(Err(e)) => tracing::debug!(error = %e, "resubscribe failed"),
+                Err(_) => tracing::debug!("resubscribe timed out"),
             }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         };
         // Anything published while we were away is lost: say so before any new event.
         seqs = Sequences::default();

@@ -9,9 +9,10 @@ use crate::{scripts, RedisStore};
 
 /// Cross-process stampede protection: when many replicas miss the same key at once,
 /// one takes `SET <namespace>:lock:{<key>} <random token> NX PX <ttl>` and loads from
-/// the source; the others poll L2 for its value. If the lock expires (its holder died
-/// or is slow) without a value appearing, a waiter takes it over; a waiter that has
-/// waited past the lock's TTL loads by itself. The holder releases the lock with a
+/// the source; the others poll the lock and, once it is released, read the value from
+/// L2. If it was released or expired without a value (its holder died, or the flag does
+/// not exist), a waiter takes the lock over; a waiter that has waited twice the lock's
+/// TTL loads by itself. The holder releases the lock with a
 /// compare-and-delete script, so it never deletes a lock another process took over.
 ///
 /// If Redis cannot be asked, the fetch runs unguarded: slower for the source, never
@@ -47,18 +48,19 @@ impl fmt::Debug for RedisLock {
 }
 
 impl RedisLock {
-    /// A lock over `store`'s keys, with a 5 s TTL and 20 ms polling.
+    /// A lock over `store`'s keys, with a 10 s TTL (above `FlagCache`'s default loader
+    /// timeout plus an L2 write) and 20 ms polling.
     pub fn new(store: &RedisStore) -> Self {
         RedisLock {
             store: store.clone(),
-            ttl: Duration::from_secs(5),
+            ttl: Duration::from_secs(10),
             poll: Duration::from_millis(20),
             release: std::sync::Arc::new(scripts::release()),
         }
     }
 
     /// How long a lock lives (and so how long waiters wait for a holder that died):
-    /// longer than a load takes. Default 5 s.
+    /// longer than a load and its L2 write take. Default 10 s.
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl.max(Duration::from_millis(1));
@@ -102,7 +104,7 @@ impl RedisLock {
 impl Coalescer for RedisLock {
     async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
         let lock = self.store.lock_key(key);
-        let give_up = Instant::now() + self.ttl + self.ttl / 2;
+        let give_up = Instant::now() + self.ttl * 2;
         loop {
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             match self.acquire(&lock, &token).await {
@@ -117,20 +119,23 @@ impl Coalescer for RedisLock {
                     return fetch.await;
                 }
             }
-            // Someone else is loading: wait for their value in L2.
+            // Someone else is loading. Wait until they release the lock, then read L2
+            // once: what was there before (possibly the very value that missed, e.g. an
+            // older version) must not be mistaken for theirs.
             loop {
                 let pause = self.poll.mul_f64(0.5 + fastrand::f64());
                 tokio::time::sleep(pause).await;
+                if Instant::now() > give_up {
+                    tracing::warn!(%key, "waited twice the lock's TTL; loading");
+                    return fetch.await;
+                }
+                if self.held(&lock).await.unwrap_or(false) {
+                    continue;
+                }
                 if let Ok(Some(entry)) = self.store.get(key).await {
                     return Ok(Some(entry));
                 }
-                if Instant::now() > give_up {
-                    tracing::warn!(%key, "waited past the lock's TTL; loading");
-                    return fetch.await;
-                }
-                if !self.held(&lock).await.unwrap_or(false) {
-                    break; // released or expired without a value: try to take it over
-                }
+                break; // released or expired without a value: try to take it over
             }
         }
     }

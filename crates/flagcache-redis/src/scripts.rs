@@ -16,12 +16,18 @@ local layout = ARGV[1]
 local function version_of(v)
   if layout == 'json' then
     local ok, doc = pcall(cjson.decode, v)
-    if ok and type(doc) == 'table' and type(doc['version']) == 'number' and doc['flagConfig'] ~= nil then
-      return doc['version']
+    if ok and type(doc) == 'table' and doc['flagConfig'] ~= nil then
+      local n = doc['version']
+      -- The same versions the Rust decoder accepts: integral, 0 <= n < 2^53.
+      if type(n) == 'number' and n >= 0 and n == math.floor(n) and n <= 9007199254740991 then
+        return n
+      end
     end
     return nil
   end
-  if #v >= 28 and string.byte(v, 1) == 0xF1 and string.byte(v, 2) == 0xA6 and string.byte(v, 3) == 1 then
+  -- The version sits at offset 4 in every envelope format: read it whatever the
+  -- format byte, so a newer format written by a later release still guards.
+  if #v >= 28 and string.byte(v, 1) == 0xF1 and string.byte(v, 2) == 0xA6 then
     return string.sub(v, 5, 12)
   end
   return nil

@@ -103,8 +103,24 @@ pub(crate) fn backend_error(operation: &'static str, e: redis::RedisError) -> Er
     ) || e
         .code()
         .is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS" || c == "NOPERM");
+    // Server states that pass (a busy script, loading, out of memory, a failover).
+    let busy = e.code().is_some_and(|c| {
+        matches!(
+            c,
+            "BUSY"
+                | "LOADING"
+                | "OOM"
+                | "MISCONF"
+                | "NOREPLICAS"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "READONLY"
+        )
+    });
     let transient = !permanent
-        && (!matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+        && (busy
+            || !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
             || e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()

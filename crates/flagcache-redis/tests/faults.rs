@@ -326,3 +326,135 @@ async fn tls_urls_are_refused_clearly_in_this_build() {
     assert!(!err.is_transient(), "{err}");
     assert!(err.to_string().to_lowercase().contains("tls"), "{err}");
 }
+
+/// Publishes raw messages as a foreign node (id 99) would.
+async fn raw_publish(url: &str, messages: Vec<Vec<u8>>) {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for m in messages {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("flag_updates")
+            .arg(m)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+fn event(seq: u64) -> Vec<u8> {
+    let ev = Invalidation::key(key("x")).stamped(flagcache_core::NodeId(99), seq, 1);
+    flagcache_core::Codec::default()
+        .encode_invalidation(&ev)
+        .unwrap()
+        .to_vec()
+}
+
+fn heartbeat(seq: u64) -> Vec<u8> {
+    let mut b = vec![0xF1, 0xA8, 0x01];
+    b.extend_from_slice(&99u64.to_be_bytes());
+    b.extend_from_slice(&seq.to_be_bytes());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_sequence_number_names_the_gap() {
+    let server = RedisServer::start().unwrap();
+    let inv = RedisInvalidator::connect(&server.url()).await.unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    raw_publish(&server.url(), vec![event(1), event(3)]).await;
+    assert!(matches!(next(&mut sub).await, Signal::Invalidated(ev) if ev.seq == 1));
+    assert_eq!(
+        next(&mut sub).await,
+        Signal::Resync(ResyncReason::SequenceGap {
+            origin: flagcache_core::NodeId(99),
+            expected: 2,
+            got: 3
+        })
+    );
+    assert!(matches!(next(&mut sub).await, Signal::Invalidated(ev) if ev.seq == 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_last_event_is_revealed_by_the_next_heartbeat() {
+    let server = RedisServer::start().unwrap();
+    let inv = RedisInvalidator::connect(&server.url()).await.unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    // Event 1 arrives; event 2 is lost; the publisher's heartbeat says it sent 2.
+    raw_publish(&server.url(), vec![event(1), heartbeat(1), heartbeat(2)]).await;
+    assert!(matches!(next(&mut sub).await, Signal::Invalidated(ev) if ev.seq == 1));
+    assert_eq!(
+        next(&mut sub).await,
+        Signal::Resync(ResyncReason::SequenceGap {
+            origin: flagcache_core::NodeId(99),
+            expected: 2,
+            got: 2
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_subscribers_publish_no_heartbeats() {
+    let server = RedisServer::start().unwrap();
+    let inv = RedisInvalidator::builder()
+        .url(server.url())
+        .heartbeat(Some(Duration::from_millis(50)))
+        .build()
+        .await
+        .unwrap();
+    let _sub = inv.subscribe().await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.subscribe("flag_updates").await.unwrap();
+    let mut stream = ps.into_on_message();
+    use futures_util::StreamExt;
+    // Nothing published yet: the channel stays silent.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.next())
+            .await
+            .is_err()
+    );
+    inv.publish(&Invalidation::all()).await.unwrap();
+    // The event, then heartbeats carrying seq 1.
+    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.get_payload_bytes()[..2], [0xF1, 0xA7]);
+    let hb = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hb.get_payload_bytes()[..3], [0xF1, 0xA8, 0x01]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_subscription_never_resyncs() {
+    let server = RedisServer::start().unwrap();
+    let a = RedisInvalidator::builder()
+        .url(server.url())
+        .heartbeat(Some(Duration::from_millis(20)))
+        .build()
+        .await
+        .unwrap();
+    let b = a.peer().await.unwrap();
+    let mut sub = b.subscribe().await.unwrap();
+    let _a_sub = a.subscribe().await.unwrap(); // so A sends heartbeats too
+    for i in 0..20 {
+        a.publish(&Invalidation::key(key(&format!("k{i}"))))
+            .await
+            .unwrap();
+        b.publish(&Invalidation::key(key(&format!("b{i}"))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut events = 0;
+    while let Ok(Some(signal)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await
+    {
+        match signal {
+            Signal::Invalidated(_) => events += 1,
+            other => panic!("spurious {other:?} in steady state"),
+        }
+    }
+    assert_eq!(events, 40);
+}
