@@ -4,8 +4,8 @@
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example redis --features redis
 //! ```
 //!
-//! `REDIS_URL` defaults to `redis://127.0.0.1:6379`;
-//! `redis://user:password@host:port/db` works too.
+//! `REDIS_URL` defaults to `redis://127.0.0.1:6379`; `rediss://` (TLS) and
+//! `redis://user:password@host:port/db` work too.
 
 use std::time::{Duration, Instant};
 

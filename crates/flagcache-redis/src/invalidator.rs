@@ -80,6 +80,7 @@ impl Default for RedisInvalidatorBuilder {
                 urls: vec!["redis://127.0.0.1:6379".to_string()],
                 cluster: false,
                 sentinel_service: None,
+                root_cert: None,
                 connection_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_millis(500),
             },
@@ -122,6 +123,14 @@ impl RedisInvalidatorBuilder {
         self.target.urls = urls.into_iter().map(Into::into).collect();
         self.target.cluster = true;
         self.target.sentinel_service = None;
+        self
+    }
+
+    /// Trusts this PEM root certificate for `rediss://` URLs (default: the system's
+    /// trust store).
+    #[must_use]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.target.root_cert = Some(pem.into());
         self
     }
 
@@ -313,7 +322,10 @@ impl RedisInvalidator {
                     .get(attempt % urls.len().max(1))
                     .cloned()
                     .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
-                redis::Client::open(url).map_err(|e| backend_error("subscribe", e))?
+                self.inner
+                    .target
+                    .client(&url)
+                    .map_err(|e| backend_error("subscribe", e))?
             }
         };
         subscribe_on(&client, &self.inner.channel).await

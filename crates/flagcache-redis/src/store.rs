@@ -93,16 +93,36 @@ macro_rules! with_conn {
 }
 pub(crate) use with_conn;
 
+/// Whether a TLS handshake refused the peer (a certificate problem) somewhere in the
+/// error's chain.
+fn tls_refused(e: &redis::RedisError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    e.to_string().contains("certificate")
+}
+
 /// Converts a redis-rs error, keeping it as the source and classifying it.
 pub(crate) fn backend_error(operation: &'static str, e: redis::RedisError) -> Error {
     // Credentials and configuration do not fix themselves: those are permanent even
     // where redis-rs would reconnect and try again.
-    let permanent = matches!(
-        e.kind(),
-        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
-    ) || e
-        .code()
-        .is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS" || c == "NOPERM");
+    // So are certificates a TLS handshake refused.
+    let bad_certificate = tls_refused(&e);
+    let permanent = bad_certificate
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
+        )
+        || e.code()
+            .is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS" || c == "NOPERM");
     // Server states that pass (a busy script, loading, out of memory, a failover).
     let busy = e.code().is_some_and(|c| {
         matches!(
@@ -142,6 +162,8 @@ pub(crate) struct Target {
     pub cluster: bool,
     /// With Sentinel: `urls` are the sentinels', and this is the monitored service.
     pub sentinel_service: Option<String>,
+    /// A PEM root certificate to trust for `rediss://` instead of the system's.
+    pub root_cert: Option<Vec<u8>>,
     pub connection_timeout: Duration,
     pub response_timeout: Duration,
 }
@@ -162,6 +184,21 @@ impl fmt::Debug for Target {
 }
 
 impl Target {
+    /// A client for one node, with TLS when the URL says `rediss://`.
+    pub(crate) fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        install_tls_provider();
+        match &self.root_cert {
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+    }
+
     fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
@@ -189,11 +226,17 @@ impl Target {
             return Ok(Conn::Sentinel(conn));
         }
         if self.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.urls.clone())
+            install_tls_provider();
+            let mut builder = redis::cluster::ClusterClient::builder(self.urls.clone())
                 .connection_timeout(self.connection_timeout)
-                .response_timeout(self.response_timeout)
-                .build()
-                .map_err(fail)?;
+                .response_timeout(self.response_timeout);
+            if let Some(pem) = &self.root_cert {
+                builder = builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                });
+            }
+            let client = builder.build().map_err(fail)?;
             Ok(Conn::Cluster(
                 client.get_async_connection().await.map_err(fail)?,
             ))
@@ -202,7 +245,7 @@ impl Target {
                 .urls
                 .first()
                 .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
-            let client = redis::Client::open(url.as_str()).map_err(fail)?;
+            let client = self.client(url).map_err(fail)?;
             let config = self.manager_config();
             Ok(Conn::Single(
                 ConnectionManager::new_with_config(client, config)
@@ -229,6 +272,7 @@ impl Default for RedisStoreBuilder {
                 urls: vec!["redis://127.0.0.1:6379".to_string()],
                 cluster: false,
                 sentinel_service: None,
+                root_cert: None,
                 connection_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_millis(500),
             },
@@ -240,7 +284,7 @@ impl Default for RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
-    /// One server: `redis://[user:password@]host[:port][/db]` (TLS is not enabled yet).
+    /// One server: `redis://[user:password@]host[:port][/db]`, or `rediss://…` for TLS.
     #[must_use]
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.target.urls = vec![url.into()];
@@ -284,6 +328,14 @@ impl RedisStoreBuilder {
     #[must_use]
     pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
         self.codec = codec.into();
+        self
+    }
+
+    /// Trusts this PEM root certificate for `rediss://` URLs (default: the system's
+    /// trust store).
+    #[must_use]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.target.root_cert = Some(pem.into());
         self
     }
 
@@ -591,4 +643,13 @@ impl FlagStore for RedisStore {
             .map_err(|e| e.with_key(key))?;
         Ok(())
     }
+}
+
+/// redis-rs uses rustls without choosing a crypto provider: install ring's once.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another provider installed by the application is fine too.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }

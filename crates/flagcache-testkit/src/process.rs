@@ -26,6 +26,11 @@ pub(crate) const REDIS_CLI: Binary = Binary {
     env: "FLAGCACHE_REDIS_CLI",
     install: "apt-get install redis-tools",
 };
+pub(crate) const OPENSSL: Binary = Binary {
+    name: "openssl",
+    env: "FLAGCACHE_OPENSSL",
+    install: "apt-get install openssl",
+};
 pub(crate) const MEMCACHED: Binary = Binary {
     name: "memcached",
     env: "FLAGCACHE_MEMCACHED",

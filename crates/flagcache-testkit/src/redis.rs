@@ -12,6 +12,7 @@ use crate::{resp, Error, Result};
 pub struct RedisServerBuilder {
     args: Vec<String>,
     bus_port_offset: Option<u16>,
+    tls: bool,
 }
 
 impl RedisServerBuilder {
@@ -30,6 +31,15 @@ impl RedisServerBuilder {
         self
     }
 
+    /// Also listens with TLS on a second port, with a certificate for 127.0.0.1 from a
+    /// throwaway CA made by `openssl` (see [`RedisServer::tls_url`] and
+    /// [`RedisServer::tls_root_cert`]).
+    #[must_use]
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// Requires a password (`--requirepass`).
     #[must_use]
     pub fn password(self, password: &str) -> Self {
@@ -44,15 +54,39 @@ impl RedisServerBuilder {
     pub fn start(self) -> Result<RedisServer> {
         let bin = REDIS_SERVER.locate()?;
         let dir = process::temp_dir("redis")?;
+        if self.tls {
+            make_certificate(dir.path())?;
+        }
         let mut last = None;
         // A port found free can be taken before the server binds it: try a few.
         for _ in 0..5 {
             let port = process::free_port(self.bus_port_offset)?;
+            let mut args = self.args.clone();
+            let tls_port = if self.tls {
+                let tls_port = process::free_port(None)?;
+                let file = |f: &str| dir.path().join(f).display().to_string();
+                args.extend([
+                    "--tls-port".into(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".into(),
+                    file("cert.pem"),
+                    "--tls-key-file".into(),
+                    file("key.pem"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]);
+                Some(tls_port)
+            } else {
+                None
+            };
             let mut server = RedisServer {
                 bin: bin.clone(),
                 dir: dir.path().to_path_buf(),
-                args: self.args.clone(),
+                args,
                 port,
+                tls_port,
                 proc: None,
                 _dir: None,
             };
@@ -77,8 +111,80 @@ pub struct RedisServer {
     dir: PathBuf,
     args: Vec<String>,
     port: u16,
+    tls_port: Option<u16>,
     proc: Option<Proc>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// A test CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by it
+/// (`cert.pem`, `key.pem`) in `dir`, made with `openssl`.
+fn make_certificate(dir: &std::path::Path) -> Result<()> {
+    let openssl = process::OPENSSL.locate()?;
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=flagcache-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "cert.pem",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !out.status.success() {
+            return Err(Error::Start {
+                what: "a TLS certificate".into(),
+                reason: format!("openssl {} exited with {}", args[0], out.status),
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Debug for RedisServer {
@@ -151,6 +257,19 @@ impl RedisServer {
     /// `127.0.0.1:<port>`.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `rediss://127.0.0.1:<tls port>`, for a server started with
+    /// [`RedisServerBuilder::tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
+    }
+
+    /// The PEM CA certificate a TLS client must trust, for a server started with
+    /// [`RedisServerBuilder::tls`].
+    pub fn tls_root_cert(&self) -> Option<Vec<u8>> {
+        self.tls_port?;
+        std::fs::read(self.dir.join("ca.pem")).ok()
     }
 
     /// `redis://127.0.0.1:<port>` (with the password, if one is required).
