@@ -81,6 +81,7 @@ impl Default for RedisInvalidatorBuilder {
                 cluster: false,
                 sentinel_service: None,
                 root_cert: None,
+                node_auth: None,
                 connection_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_millis(500),
             },
@@ -123,6 +124,23 @@ impl RedisInvalidatorBuilder {
         self.target.urls = urls.into_iter().map(Into::into).collect();
         self.target.cluster = true;
         self.target.sentinel_service = None;
+        self
+    }
+
+    /// With [`sentinel`](Self::sentinel): the ACL user, password and database of the
+    /// data nodes (the sentinels' own credentials go in their URLs).
+    #[must_use]
+    pub fn sentinel_node_auth(
+        mut self,
+        username: Option<&str>,
+        password: Option<&str>,
+        db: i64,
+    ) -> Self {
+        self.target.node_auth = Some(crate::store::NodeAuth {
+            username: username.map(str::to_string),
+            password: password.map(str::to_string),
+            db,
+        });
         self
     }
 

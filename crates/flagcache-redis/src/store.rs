@@ -155,6 +155,14 @@ pub(crate) fn backend_error(operation: &'static str, e: redis::RedisError) -> Er
     Error::backend(BACKEND, operation, transient, e)
 }
 
+/// Credentials and database for the data nodes found through Sentinel.
+#[derive(Clone)]
+pub(crate) struct NodeAuth {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: i64,
+}
+
 /// Where and how to connect.
 #[derive(Clone)]
 pub(crate) struct Target {
@@ -164,6 +172,9 @@ pub(crate) struct Target {
     pub sentinel_service: Option<String>,
     /// A PEM root certificate to trust for `rediss://` instead of the system's.
     pub root_cert: Option<Vec<u8>>,
+    /// With Sentinel: how to log in to the data nodes (the sentinels' own credentials
+    /// come from their URLs).
+    pub node_auth: Option<NodeAuth>,
     pub connection_timeout: Duration,
     pub response_timeout: Duration,
 }
@@ -177,6 +188,7 @@ impl fmt::Debug for Target {
             )
             .field("cluster", &self.cluster)
             .field("sentinel_service", &self.sentinel_service)
+            .field("node_auth", &self.node_auth.as_ref().map(|_| "***"))
             .field("connection_timeout", &self.connection_timeout)
             .field("response_timeout", &self.response_timeout)
             .finish()
@@ -210,10 +222,21 @@ impl Target {
     pub(crate) async fn connect(&self) -> Result<Conn> {
         let fail = |e| backend_error("connect", e);
         if let Some(service) = &self.sentinel_service {
+            let node = self.node_auth.as_ref().map(|a| {
+                let mut info = redis::RedisConnectionInfo::default().set_db(a.db);
+                if let Some(u) = &a.username {
+                    info = info.set_username(u);
+                }
+                if let Some(p) = &a.password {
+                    info = info.set_password(p);
+                }
+                redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(info)
+            });
             let sentinel = SentinelClient::build(
                 self.urls.clone(),
                 service.clone(),
-                None,
+                node,
                 SentinelServerType::Master,
             )
             .map_err(fail)?;
@@ -273,6 +296,7 @@ impl Default for RedisStoreBuilder {
                 cluster: false,
                 sentinel_service: None,
                 root_cert: None,
+                node_auth: None,
                 connection_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_millis(500),
             },
@@ -328,6 +352,23 @@ impl RedisStoreBuilder {
     #[must_use]
     pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
         self.codec = codec.into();
+        self
+    }
+
+    /// With [`sentinel`](Self::sentinel): the ACL user, password and database of the
+    /// data nodes (the sentinels' own credentials go in their URLs).
+    #[must_use]
+    pub fn sentinel_node_auth(
+        mut self,
+        username: Option<&str>,
+        password: Option<&str>,
+        db: i64,
+    ) -> Self {
+        self.target.node_auth = Some(NodeAuth {
+            username: username.map(str::to_string),
+            password: password.map(str::to_string),
+            db,
+        });
         self
     }
 

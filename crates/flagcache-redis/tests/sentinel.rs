@@ -101,3 +101,48 @@ async fn store_and_invalidator_carry_on_after_a_failover() {
     }
     panic!("no event after the failover (resynced: {resynced})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_nodes_with_a_password() {
+    let setup = RedisSentinel::start_with_password("n0de-secret").unwrap();
+    let sentinels = [setup.sentinel_url()];
+    let err = RedisStore::builder()
+        .sentinel(sentinels.clone(), RedisSentinel::SERVICE)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "no password: {err}");
+    let store = RedisStore::builder()
+        .sentinel(sentinels.clone(), RedisSentinel::SERVICE)
+        .sentinel_node_auth(None, Some("n0de-secret"), 0)
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        !format!("{store:?}").contains("n0de-secret"),
+        "Debug shows the password"
+    );
+    let k = FlagKey::new("k").unwrap();
+    store
+        .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_value::<u32>(&k).await.unwrap(),
+        Some((1, Version::new(1)))
+    );
+    let inv = RedisInvalidator::builder()
+        .sentinel(sentinels, RedisSentinel::SERVICE)
+        .sentinel_node_auth(None, Some("n0de-secret"), 0)
+        .build()
+        .await
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    inv.publish(&Invalidation::key(k.clone())).await.unwrap();
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap(),
+        Some(Signal::Invalidated(_))
+    ));
+}

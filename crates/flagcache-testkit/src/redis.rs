@@ -482,9 +482,32 @@ impl RedisSentinel {
     /// [`Error::BinaryMissing`] when `redis-server` is missing; [`Error::Start`] when the
     /// setup does not come up.
     pub fn start() -> Result<Self> {
+        Self::start_inner(None)
+    }
+
+    /// As [`RedisSentinel::start`], with `password` required by the primary and the
+    /// replica (`requirepass`, `masterauth`) and known to the sentinel (`auth-pass`).
+    ///
+    /// # Errors
+    /// As for [`RedisSentinel::start`].
+    pub fn start_with_password(password: &str) -> Result<Self> {
+        Self::start_inner(Some(password))
+    }
+
+    fn start_inner(password: Option<&str>) -> Result<Self> {
         let bin = REDIS_SERVER.locate()?;
-        let primary = RedisServer::start()?;
+        let auth: Vec<String> = match password {
+            Some(p) => vec![
+                "--requirepass".into(),
+                p.into(),
+                "--masterauth".into(),
+                p.into(),
+            ],
+            None => Vec::new(),
+        };
+        let primary = RedisServer::builder().args(auth.clone()).start()?;
         let replica = RedisServer::builder()
+            .args(auth)
             .args([
                 "--replicaof".to_string(),
                 "127.0.0.1".to_string(),
@@ -508,10 +531,13 @@ impl RedisSentinel {
                      sentinel monitor {svc} 127.0.0.1 {primary} 1\n\
                      sentinel down-after-milliseconds {svc} 1000\n\
                      sentinel failover-timeout {svc} 5000\n\
-                     sentinel parallel-syncs {svc} 1\n",
+                     sentinel parallel-syncs {svc} 1\n{auth}",
                     dir = dir.path().display(),
                     svc = Self::SERVICE,
                     primary = primary.port,
+                    auth = password
+                        .map(|p| format!("sentinel auth-pass {} {p}\n", Self::SERVICE))
+                        .unwrap_or_default(),
                 ),
             )?;
             let mut cmd = Command::new(&bin);
