@@ -552,35 +552,16 @@ where
     /// Reads L2 through the breaker and timeout. Failures are counted and become
     /// `None`: the loader is the truth, L2 only saves trips to it.
     async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
-        if self.breaker.permit() == Permit::Skip {
-            self.tel.bump(Ev::L2Skipped);
-            return None;
-        }
-        let t = Instant::now();
-        let read = tokio::time::timeout(self.cfg.l2_timeout, self.read_l2_raw(key)).await;
-        self.tel.l2_latency.record(seconds(t.elapsed()));
-        match read {
-            Ok(Ok(entry)) => {
-                self.breaker.success();
-                entry
-            }
-            Ok(Err(Error::Corrupt { reason, .. })) => {
-                self.breaker.success();
+        match self.l2_call("get", self.read_l2_raw(key)).await {
+            Ok(entry) => entry,
+            Err(Error::Corrupt { reason, .. }) => {
                 tracing::warn!(cache = %self.cfg.name, %key, %reason, "corrupt L2 entry; deleting it");
                 self.tel.bump(Ev::Corrupt);
                 let _ = self.delete_l2(key).await;
                 None
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(cache = %self.cfg.name, %key, error = %e, "L2 read failed");
-                self.tel.bump(Ev::L2Error);
-                self.l2_failed();
-                None
-            }
-            Err(_) => {
-                tracing::warn!(cache = %self.cfg.name, %key, "L2 read timed out");
-                self.tel.bump(Ev::L2Timeout);
-                self.l2_failed();
                 None
             }
         }
@@ -731,69 +712,50 @@ where
     }
 
     async fn write_l2_strict(&self, key: &FlagKey, entry: &Entry) -> Result<PutOutcome> {
-        if self.breaker.permit() == Permit::Skip {
-            self.tel.bump(Ev::L2Skipped);
-            return Err(Error::backend(self.store.name(), "put", true, CircuitOpen));
-        }
         let ttl = self.cfg.jittered(self.cfg.l2_ttl);
-        let t = Instant::now();
-        let put = tokio::time::timeout(self.cfg.l2_timeout, self.store.put(key, entry, ttl)).await;
-        self.tel.l2_latency.record(seconds(t.elapsed()));
-        match put {
-            Ok(Ok(o)) => {
-                self.breaker.success();
-                Ok(o)
-            }
-            Ok(Err(e)) => {
-                if e.is_transient() {
-                    self.tel.bump(Ev::L2Error);
-                    self.l2_failed();
-                } else {
-                    self.breaker.success();
-                }
-                Err(e)
-            }
-            Err(_) => {
-                self.tel.bump(Ev::L2Timeout);
-                self.l2_failed();
-                Err(Error::Timeout {
-                    backend: self.store.name(),
-                    operation: "put",
-                    after: self.cfg.l2_timeout,
-                })
-            }
-        }
+        self.l2_call("put", self.store.put(key, entry, ttl)).await
     }
 
     async fn delete_l2(&self, key: &FlagKey) -> Result<()> {
+        self.l2_call("delete", self.store.delete(key)).await
+    }
+
+    /// Every L2 call goes through here: skipped while the circuit breaker is open,
+    /// timed, bounded by the L2 timeout; transient failures and timeouts count towards
+    /// opening the breaker, any answer of the server (even a refusal) closes it.
+    async fn l2_call<R>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<R>>,
+    ) -> Result<R> {
         if self.breaker.permit() == Permit::Skip {
             self.tel.bump(Ev::L2Skipped);
             return Err(Error::backend(
                 self.store.name(),
-                "delete",
+                operation,
                 true,
                 CircuitOpen,
             ));
         }
         let t = Instant::now();
-        let deleted = tokio::time::timeout(self.cfg.l2_timeout, self.store.delete(key)).await;
+        let answer = tokio::time::timeout(self.cfg.l2_timeout, call).await;
         self.tel.l2_latency.record(seconds(t.elapsed()));
-        match deleted {
-            Ok(Ok(())) => {
-                self.breaker.success();
-                Ok(())
-            }
-            Ok(Err(e)) => {
+        match answer {
+            Ok(Err(e)) if e.is_transient() => {
                 self.tel.bump(Ev::L2Error);
                 self.l2_failed();
                 Err(e)
+            }
+            Ok(answer) => {
+                self.breaker.success();
+                answer
             }
             Err(_) => {
                 self.tel.bump(Ev::L2Timeout);
                 self.l2_failed();
                 Err(Error::Timeout {
                     backend: self.store.name(),
-                    operation: "delete",
+                    operation,
                     after: self.cfg.l2_timeout,
                 })
             }
@@ -988,23 +950,13 @@ where
         let start = self.fences.begin();
         let began = Instant::now();
         // Version-stamped reads check each key on its own; the batch read cannot.
-        let batch = if cold.is_empty()
-            || self.expected.is_some()
-            || self.breaker.permit() == Permit::Skip
-        {
+        let batch = if cold.is_empty() || self.expected.is_some() {
             None
         } else {
-            match tokio::time::timeout(self.cfg.l2_timeout, self.store.get_many(&cold)).await {
-                Ok(Ok(found)) if found.len() == cold.len() => {
-                    self.breaker.success();
-                    Some(found)
-                }
-                _ => {
-                    self.tel.bump(Ev::L2Error);
-                    self.l2_failed();
-                    None
-                }
-            }
+            self.l2_call("get_many", self.store.get_many(&cold))
+                .await
+                .ok()
+                .filter(|found| found.len() == cold.len())
         };
         match batch {
             Some(found) => {
