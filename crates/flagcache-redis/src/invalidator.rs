@@ -76,15 +76,7 @@ pub struct RedisInvalidatorBuilder {
 impl Default for RedisInvalidatorBuilder {
     fn default() -> Self {
         RedisInvalidatorBuilder {
-            target: Target {
-                urls: vec!["redis://127.0.0.1:6379".to_string()],
-                cluster: false,
-                sentinel_service: None,
-                root_cert: None,
-                node_auth: None,
-                connection_timeout: Duration::from_secs(2),
-                response_timeout: Duration::from_millis(500),
-            },
+            target: Target::default(),
             channel: "flag_updates".to_string(),
             codec: Codec::default(),
             heartbeat: Some(Duration::from_secs(1)),
@@ -94,63 +86,7 @@ impl Default for RedisInvalidatorBuilder {
 }
 
 impl RedisInvalidatorBuilder {
-    /// One server (see `RedisStoreBuilder::url` for the URL forms).
-    #[must_use]
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.target.urls = vec![url.into()];
-        self.target.cluster = false;
-        self.target.sentinel_service = None;
-        self
-    }
-
-    /// The primary of `service`, found through these Redis Sentinels (and found again
-    /// after a failover, with a `Resync`).
-    #[must_use]
-    pub fn sentinel<I: IntoIterator<Item = S>, S: Into<String>>(
-        mut self,
-        sentinel_urls: I,
-        service: impl Into<String>,
-    ) -> Self {
-        self.target.urls = sentinel_urls.into_iter().map(Into::into).collect();
-        self.target.cluster = false;
-        self.target.sentinel_service = Some(service.into());
-        self
-    }
-
-    /// A Redis Cluster: events are published through the cluster client and received
-    /// on a subscription to the first node (classic pub/sub reaches every node).
-    #[must_use]
-    pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
-        self.target.urls = urls.into_iter().map(Into::into).collect();
-        self.target.cluster = true;
-        self.target.sentinel_service = None;
-        self
-    }
-
-    /// With [`sentinel`](Self::sentinel): the ACL user, password and database of the
-    /// data nodes (the sentinels' own credentials go in their URLs).
-    #[must_use]
-    pub fn sentinel_node_auth(
-        mut self,
-        username: Option<&str>,
-        password: Option<&str>,
-        db: i64,
-    ) -> Self {
-        self.target.node_auth = Some(crate::store::NodeAuth {
-            username: username.map(str::to_string),
-            password: password.map(str::to_string),
-            db,
-        });
-        self
-    }
-
-    /// Trusts this PEM root certificate for `rediss://` URLs (default: the system's
-    /// trust store).
-    #[must_use]
-    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.target.root_cert = Some(pem.into());
-        self
-    }
+    crate::store::connection_methods!();
 
     /// The pub/sub channel (default `flag_updates`).
     #[must_use]

@@ -195,6 +195,99 @@ impl fmt::Debug for Target {
     }
 }
 
+impl Default for Target {
+    fn default() -> Self {
+        Target {
+            urls: vec!["redis://127.0.0.1:6379".to_string()],
+            cluster: false,
+            sentinel_service: None,
+            root_cert: None,
+            node_auth: None,
+            connection_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The connection settings both builders share (each has a `target: Target`), written
+/// once so that they cannot drift apart.
+macro_rules! connection_methods {
+    () => {
+        /// One server: `redis://[user:password@]host[:port][/db]`, or `rediss://…` for
+        /// TLS (default `redis://127.0.0.1:6379`).
+        #[must_use]
+        pub fn url(mut self, url: impl Into<String>) -> Self {
+            self.target.urls = vec![url.into()];
+            self.target.cluster = false;
+            self.target.sentinel_service = None;
+            self
+        }
+
+        /// A Redis Cluster, from any of its nodes (seed URLs).
+        #[must_use]
+        pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
+            self.target.urls = urls.into_iter().map(Into::into).collect();
+            self.target.cluster = true;
+            self.target.sentinel_service = None;
+            self
+        }
+
+        /// The primary of `service`, found through these Redis Sentinels, and found
+        /// again after a failover.
+        #[must_use]
+        pub fn sentinel<I: IntoIterator<Item = S>, S: Into<String>>(
+            mut self,
+            sentinel_urls: I,
+            service: impl Into<String>,
+        ) -> Self {
+            self.target.urls = sentinel_urls.into_iter().map(Into::into).collect();
+            self.target.cluster = false;
+            self.target.sentinel_service = Some(service.into());
+            self
+        }
+
+        /// With [`sentinel`](Self::sentinel): the ACL user, password and database of
+        /// the data nodes (the sentinels' own credentials go in their URLs).
+        #[must_use]
+        pub fn sentinel_node_auth(
+            mut self,
+            username: Option<&str>,
+            password: Option<&str>,
+            db: i64,
+        ) -> Self {
+            self.target.node_auth = Some($crate::store::NodeAuth {
+                username: username.map(str::to_string),
+                password: password.map(str::to_string),
+                db,
+            });
+            self
+        }
+
+        /// Trusts this PEM root certificate for `rediss://` URLs (default: the
+        /// system's trust store).
+        #[must_use]
+        pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+            self.target.root_cert = Some(pem.into());
+            self
+        }
+
+        /// How long to wait for a connection (default 2 s).
+        #[must_use]
+        pub fn connection_timeout(mut self, d: std::time::Duration) -> Self {
+            self.target.connection_timeout = d;
+            self
+        }
+
+        /// How long to wait for a reply (default 500 ms).
+        #[must_use]
+        pub fn response_timeout(mut self, d: std::time::Duration) -> Self {
+            self.target.response_timeout = d;
+            self
+        }
+    };
+}
+pub(crate) use connection_methods;
+
 impl Target {
     /// A client for one node, with TLS when the URL says `rediss://`.
     pub(crate) fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
@@ -291,15 +384,7 @@ pub struct RedisStoreBuilder {
 impl Default for RedisStoreBuilder {
     fn default() -> Self {
         RedisStoreBuilder {
-            target: Target {
-                urls: vec!["redis://127.0.0.1:6379".to_string()],
-                cluster: false,
-                sentinel_service: None,
-                root_cert: None,
-                node_auth: None,
-                connection_timeout: Duration::from_secs(2),
-                response_timeout: Duration::from_millis(500),
-            },
+            target: Target::default(),
             namespace: "flags".to_string(),
             codec: Codec::default(),
             max_value_size: 512 << 20,
@@ -308,37 +393,7 @@ impl Default for RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
-    /// One server: `redis://[user:password@]host[:port][/db]`, or `rediss://…` for TLS.
-    #[must_use]
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.target.urls = vec![url.into()];
-        self.target.cluster = false;
-        self.target.sentinel_service = None;
-        self
-    }
-
-    /// A Redis Cluster, from any of its nodes (seed URLs).
-    #[must_use]
-    pub fn cluster<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
-        self.target.urls = urls.into_iter().map(Into::into).collect();
-        self.target.cluster = true;
-        self.target.sentinel_service = None;
-        self
-    }
-
-    /// The primary of `service`, found through these Redis Sentinels, and found again
-    /// after a failover.
-    #[must_use]
-    pub fn sentinel<I: IntoIterator<Item = S>, S: Into<String>>(
-        mut self,
-        sentinel_urls: I,
-        service: impl Into<String>,
-    ) -> Self {
-        self.target.urls = sentinel_urls.into_iter().map(Into::into).collect();
-        self.target.cluster = false;
-        self.target.sentinel_service = Some(service.into());
-        self
-    }
+    connection_methods!();
 
     /// The key prefix: entries live at `<namespace>:{<flag key>}` (default `flags`).
     #[must_use]
@@ -352,45 +407,6 @@ impl RedisStoreBuilder {
     #[must_use]
     pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
         self.codec = codec.into();
-        self
-    }
-
-    /// With [`sentinel`](Self::sentinel): the ACL user, password and database of the
-    /// data nodes (the sentinels' own credentials go in their URLs).
-    #[must_use]
-    pub fn sentinel_node_auth(
-        mut self,
-        username: Option<&str>,
-        password: Option<&str>,
-        db: i64,
-    ) -> Self {
-        self.target.node_auth = Some(NodeAuth {
-            username: username.map(str::to_string),
-            password: password.map(str::to_string),
-            db,
-        });
-        self
-    }
-
-    /// Trusts this PEM root certificate for `rediss://` URLs (default: the system's
-    /// trust store).
-    #[must_use]
-    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.target.root_cert = Some(pem.into());
-        self
-    }
-
-    /// How long to wait for a connection (default 2 s).
-    #[must_use]
-    pub fn connection_timeout(mut self, d: Duration) -> Self {
-        self.target.connection_timeout = d;
-        self
-    }
-
-    /// How long to wait for a reply (default 500 ms).
-    #[must_use]
-    pub fn response_timeout(mut self, d: Duration) -> Self {
-        self.target.response_timeout = d;
         self
     }
 
