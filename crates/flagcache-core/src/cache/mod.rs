@@ -392,7 +392,22 @@ impl<T> Inner<T>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
+    /// A read: answered from L1 without awaiting anything when it can be; otherwise
+    /// through the (boxed) miss path, so the future of a hit stays small.
     async fn lookup(self: &Arc<Self>, key: &FlagKey) -> Result<Lookup<T>> {
+        match self.lookup_l1(key) {
+            Ok(hit) => Ok(hit),
+            Err(fallback) => Box::pin(self.lookup_miss(key, fallback)).await,
+        }
+    }
+
+    /// The L1 part of a read: `Ok` when L1 answers (fresh, or stale while one refresh
+    /// runs), else `Err` with the fail-safe fallback L1 holds, if any.
+    #[allow(clippy::type_complexity)]
+    fn lookup_l1(
+        self: &Arc<Self>,
+        key: &FlagKey,
+    ) -> std::result::Result<Lookup<T>, Option<(Arc<Slot<T>>, u64)>> {
         let mut fallback = None;
         if self.cfg.l1_enabled && !self.deaf.load(Ordering::Relaxed) {
             if let Some(slot) = self.l1.get(key) {
@@ -418,6 +433,14 @@ where
             // Not subscribed: L1 cannot be trusted as fresh, only as a fallback.
             fallback = self.l1.get(key).map(|slot| (slot, self.fences.begin()));
         }
+        Err(fallback)
+    }
+
+    async fn lookup_miss(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        fallback: Option<(Arc<Slot<T>>, u64)>,
+    ) -> Result<Lookup<T>> {
         match self.fetch(key).await {
             Ok((slot, tier)) => {
                 let (ev, status) = match tier {
