@@ -16,3 +16,8 @@ pub use flagcache_memory as memory;
 #[cfg(feature = "redis")]
 #[doc(inline)]
 pub use flagcache_redis as redis;
+
+/// The Memcached backend: [`MemcachedStore`](memcached::MemcachedStore).
+#[cfg(feature = "memcached")]
+#[doc(inline)]
+pub use flagcache_memcached as memcached;

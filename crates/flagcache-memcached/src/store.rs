@@ -1,0 +1,494 @@
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_memcached::{MetaProtocol, MetaValue, Status};
+use async_trait::async_trait;
+use base64::Engine;
+use bytes::Bytes;
+use flagcache_core::{
+    now_ms, ttl_millis, Capabilities, Codec, Entry, Error, FlagKey, FlagStore, PutOutcome, Result,
+};
+
+use crate::pool::Pool;
+use crate::ring::Ring;
+use crate::BACKEND;
+
+/// memcached's own limits.
+const MAX_KEY: usize = 250;
+const THIRTY_DAYS_SECS: u64 = 30 * 24 * 3600;
+
+/// Converts an async-memcached error: connection and I/O failures are transient.
+fn backend_error(operation: &'static str, e: async_memcached::Error) -> Error {
+    let transient = matches!(
+        e,
+        async_memcached::Error::Connect(_)
+            | async_memcached::Error::Io(_)
+            | async_memcached::Error::ConnectionClosed
+    );
+    Error::backend(BACKEND, operation, transient, Wrapped(e.to_string()))
+}
+
+/// async-memcached's error, kept as text (its type is not `Sync`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Wrapped(String);
+
+#[derive(Debug, thiserror::Error)]
+#[error("gave up after {0} CAS conflicts")]
+struct Contention(u32);
+
+/// Configures a [`MemcachedStore`].
+#[derive(Debug, Clone)]
+pub struct MemcachedStoreBuilder {
+    servers: Vec<String>,
+    namespace: String,
+    codec: Codec,
+    pool_size: usize,
+    item_size_limit: usize,
+    cas_attempts: u32,
+}
+
+impl Default for MemcachedStoreBuilder {
+    fn default() -> Self {
+        MemcachedStoreBuilder {
+            servers: vec!["tcp://127.0.0.1:11211".to_string()],
+            namespace: "flags".to_string(),
+            codec: Codec::default(),
+            pool_size: 16,
+            item_size_limit: (1 << 20) - 512,
+            cas_attempts: 16,
+        }
+    }
+}
+
+impl MemcachedStoreBuilder {
+    /// One server, `tcp://host:port`.
+    #[must_use]
+    pub fn server(self, url: impl Into<String>) -> Self {
+        self.servers([url])
+    }
+
+    /// Several servers, spread by a consistent-hash ring.
+    #[must_use]
+    pub fn servers<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
+        self.servers = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The key prefix: entries live at `<namespace>:<flag key>` (default `flags`).
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The stored layout (default: the binary envelope).
+    #[must_use]
+    pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
+        self.codec = codec.into();
+        self
+    }
+
+    /// Connections per server (default 16).
+    #[must_use]
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    /// The largest encoded entry to write (default 1 MiB less item overhead, matching
+    /// memcached's default `-I 1m`). Larger entries are refused with
+    /// `Error::ValueTooLarge`.
+    #[must_use]
+    pub fn item_size_limit(mut self, bytes: usize) -> Self {
+        self.item_size_limit = bytes;
+        self
+    }
+
+    /// How many times a version-guarded write retries after losing a CAS race before
+    /// giving up with a transient error (default 16).
+    #[must_use]
+    pub fn cas_attempts(mut self, n: u32) -> Self {
+        self.cas_attempts = n.max(1);
+        self
+    }
+
+    /// Connects to every server (one connection each, to fail early on a bad address).
+    ///
+    /// # Errors
+    /// A transient `Error::Backend` when a server cannot be reached;
+    /// `Error::InvalidArgument` with no servers.
+    pub async fn build(self) -> Result<MemcachedStore> {
+        if self.servers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "at least one memcached server is required".into(),
+            ));
+        }
+        let pools: Vec<Pool> = self
+            .servers
+            .iter()
+            .map(|u| Pool::new(u.clone(), self.pool_size))
+            .collect();
+        for pool in &pools {
+            let lease = pool.get().await.map_err(|e| backend_error("connect", e))?;
+            lease.give_back();
+        }
+        Ok(MemcachedStore {
+            inner: Arc::new(Inner {
+                ring: Ring::new(&self.servers),
+                pools,
+                prefix: format!("{}:", self.namespace),
+                codec: self.codec,
+                item_size_limit: self.item_size_limit,
+                cas_attempts: self.cas_attempts,
+                cas_retries: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    ring: Ring,
+    pools: Vec<Pool>,
+    prefix: String,
+    codec: Codec,
+    item_size_limit: usize,
+    cas_attempts: u32,
+    cas_retries: AtomicU64,
+}
+
+/// A [`FlagStore`] on memcached's meta protocol. See the [crate docs](crate).
+///
+/// Cloning is cheap and shares the pools.
+#[derive(Clone)]
+pub struct MemcachedStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for MemcachedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemcachedStore")
+            .field(
+                "servers",
+                &self.inner.pools.iter().map(Pool::url).collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.inner.prefix)
+            .field("cas_retries", &self.cas_retries())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key as sent: plain when it is printable ASCII, else base64 with the `b` flag.
+struct WireKey {
+    text: String,
+    base64: bool,
+}
+
+impl MemcachedStore {
+    /// Configures a store.
+    pub fn builder() -> MemcachedStoreBuilder {
+        MemcachedStoreBuilder::default()
+    }
+
+    /// Connects to one server with default settings.
+    ///
+    /// # Errors
+    /// As for [`MemcachedStoreBuilder::build`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::builder().server(url).build().await
+    }
+
+    /// How many times version-guarded writes retried after losing a CAS race, in total.
+    pub fn cas_retries(&self) -> u64 {
+        self.inner.cas_retries.load(Ordering::Relaxed)
+    }
+
+    /// The memcached key of a flag, as a client of another language would write it:
+    /// `<namespace>:<flag key>`.
+    pub fn memcached_key(&self, key: &FlagKey) -> String {
+        format!("{}{}", self.inner.prefix, key.as_str())
+    }
+
+    fn wire_key(&self, key: &FlagKey) -> Result<WireKey> {
+        let raw = self.memcached_key(key);
+        if raw.len() <= MAX_KEY && raw.bytes().all(|b| b.is_ascii_graphic()) {
+            return Ok(WireKey {
+                text: raw,
+                base64: false,
+            });
+        }
+        let text = base64::engine::general_purpose::STANDARD.encode(raw.as_bytes());
+        if text.len() > MAX_KEY {
+            return Err(Error::InvalidKey {
+                key: key.as_str().chars().take(64).collect(),
+                reason: "too long for memcached once base64-encoded (non-ASCII keys)",
+            });
+        }
+        Ok(WireKey { text, base64: true })
+    }
+
+    fn pool(&self, wire: &WireKey) -> &Pool {
+        let i = self.inner.ring.server_for(wire.text.as_bytes());
+        &self.inner.pools[i.min(self.inner.pools.len() - 1)]
+    }
+
+    /// Runs one meta command on the key's server.
+    async fn meta<F, R>(&self, operation: &'static str, wire: &WireKey, f: F) -> Result<R>
+    where
+        F: for<'c> FnOnce(
+            &'c mut async_memcached::Client,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = std::result::Result<R, async_memcached::Error>>
+                    + Send
+                    + 'c,
+            >,
+        >,
+    {
+        let pool = self.pool(wire);
+        let mut lease = pool.get().await.map_err(|e| backend_error(operation, e))?;
+        let Some(client) = lease.client() else {
+            return Err(Error::Closed("memcached connection"));
+        };
+        match f(client).await {
+            Ok(r) => {
+                lease.give_back();
+                Ok(r)
+            }
+            // A refusal (EX, NS, EN) leaves the connection usable.
+            Err(async_memcached::Error::Protocol(status))
+                if !matches!(status, Status::Error(_)) =>
+            {
+                lease.give_back();
+                Err(protocol(operation, status))
+            }
+            // Anything else may have left bytes unread: drop the connection.
+            Err(e) => Err(backend_error(operation, e)),
+        }
+    }
+
+    fn flags<'a>(wire: &WireKey, more: &'a [&'a str]) -> Vec<&'a str> {
+        let mut v: Vec<&str> = more.to_vec();
+        if wire.base64 {
+            v.push("b");
+        }
+        v
+    }
+
+    /// Reads the entry and its CAS token.
+    async fn read(&self, wire: &WireKey) -> Result<Option<MetaValue>> {
+        let key = wire.text.clone();
+        let flags = Self::flags(wire, &["v", "c"])
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>();
+        self.meta("get", wire, move |c| {
+            Box::pin(async move {
+                let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+                c.meta_get(key.as_bytes(), false, None, Some(&f)).await
+            })
+        })
+        .await
+    }
+
+    /// TTL as memcached wants it: seconds, or an absolute Unix time past 30 days.
+    fn exptime(ttl: Duration) -> Result<u64> {
+        let ms = ttl_millis(ttl, Duration::from_secs(1))?;
+        let secs = ms / 1000;
+        Ok(if secs > THIRTY_DAYS_SECS {
+            now_ms() / 1000 + secs
+        } else {
+            secs
+        })
+    }
+
+    async fn write(
+        &self,
+        wire: &WireKey,
+        bytes: &Bytes,
+        exptime: u64,
+        cas: Option<u64>,
+    ) -> Result<bool> {
+        let key = wire.text.clone();
+        let value = bytes.to_vec();
+        let mut flags = vec![format!("T{exptime}")];
+        match cas {
+            Some(c) => flags.push(format!("C{c}")),
+            None => flags.push("ME".to_string()),
+        }
+        if wire.base64 {
+            flags.push("b".to_string());
+        }
+        let written = self
+            .meta("put", wire, move |c| {
+                Box::pin(async move {
+                    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+                    c.meta_set(key.as_bytes(), value.as_slice(), false, None, Some(&f))
+                        .await
+                })
+            })
+            .await;
+        match written {
+            Ok(_) => Ok(true),
+            Err(Error::Backend { source, .. })
+                if matches!(
+                    source.downcast_ref::<Refused>(),
+                    Some(Refused(
+                        Status::Exists | Status::NotStored | Status::NotFound
+                    ))
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A refusal status from the server, as an error source.
+#[derive(Debug, thiserror::Error)]
+#[error("memcached refused: {0:?}")]
+struct Refused(Status);
+
+fn protocol(operation: &'static str, status: Status) -> Error {
+    Error::backend(BACKEND, operation, false, Refused(status))
+}
+
+#[async_trait]
+impl FlagStore for MemcachedStore {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            atomic_put: true,
+            batch_get: false,
+            native_get_checked: false,
+            shared: true,
+            max_value_size: Some(self.inner.item_size_limit),
+            ttl_resolution: Duration::from_secs(1),
+        }
+    }
+
+    fn codec(&self) -> &Codec {
+        &self.inner.codec
+    }
+
+    async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
+        let wire = self.wire_key(key)?;
+        let Some(found) = self.read(&wire).await.map_err(|e| e.with_key(key))? else {
+            return Ok(None);
+        };
+        let data = found.data.unwrap_or_default();
+        self.inner
+            .codec
+            .decode_entry(Bytes::from(data))
+            .map(Some)
+            .map_err(|e| e.with_key(key))
+    }
+
+    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
+        // One corrupt entry is a miss in its slot, not a failed batch.
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(match self.get(k).await {
+                Ok(e) => e,
+                Err(Error::Corrupt { .. }) => None,
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
+        let exptime = Self::exptime(ttl)?;
+        let wire = self.wire_key(key)?;
+        let bytes = self
+            .inner
+            .codec
+            .encode_entry(entry)
+            .map_err(|e| e.with_key(key))?;
+        if bytes.len() > self.inner.item_size_limit {
+            return Err(Error::ValueTooLarge {
+                key: key.to_string(),
+                size: bytes.len(),
+                limit: self.inner.item_size_limit,
+                backend: BACKEND,
+            });
+        }
+        for attempt in 0..self.inner.cas_attempts {
+            if attempt > 0 {
+                self.inner.cas_retries.fetch_add(1, Ordering::Relaxed);
+                let spread = 1 + u64::from(attempt.min(6));
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(50..=200 * spread))).await;
+            }
+            let current = self.read(&wire).await.map_err(|e| e.with_key(key))?;
+            let cas = match &current {
+                None => None,
+                Some(v) => {
+                    let held = v
+                        .data
+                        .as_deref()
+                        .and_then(|d| self.inner.codec.peek_version(d).ok());
+                    if let Some(held) = held.filter(|h| *h >= entry.version) {
+                        return Ok(PutOutcome::Superseded { current: held });
+                    }
+                    // Lower or unreadable: replace it, if nobody changed it meanwhile.
+                    match v.cas {
+                        Some(c) => Some(c),
+                        None => return Err(Error::corrupt("memcached returned no CAS token")),
+                    }
+                }
+            };
+            if self
+                .write(&wire, &bytes, exptime, cas)
+                .await
+                .map_err(|e| e.with_key(key))?
+            {
+                return Ok(PutOutcome::Stored);
+            }
+            tracing::debug!(%key, attempt, "lost a CAS race; retrying");
+        }
+        Err(Error::backend(BACKEND, "put", true, Contention(self.inner.cas_attempts)).with_key(key))
+    }
+
+    async fn delete(&self, key: &FlagKey) -> Result<()> {
+        let wire = self.wire_key(key)?;
+        let k = wire.text.clone();
+        let flags: Vec<String> = if wire.base64 {
+            vec!["b".into()]
+        } else {
+            Vec::new()
+        };
+        let deleted = self
+            .meta("delete", &wire, move |c| {
+                Box::pin(async move {
+                    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+                    c.meta_delete(
+                        k.as_bytes(),
+                        false,
+                        None,
+                        if f.is_empty() { None } else { Some(&f) },
+                    )
+                    .await
+                })
+            })
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(Error::Backend { source, .. })
+                if matches!(
+                    source.downcast_ref::<Refused>(),
+                    Some(Refused(Status::NotFound))
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.with_key(key)),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The core conformance suite against a real memcached, on one server and on a ring of
+//! three.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_memcached::MetaProtocol;
+use flagcache_core::bytes::Bytes;
+use flagcache_core::conformance::{self, RawAccess};
+use flagcache_core::{async_trait, Entry, FlagKey, FlagStore, PutOutcome, Result, Version};
+use flagcache_memcached::MemcachedStore;
+use flagcache_testkit::MemcachedServer;
+
+/// Plants raw bytes with a plain meta set from another client.
+struct Raw {
+    store: MemcachedStore,
+    servers: Vec<String>,
+}
+
+#[async_trait]
+impl RawAccess for Raw {
+    async fn write_raw(&self, key: &FlagKey, bytes: Bytes, ttl: Duration) -> Result<()> {
+        // Write it on every server: whichever the ring picks holds it.
+        for url in &self.servers {
+            let mut c = async_memcached::Client::new(url).await.unwrap();
+            let t = format!("T{}", ttl.as_secs().max(1));
+            c.meta_set(
+                self.store.memcached_key(key).as_bytes(),
+                &bytes[..],
+                false,
+                None,
+                Some(&[t.as_str()]),
+            )
+            .await
+            .unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_passes_the_suite() {
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    let raw = Raw {
+        store: store.clone(),
+        servers: vec![server.url()],
+    };
+    conformance::run_store_suite(Arc::new(store), &raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_of_three_passes_the_suite() {
+    let servers: Vec<MemcachedServer> = (0..3).map(|_| MemcachedServer::start().unwrap()).collect();
+    let urls: Vec<String> = servers.iter().map(MemcachedServer::url).collect();
+    let store = MemcachedStore::builder()
+        .servers(urls.clone())
+        .build()
+        .await
+        .unwrap();
+    let raw = Raw {
+        store: store.clone(),
+        servers: urls,
+    };
+    conformance::run_store_suite(Arc::new(store), &raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contended_writes_retry_on_cas_conflicts_and_count_them() {
+    let server = MemcachedServer::start().unwrap();
+    let store = Arc::new(MemcachedStore::connect(&server.url()).await.unwrap());
+    let key = FlagKey::new("contended").unwrap();
+    // 64 writers, 4 rounds: the version guard holds and the conflicts are retried.
+    for round in 0..4u64 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let tasks: Vec<_> = (1..=64u64)
+            .map(|v| {
+                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                let version = round * 100 + v;
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store
+                        .put(
+                            &key,
+                            &Entry::new(Version::new(version), vec![1]),
+                            Duration::from_secs(60),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let out = t.await.unwrap().unwrap();
+            assert!(matches!(
+                out,
+                PutOutcome::Stored | PutOutcome::Superseded { .. }
+            ));
+        }
+        assert_eq!(
+            store.get(&key).await.unwrap().unwrap().version,
+            Version::new(round * 100 + 64)
+        );
+    }
+    assert!(store.cas_retries() > 0, "no CAS conflict was ever retried");
+}
