@@ -182,7 +182,7 @@ impl fmt::Debug for MemcachedStore {
 }
 
 /// A key as sent: plain when it is printable ASCII, else base64 with the `b` flag.
-struct WireKey {
+pub(crate) struct WireKey {
     text: String,
     base64: bool,
 }
@@ -233,6 +233,76 @@ impl MemcachedStore {
     fn pool(&self, wire: &WireKey) -> &Pool {
         let i = self.inner.ring.server_for(wire.text.as_bytes());
         &self.inner.pools[i.min(self.inner.pools.len() - 1)]
+    }
+
+    /// The namespace prefix (`<namespace>:`).
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// A plain ASCII key that is not a flag (the invalidation log's).
+    pub(crate) fn plain(text: String) -> WireKey {
+        WireKey {
+            text,
+            base64: false,
+        }
+    }
+
+    /// `mg <key> v` on `route`'s server.
+    pub(crate) async fn raw_get(&self, route: &WireKey, key: &WireKey) -> Result<Option<Vec<u8>>> {
+        let k = key.text.clone();
+        self.meta("log get", route, move |c| {
+            Box::pin(async move { c.meta_get(k.as_bytes(), false, None, Some(&["v"])).await })
+        })
+        .await
+        .map(|v| v.map(|v| v.data.unwrap_or_default()))
+    }
+
+    /// `ms <key> T<exptime>` on `route`'s server.
+    pub(crate) async fn raw_set(
+        &self,
+        route: &WireKey,
+        key: &WireKey,
+        value: Vec<u8>,
+        exptime: u64,
+    ) -> Result<()> {
+        let k = key.text.clone();
+        let t = format!("T{exptime}");
+        self.meta("log set", route, move |c| {
+            Box::pin(async move {
+                c.meta_set(
+                    k.as_bytes(),
+                    value.as_slice(),
+                    false,
+                    None,
+                    Some(&[t.as_str()]),
+                )
+                .await
+            })
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `ma <key> N0 J1 v` on `route`'s server: the counter's new value (1 when it was
+    /// created by this call).
+    pub(crate) async fn raw_incr(&self, route: &WireKey, key: &WireKey) -> Result<u64> {
+        let k = key.text.clone();
+        let v = self
+            .meta("log incr", route, move |c| {
+                Box::pin(async move {
+                    c.meta_increment(k.as_bytes(), false, None, None, Some(&["N0", "J1", "v"]))
+                        .await
+                })
+            })
+            .await?;
+        v.and_then(|v| v.data)
+            .and_then(|d| {
+                std::str::from_utf8(&d)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+            })
+            .ok_or_else(|| Error::corrupt("the invalidation log counter is not a number"))
     }
 
     /// Runs one meta command on the key's server.

@@ -1,0 +1,308 @@
+//! App-layer invalidation: memcached has no pub/sub, so events go into a log kept in
+//! memcached itself and every subscriber polls it.
+//!
+//! The log is a counter `<ns>:inv:seq`, advanced with `ma`, and a ring of `ring_size`
+//! slots `<ns>:inv:<n mod ring_size>`. Publishing event number `n` is `ma` (which returns
+//! `n`) then `ms` of the slot with `n` in its first 8 bytes. A subscriber remembers the
+//! last number it delivered and, every poll, reads the counter and the slots after it.
+//! It signals `Resync` when:
+//! - the counter went backwards or vanished (a restart or an eviction);
+//! - it fell further behind than the ring holds, or a slot holds a later lap than the
+//!   one it wants (overwritten before it was read);
+//! - a slot is still missing after a grace period (a publisher died between `ma` and
+//!   `ms`, or the slot was evicted).
+//!
+//! All log keys live on one server (the one the counter hashes to), so the log is
+//! ordered. Propagation is bounded by the poll interval plus a round trip.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use flagcache_core::{
+    now_ms, Error, Invalidation, Invalidator, NodeId, Result, ResyncReason, Signal, Subscription,
+};
+use tokio::sync::mpsc;
+
+use crate::store::WireKey;
+use crate::MemcachedStore;
+
+/// An [`Invalidator`] over an invalidation log kept in memcached (see the
+/// [module docs](self) for how it works and when it signals `Resync`).
+#[derive(Clone)]
+pub struct MemcachedInvalidator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: MemcachedStore,
+    node: NodeId,
+    seq: AtomicU64,
+    ring_size: u64,
+    poll: Duration,
+    grace: Duration,
+    slot_ttl: Duration,
+}
+
+impl fmt::Debug for MemcachedInvalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemcachedInvalidator")
+            .field("node", &self.inner.node)
+            .field("ring_size", &self.inner.ring_size)
+            .field("poll", &self.inner.poll)
+            .field("grace", &self.inner.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemcachedInvalidator {
+    /// A log next to `store`'s entries (same servers, same namespace), with a ring of
+    /// 1,024 slots, polled every 100 ms, a 1 s grace for missing slots, and slots kept
+    /// for an hour.
+    pub fn new(store: &MemcachedStore) -> Self {
+        MemcachedInvalidator {
+            inner: Arc::new(Inner {
+                store: store.clone(),
+                node: NodeId::random(),
+                seq: AtomicU64::new(0),
+                ring_size: 1024,
+                poll: Duration::from_millis(100),
+                grace: Duration::from_secs(1),
+                slot_ttl: Duration::from_secs(3600),
+            }),
+        }
+    }
+
+    fn with(self, f: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = Inner {
+            store: self.inner.store.clone(),
+            node: self.inner.node,
+            seq: AtomicU64::new(self.inner.seq.load(Ordering::SeqCst)),
+            ring_size: self.inner.ring_size,
+            poll: self.inner.poll,
+            grace: self.inner.grace,
+            slot_ttl: self.inner.slot_ttl,
+        };
+        f(&mut inner);
+        MemcachedInvalidator {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// How many events the log holds before the oldest is overwritten (default 1,024).
+    /// A subscriber that falls further behind signals `Resync`.
+    #[must_use]
+    pub fn ring_size(self, slots: u64) -> Self {
+        self.with(|i| i.ring_size = slots.max(1))
+    }
+
+    /// How often subscribers poll (default 100 ms): the propagation bound.
+    #[must_use]
+    pub fn poll_interval(self, every: Duration) -> Self {
+        self.with(|i| i.poll = every.max(Duration::from_millis(1)))
+    }
+
+    /// How long a subscriber waits for a slot whose number was taken but that was not
+    /// written yet, before it gives up on it and signals `Resync` (default 1 s).
+    #[must_use]
+    pub fn grace(self, grace: Duration) -> Self {
+        self.with(|i| i.grace = grace)
+    }
+
+    /// Another node on the same log (its own node id and sequence): a simulated
+    /// replica in tests.
+    pub fn peer(&self) -> Self {
+        self.clone().with(|i| {
+            i.node = NodeId::random();
+            i.seq = AtomicU64::new(0);
+        })
+    }
+
+    fn counter(&self) -> WireKey {
+        MemcachedStore::plain(format!("{}inv:seq", self.inner.store.prefix()))
+    }
+
+    fn slot(&self, n: u64) -> WireKey {
+        MemcachedStore::plain(format!(
+            "{}inv:{}",
+            self.inner.store.prefix(),
+            n % self.inner.ring_size
+        ))
+    }
+
+    async fn read_counter(&self) -> Result<Option<u64>> {
+        let c = self.counter();
+        let raw = self.inner.store.raw_get(&c, &c).await?;
+        Ok(raw.and_then(|d| {
+            std::str::from_utf8(&d)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+        }))
+    }
+
+    /// The event in slot `n`: `Ok(Some)` when the slot holds lap `n`, `Err(later)` when it
+    /// holds a later lap, `Ok(None)` when it is missing or holds an earlier lap.
+    async fn read_slot(&self, n: u64) -> Result<std::result::Result<Option<Invalidation>, u64>> {
+        let raw = self
+            .inner
+            .store
+            .raw_get(&self.counter(), &self.slot(n))
+            .await?;
+        let Some(raw) = raw else { return Ok(Ok(None)) };
+        let Some((head, body)) = raw.split_first_chunk::<8>() else {
+            return Ok(Ok(None));
+        };
+        let lap = u64::from_be_bytes(*head);
+        if lap > n {
+            return Ok(Err(lap));
+        }
+        if lap < n {
+            return Ok(Ok(None));
+        }
+        match self.inner.store_codec().decode_invalidation(body) {
+            Ok(ev) => Ok(Ok(Some(ev))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Inner {
+    fn store_codec(&self) -> &flagcache_core::Codec {
+        flagcache_core::FlagStore::codec(&self.store)
+    }
+}
+
+#[async_trait]
+impl Invalidator for MemcachedInvalidator {
+    fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    async fn publish(&self, event: &Invalidation) -> Result<()> {
+        let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let stamped = event.clone().stamped(self.inner.node, seq, now_ms());
+        let body = self.inner.store_codec().encode_invalidation(&stamped)?;
+        let c = self.counter();
+        let n = self.inner.store.raw_incr(&c, &c).await?;
+        let mut value = n.to_be_bytes().to_vec();
+        value.extend_from_slice(&body);
+        let ttl = self.inner.slot_ttl.as_secs().max(1);
+        self.inner
+            .store
+            .raw_set(&c, &self.slot(n), value, ttl)
+            .await
+    }
+
+    async fn subscribe(&self) -> Result<Subscription> {
+        let start = self.read_counter().await?.unwrap_or(0);
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(poll(self.clone(), start, tx));
+        Ok(Subscription::from_receiver(rx))
+    }
+}
+
+/// Follows the log from `last` until the subscription is dropped.
+async fn poll(inv: MemcachedInvalidator, mut last: u64, tx: mpsc::Sender<Signal>) {
+    let mut ticker = tokio::time::interval(inv.inner.poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missing_since: Option<(u64, Instant)> = None;
+    let mut broken = false;
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = ticker.tick() => {}
+        }
+        let mut out = Vec::new();
+        match step(&inv, &mut last, &mut missing_since, &mut out).await {
+            Ok(()) => {
+                if broken {
+                    // The server answers again: whatever happened meanwhile is unknown.
+                    broken = false;
+                    out.insert(0, Signal::Resync(ResyncReason::Reconnected));
+                }
+            }
+            Err(e) => {
+                if !broken {
+                    tracing::warn!(error = %e, "invalidation log unreachable");
+                    broken = true;
+                    out.push(Signal::Resync(ResyncReason::Reconnected));
+                }
+            }
+        }
+        for s in out {
+            if tx.send(s).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One poll: delivers what the log holds after `last`, or the `Resync` it calls for.
+async fn step(
+    inv: &MemcachedInvalidator,
+    last: &mut u64,
+    missing_since: &mut Option<(u64, Instant)>,
+    out: &mut Vec<Signal>,
+) -> Result<()> {
+    let counter = inv.read_counter().await?;
+    let Some(head) = counter else {
+        if *last > 0 {
+            // The counter vanished: a restart or an eviction.
+            out.push(Signal::Resync(ResyncReason::LogReset));
+            *last = 0;
+        }
+        return Ok(());
+    };
+    if head < *last {
+        out.push(Signal::Resync(ResyncReason::LogReset));
+        *last = head;
+        return Ok(());
+    }
+    if head - *last > inv.inner.ring_size {
+        out.push(Signal::Resync(ResyncReason::Lagged {
+            missed: head - *last - inv.inner.ring_size,
+        }));
+        *last = head - inv.inner.ring_size;
+    }
+    while *last < head {
+        let n = *last + 1;
+        match inv.read_slot(n).await {
+            Ok(Ok(Some(ev))) => {
+                out.push(Signal::Invalidated(ev));
+                *last = n;
+                *missing_since = None;
+            }
+            Ok(Ok(None)) => {
+                // Taken but not written yet, or evicted: wait a grace period.
+                let since = match missing_since {
+                    Some((m, at)) if *m == n => *at,
+                    _ => {
+                        *missing_since = Some((n, Instant::now()));
+                        return Ok(());
+                    }
+                };
+                if since.elapsed() < inv.inner.grace {
+                    return Ok(());
+                }
+                out.push(Signal::Resync(ResyncReason::LogReset));
+                *last = n;
+                *missing_since = None;
+            }
+            Ok(Err(_later_lap)) => {
+                // Overwritten before we read it: we are a whole ring behind.
+                out.push(Signal::Resync(ResyncReason::Lagged {
+                    missed: head - *last,
+                }));
+                *last = head;
+            }
+            Err(Error::Corrupt { .. } | Error::Codec { .. }) => {
+                out.push(Signal::Resync(ResyncReason::Undecodable));
+                *last = n;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
