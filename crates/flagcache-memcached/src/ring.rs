@@ -14,7 +14,7 @@ pub(crate) struct Ring {
 
 /// A stable 64-bit hash (FNV-1a then a finaliser): the same on every replica and
 /// every run, which `std`'s randomly seeded hasher is not.
-fn hash(bytes: &[u8]) -> u64 {
+pub(crate) fn hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -82,6 +82,30 @@ mod tests {
             let (a, b) = (four.server_for(k.as_bytes()), five.server_for(k.as_bytes()));
             assert!(a == b || b == 4, "a key moved between old servers");
         }
+    }
+
+    #[test]
+    fn three_to_four_servers_moves_a_quarter_give_or_take_ten_points() {
+        let keys: Vec<String> = (0..20_000).map(|i| format!("flags:k{i}")).collect();
+        let (three, four) = (Ring::new(&names(3)), Ring::new(&names(4)));
+        let mut counts = [0usize; 3];
+        for k in &keys {
+            counts[three.server_for(k.as_bytes())] += 1;
+        }
+        assert!(
+            counts.iter().all(|c| *c > 4_000),
+            "all three used: {counts:?}"
+        );
+        let moved = keys
+            .iter()
+            .filter(|k| three.server_for(k.as_bytes()) != four.server_for(k.as_bytes()))
+            .count();
+        let share = moved as f64 / keys.len() as f64;
+        assert!(
+            (0.15..=0.35).contains(&share),
+            "moved {:.1} %",
+            share * 100.0
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub struct MemcachedStoreBuilder {
     pool_size: usize,
     item_size_limit: usize,
     cas_attempts: u32,
+    timeout: Duration,
 }
 
 impl Default for MemcachedStoreBuilder {
@@ -59,6 +60,7 @@ impl Default for MemcachedStoreBuilder {
             pool_size: 16,
             item_size_limit: (1 << 20) - 512,
             cas_attempts: 16,
+            timeout: Duration::from_millis(500),
         }
     }
 }
@@ -115,6 +117,14 @@ impl MemcachedStoreBuilder {
         self
     }
 
+    /// The time limit of each call, connecting included (default 500 ms). A connection
+    /// that timed out is dropped, never reused.
+    #[must_use]
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit.max(Duration::from_millis(1));
+        self
+    }
+
     /// Connects to every server (one connection each, to fail early on a bad address).
     ///
     /// # Errors
@@ -144,6 +154,7 @@ impl MemcachedStoreBuilder {
                 item_size_limit: self.item_size_limit,
                 cas_attempts: self.cas_attempts,
                 cas_retries: AtomicU64::new(0),
+                timeout: self.timeout,
             }),
         })
     }
@@ -158,6 +169,7 @@ struct Inner {
     item_size_limit: usize,
     cas_attempts: u32,
     cas_retries: AtomicU64,
+    timeout: Duration,
 }
 
 /// A [`FlagStore`] on memcached's meta protocol. See the [crate docs](crate).
@@ -221,13 +233,20 @@ impl MemcachedStore {
             });
         }
         let text = base64::engine::general_purpose::STANDARD.encode(raw.as_bytes());
-        if text.len() > MAX_KEY {
-            return Err(Error::InvalidKey {
-                key: key.as_str().chars().take(64).collect(),
-                reason: "too long for memcached once base64-encoded (non-ASCII keys)",
-            });
+        if text.len() <= MAX_KEY {
+            return Ok(WireKey { text, base64: true });
         }
-        Ok(WireKey { text, base64: true })
+        // Too long once prefixed or encoded: a fixed-length digest of the full key,
+        // `<namespace>:#<32 hex digits>` (128 bits: two independent 64-bit hashes).
+        Ok(WireKey {
+            text: format!(
+                "{}#{:016x}{:016x}",
+                self.inner.prefix,
+                crate::ring::hash(raw.as_bytes()),
+                crate::ring::hash(&[raw.as_bytes(), b"\x00flagcache"].concat()),
+            ),
+            base64: false,
+        })
     }
 
     fn pool(&self, wire: &WireKey) -> &Pool {
@@ -319,11 +338,25 @@ impl MemcachedStore {
         >,
     {
         let pool = self.pool(wire);
-        let mut lease = pool.get().await.map_err(|e| backend_error(operation, e))?;
+        let limit = self.inner.timeout;
+        let timed_out = || Error::Timeout {
+            backend: BACKEND,
+            operation,
+            after: limit,
+        };
+        let mut lease = tokio::time::timeout(limit, pool.get())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| backend_error(operation, e))?;
         let Some(client) = lease.client() else {
             return Err(Error::Closed("memcached connection"));
         };
-        match f(client).await {
+        // On a timeout the lease is dropped with its connection: it may hold a
+        // half-read reply.
+        let answer = tokio::time::timeout(limit, f(client))
+            .await
+            .map_err(|_| timed_out())?;
+        match answer {
             Ok(r) => {
                 lease.give_back();
                 Ok(r)
@@ -436,7 +469,7 @@ impl FlagStore for MemcachedStore {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             atomic_put: true,
-            batch_get: false,
+            batch_get: true,
             native_get_checked: false,
             shared: true,
             max_value_size: Some(self.inner.item_size_limit),
@@ -454,6 +487,10 @@ impl FlagStore for MemcachedStore {
             return Ok(None);
         };
         let data = found.data.unwrap_or_default();
+        if data.is_empty() {
+            // A placeholder vivified by a recache (`N`) read: no value yet.
+            return Ok(None);
+        }
         self.inner
             .codec
             .decode_entry(Bytes::from(data))
@@ -462,14 +499,42 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        // One corrupt entry is a miss in its slot, not a failed batch.
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            out.push(match self.get(k).await {
-                Ok(e) => e,
-                Err(Error::Corrupt { .. }) => None,
-                Err(e) => return Err(e),
-            });
+        // One pipelined `mg … k q` batch per server (and per key encoding), answers put
+        // back in request order. One unreadable entry is a miss in its slot, not a
+        // failed batch.
+        let wires = keys
+            .iter()
+            .map(|k| self.wire_key(k))
+            .collect::<Result<Vec<_>>>()?;
+        let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, w) in wires.iter().enumerate() {
+            let server = self.inner.ring.server_for(w.text.as_bytes());
+            groups.entry((server, w.base64)).or_default().push(i);
+        }
+        let mut out: Vec<Option<Entry>> = vec![None; keys.len()];
+        for ((_, base64), idx) in groups {
+            let batch: Vec<String> = idx.iter().map(|&i| wires[i].text.clone()).collect();
+            let route = &wires[idx[0]];
+            let flags: &'static [&'static str] = if base64 { &["v", "b"] } else { &["v"] };
+            let found = self
+                .meta("get_many", route, move |c| {
+                    Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
+                })
+                .await?;
+            let by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
+                .into_iter()
+                .filter_map(|v| Some((v.key?, v.data.unwrap_or_default())))
+                .collect();
+            for &i in &idx {
+                if let Some(data) = by_key.get(wires[i].text.as_bytes()) {
+                    out[i] = self
+                        .inner
+                        .codec
+                        .decode_entry(Bytes::from(data.clone()))
+                        .ok();
+                }
+            }
         }
         Ok(out)
     }

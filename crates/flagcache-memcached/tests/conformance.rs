@@ -105,3 +105,38 @@ async fn contended_writes_retry_on_cas_conflicts_and_count_them() {
     }
     assert!(store.cas_retries() > 0, "no CAS conflict was ever retried");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_too_long_for_memcached_are_digested_and_stay_distinct() {
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::builder()
+        .server(server.url())
+        .namespace("a-rather-long-namespace-for-this-service")
+        .build()
+        .await
+        .unwrap();
+    // 200 three-byte characters would be 600 bytes; 66 of them make 198 bytes, which
+    // base64-encode past memcached's 250.
+    let a = FlagKey::new("€".repeat(66)).unwrap();
+    let b = FlagKey::new(format!("{}x", "€".repeat(65))).unwrap();
+    let long_ascii = FlagKey::new("k".repeat(200)).unwrap();
+    for (i, k) in [&a, &b, &long_ascii].into_iter().enumerate() {
+        let out = store
+            .put(
+                k,
+                &Entry::new(Version::new(1), vec![i as u8]),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, PutOutcome::Stored);
+    }
+    for (i, k) in [&a, &b, &long_ascii].into_iter().enumerate() {
+        assert_eq!(store.get(k).await.unwrap().unwrap().payload[..], [i as u8]);
+    }
+    let many = store
+        .get_many(&[a.clone(), b.clone(), long_ascii.clone()])
+        .await
+        .unwrap();
+    assert!(many.iter().all(Option::is_some));
+}
