@@ -3,10 +3,12 @@
 
 mod invalidator;
 mod pool;
+mod recache;
 mod ring;
 mod store;
 
 pub use invalidator::MemcachedInvalidator;
+pub use recache::MemcachedRecache;
 pub use store::{MemcachedStore, MemcachedStoreBuilder};
 
 const BACKEND: &str = "memcached";

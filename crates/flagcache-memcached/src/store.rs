@@ -267,6 +267,29 @@ impl MemcachedStore {
         }
     }
 
+    /// `mg <key> v c N<ttl>`: reads the entry or, on a miss, vivifies an empty
+    /// placeholder and tells exactly one caller it won the right to fill it (`W`); the
+    /// others learn that the win was already given (`Z`).
+    pub(crate) async fn recache_read(
+        &self,
+        key: &FlagKey,
+        ttl_secs: u64,
+    ) -> Result<Option<MetaValue>> {
+        let wire = self.wire_key(key)?;
+        let k = wire.text.clone();
+        let mut flags = vec!["v".to_string(), "c".to_string(), format!("N{ttl_secs}")];
+        if wire.base64 {
+            flags.push("b".into());
+        }
+        self.meta("recache get", &wire, move |c| {
+            Box::pin(async move {
+                let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+                c.meta_get(k.as_bytes(), false, None, Some(&f)).await
+            })
+        })
+        .await
+    }
+
     /// `mg <key> v` on `route`'s server.
     pub(crate) async fn raw_get(&self, route: &WireKey, key: &WireKey) -> Result<Option<Vec<u8>>> {
         let k = key.text.clone();

@@ -1,0 +1,161 @@
+//! Cross-process stampede protection with the meta protocol's recache flags, and a
+//! server of a ring dying.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flagcache_core::{CacheStatus, Error, FlagCache, FlagKey, FlagStore, StaleReason, Version};
+use flagcache_memcached::{MemcachedRecache, MemcachedStore};
+use flagcache_testkit::MemcachedServer;
+
+type Loader = Arc<
+    dyn Fn(
+            FlagKey,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            flagcache_core::Result<Option<(String, Version)>>,
+        > + Send
+        + Sync,
+>;
+
+fn source(
+    calls: &Arc<AtomicUsize>,
+    latency: Duration,
+    up: Arc<std::sync::atomic::AtomicBool>,
+) -> Loader {
+    let calls = calls.clone();
+    Arc::new(move |k: FlagKey| {
+        let (calls, up) = (calls.clone(), up.clone());
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(latency).await;
+            if up.load(Ordering::SeqCst) {
+                Ok(Some((format!("{k}@1"), Version::new(1))))
+            } else {
+                Err(Error::loader(&k, std::io::Error::other("source down")))
+            }
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_replicas_times_100_cold_reads_cost_one_load() {
+    let server = MemcachedServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = source(&calls, Duration::from_millis(200), up);
+    let mut replicas = Vec::new();
+    for _ in 0..8 {
+        let store = MemcachedStore::connect(&server.url()).await.unwrap();
+        let load = load.clone();
+        replicas.push(
+            FlagCache::<String>::builder(store.clone(), move |k| load(k))
+                .cross_process(MemcachedRecache::new(&store))
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let k = FlagKey::new("cold").unwrap();
+    let mut reads = Vec::new();
+    for cache in &replicas {
+        for _ in 0..100 {
+            let (c, k) = (cache.clone(), k.clone());
+            reads.push(tokio::spawn(async move { c.get(&k).await }));
+        }
+    }
+    for r in reads {
+        assert_eq!(
+            r.await.unwrap().unwrap().as_deref().map(String::as_str),
+            Some("cold@1")
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "loader calls across 8 replicas"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_server_of_three_costs_only_its_keys() {
+    let mut servers: Vec<MemcachedServer> =
+        (0..3).map(|_| MemcachedServer::start().unwrap()).collect();
+    let urls: Vec<String> = servers.iter().map(MemcachedServer::url).collect();
+    let store = MemcachedStore::builder()
+        .servers(urls)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = source(&calls, Duration::from_millis(1), up.clone());
+    let cache = FlagCache::<String>::builder(store.clone(), move |k| load(k))
+        .fresh_for(Duration::from_millis(50))
+        .stale_for(Duration::ZERO)
+        .circuit_breaker(1_000, Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let keys: Vec<FlagKey> = (0..60)
+        .map(|i| FlagKey::new(format!("k{i}")).unwrap())
+        .collect();
+    for k in &keys {
+        cache.get(k).await.unwrap();
+    }
+    servers[1].stop();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    // The other two servers keep answering; the dead one's keys miss.
+    let mut alive = 0;
+    let mut dead = 0;
+    for k in &keys {
+        match store.get(k).await {
+            Ok(Some(_)) => alive += 1,
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                dead += 1;
+            }
+            Ok(None) => panic!("{k} vanished from a live server"),
+        }
+    }
+    assert!(alive > 20 && dead > 5, "alive {alive}, dead {dead}");
+    // With the source down too, the cache answers every key: fresh from live servers,
+    // fail-safe for the dead one's.
+    up.store(false, Ordering::SeqCst);
+    for k in &keys {
+        let l = cache.lookup(k).await.unwrap();
+        assert!(
+            matches!(
+                l.status,
+                CacheStatus::HitL2 | CacheStatus::Stale(StaleReason::FailSafe)
+            ),
+            "{k}: {:?}",
+            l.status
+        );
+    }
+    // Restarted (empty): reads recover without restarting anything.
+    servers[1].restart().unwrap();
+    up.store(true, Ordering::SeqCst);
+    let mut recovered = 0;
+    for _ in 0..50 {
+        recovered = 0;
+        for k in &keys {
+            if store.get(k).await.is_ok() {
+                recovered += 1;
+            }
+        }
+        if recovered == keys.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        recovered,
+        keys.len(),
+        "the restarted server never came back"
+    );
+}
