@@ -581,6 +581,8 @@ impl FlagStore for MemcachedStore {
         for attempt in 0..self.inner.cas_attempts {
             if attempt > 0 {
                 self.inner.cas_retries.fetch_add(1, Ordering::Relaxed);
+                // The client-side twin of memcached's `cas_badval`.
+                metrics::counter!("flagcache_memcached_cas_retries_total").increment(1);
                 let spread = 1 + u64::from(attempt.min(6));
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(50..=200 * spread))).await;
             }

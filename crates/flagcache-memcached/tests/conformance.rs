@@ -140,3 +140,45 @@ async fn keys_too_long_for_memcached_are_digested_and_stay_distinct() {
         .unwrap();
     assert!(many.iter().all(Option::is_some));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sides_of_the_item_limit() {
+    // A server with a 512 KiB item limit, and a store told so.
+    let server = MemcachedServer::builder()
+        .item_size_limit("512k")
+        .start()
+        .unwrap();
+    let limit = 512 * 1024 - 512;
+    let store = MemcachedStore::builder()
+        .server(server.url())
+        .item_size_limit(limit)
+        .build()
+        .await
+        .unwrap();
+    let noise = |n: usize| (0..n).map(|_| fastrand::u8(..)).collect::<Vec<u8>>();
+    // Just under: stored and read back whole (28 bytes of envelope header).
+    let under = FlagKey::new("under").unwrap();
+    let e = Entry::new(Version::new(1), noise(limit - 28));
+    assert_eq!(
+        store
+            .put(&under, &e, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.get(&under).await.unwrap(), Some(e));
+    // Just over: refused, nothing written, never dropped silently.
+    let over = FlagKey::new("over").unwrap();
+    let err = store
+        .put(
+            &over,
+            &Entry::new(Version::new(1), noise(limit - 27)),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(err, Err(flagcache_core::Error::ValueTooLarge { .. })),
+        "{err:?}"
+    );
+    assert_eq!(store.get(&over).await.unwrap(), None);
+}
