@@ -15,6 +15,50 @@ use crate::pool::Pool;
 use crate::ring::Ring;
 use crate::BACKEND;
 
+/// Each chunk starts with the value's version (8 bytes) and its index (4 bytes).
+const CHUNK_HEADER: usize = 12;
+
+/// What a chunked value's key holds, as the payload of an envelope carrying the
+/// value's version (so the version guard works on it unchanged).
+#[derive(Debug, Clone, Copy)]
+struct Manifest {
+    count: u32,
+    total: u64,
+    crc: u32,
+}
+
+const MANIFEST_MAGIC: &[u8; 8] = b"\xF1\xACchunks";
+
+impl Manifest {
+    fn to_bytes(self) -> Bytes {
+        let mut b = MANIFEST_MAGIC.to_vec();
+        b.extend_from_slice(&self.count.to_be_bytes());
+        b.extend_from_slice(&self.total.to_be_bytes());
+        b.extend_from_slice(&self.crc.to_be_bytes());
+        b.into()
+    }
+
+    fn parse(payload: &[u8]) -> Option<Self> {
+        let rest = payload.strip_prefix(MANIFEST_MAGIC)?;
+        if rest.len() != 16 {
+            return None;
+        }
+        let (count, rest) = rest.split_at(4);
+        let (total, crc) = rest.split_at(8);
+        Some(Manifest {
+            count: u32::from_be_bytes(count.try_into().ok()?),
+            total: u64::from_be_bytes(total.try_into().ok()?),
+            crc: u32::from_be_bytes(crc.try_into().ok()?),
+        })
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = flate2::Crc::new();
+    crc.update(bytes);
+    crc.sum()
+}
+
 /// memcached's own limits.
 const MAX_KEY: usize = 250;
 const THIRTY_DAYS_SECS: u64 = 30 * 24 * 3600;
@@ -49,6 +93,7 @@ pub struct MemcachedStoreBuilder {
     item_size_limit: usize,
     cas_attempts: u32,
     timeout: Duration,
+    max_chunks: usize,
 }
 
 impl Default for MemcachedStoreBuilder {
@@ -61,6 +106,7 @@ impl Default for MemcachedStoreBuilder {
             item_size_limit: (1 << 20) - 512,
             cas_attempts: 16,
             timeout: Duration::from_millis(500),
+            max_chunks: 16,
         }
     }
 }
@@ -117,6 +163,15 @@ impl MemcachedStoreBuilder {
         self
     }
 
+    /// Values over the item limit are split into at most this many chunks (default 16,
+    /// so 16 MiB with the default limit); larger ones are refused with
+    /// `Error::ValueTooLarge`. 1 turns chunking off.
+    #[must_use]
+    pub fn max_chunks(mut self, n: usize) -> Self {
+        self.max_chunks = n.max(1);
+        self
+    }
+
     /// The time limit of each call, connecting included (default 500 ms). A connection
     /// that timed out is dropped, never reused.
     #[must_use]
@@ -155,6 +210,7 @@ impl MemcachedStoreBuilder {
                 cas_attempts: self.cas_attempts,
                 cas_retries: AtomicU64::new(0),
                 timeout: self.timeout,
+                max_chunks: self.max_chunks,
             }),
         })
     }
@@ -170,6 +226,7 @@ struct Inner {
     cas_attempts: u32,
     cas_retries: AtomicU64,
     timeout: Duration,
+    max_chunks: usize,
 }
 
 /// A [`FlagStore`] on memcached's meta protocol. See the [crate docs](crate).
@@ -265,6 +322,120 @@ impl MemcachedStore {
             text,
             base64: false,
         }
+    }
+
+    /// The largest encoded entry accepted: one item, or `max_chunks` of them in the
+    /// binary layout (the JSON layout is not chunked).
+    fn max_value_size(&self) -> usize {
+        match self.inner.codec {
+            Codec::Envelope(_) => self.chunk_capacity() * self.inner.max_chunks,
+            _ => self.inner.item_size_limit,
+        }
+    }
+
+    /// Payload bytes per chunk (each chunk carries a 12-byte header).
+    fn chunk_capacity(&self) -> usize {
+        self.inner
+            .item_size_limit
+            .saturating_sub(CHUNK_HEADER)
+            .max(1)
+    }
+
+    fn chunk_key(&self, wire: &WireKey, version: flagcache_core::Version, i: u32) -> WireKey {
+        WireKey {
+            text: format!(
+                "{}chunk:{:016x}:{:x}:{i}",
+                self.inner.prefix,
+                crate::ring::hash(wire.text.as_bytes()),
+                version.get()
+            ),
+            base64: false,
+        }
+    }
+
+    /// Writes `bytes` as chunks under keys of this version (so a newer value never
+    /// overwrites the chunks an older manifest names) and returns the manifest to
+    /// store at the key itself, under the version guard.
+    async fn write_chunks(
+        &self,
+        key: &FlagKey,
+        wire: &WireKey,
+        entry: &Entry,
+        bytes: &Bytes,
+        exptime: u64,
+    ) -> Result<Bytes> {
+        let too_large = || Error::ValueTooLarge {
+            key: key.to_string(),
+            size: bytes.len(),
+            limit: self.max_value_size(),
+            backend: BACKEND,
+        };
+        if !matches!(self.inner.codec, Codec::Envelope(_)) || bytes.len() > self.max_value_size() {
+            return Err(too_large());
+        }
+        let pieces: Vec<&[u8]> = bytes.chunks(self.chunk_capacity()).collect();
+        let count = u32::try_from(pieces.len()).map_err(|_| too_large())?;
+        // Chunks outlive their manifest a little, so a read never finds the manifest
+        // without them.
+        let chunk_exptime = if exptime > THIRTY_DAYS_SECS {
+            exptime
+        } else {
+            exptime + 60
+        };
+        for (i, piece) in (0u32..).zip(pieces) {
+            let mut value = Vec::with_capacity(CHUNK_HEADER + piece.len());
+            value.extend_from_slice(&entry.version.get().to_be_bytes());
+            value.extend_from_slice(&i.to_be_bytes());
+            value.extend_from_slice(piece);
+            let ck = self.chunk_key(wire, entry.version, i);
+            self.raw_set(&ck, &ck, value, chunk_exptime).await?;
+        }
+        let manifest = Manifest {
+            count,
+            total: bytes.len() as u64,
+            crc: crc32(bytes),
+        };
+        self.inner.codec.encode_entry(&Entry {
+            version: entry.version,
+            stamp_ms: entry.stamp_ms,
+            payload: manifest.to_bytes(),
+        })
+    }
+
+    /// Reads a chunked value back, all or nothing: a missing or mismatched chunk, or a
+    /// checksum that does not match, is a miss — never a torn value.
+    async fn read_chunks(
+        &self,
+        key: &FlagKey,
+        wire: &WireKey,
+        version: flagcache_core::Version,
+        m: Manifest,
+    ) -> Result<Option<Entry>> {
+        let mut whole = Vec::with_capacity(usize::try_from(m.total).unwrap_or(0));
+        for i in 0..m.count {
+            let ck = self.chunk_key(wire, version, i);
+            let Some(chunk) = self.raw_get(&ck, &ck).await? else {
+                tracing::debug!(%key, chunk = i, "chunk missing: a miss");
+                return Ok(None);
+            };
+            let Some((head, body)) = chunk.split_first_chunk::<CHUNK_HEADER>() else {
+                return Ok(None);
+            };
+            let (v, idx) = head.split_at(8);
+            if v != version.get().to_be_bytes() || idx != i.to_be_bytes() {
+                return Ok(None);
+            }
+            whole.extend_from_slice(body);
+        }
+        if whole.len() as u64 != m.total || crc32(&whole) != m.crc {
+            return Ok(None);
+        }
+        let entry = self
+            .inner
+            .codec
+            .decode_entry(Bytes::from(whole))
+            .map_err(|e| e.with_key(key))?;
+        Ok((entry.version == version).then_some(entry))
     }
 
     /// `mg <key> v c N<ttl>`: reads the entry or, on a miss, vivifies an empty
@@ -495,7 +666,7 @@ impl FlagStore for MemcachedStore {
             batch_get: true,
             native_get_checked: false,
             shared: true,
-            max_value_size: Some(self.inner.item_size_limit),
+            max_value_size: Some(self.max_value_size()),
             ttl_resolution: Duration::from_secs(1),
         }
     }
@@ -514,11 +685,15 @@ impl FlagStore for MemcachedStore {
             // A placeholder vivified by a recache (`N`) read: no value yet.
             return Ok(None);
         }
-        self.inner
+        let entry = self
+            .inner
             .codec
             .decode_entry(Bytes::from(data))
-            .map(Some)
-            .map_err(|e| e.with_key(key))
+            .map_err(|e| e.with_key(key))?;
+        match Manifest::parse(&entry.payload) {
+            Some(m) => self.read_chunks(key, &wire, entry.version, m).await,
+            None => Ok(Some(entry)),
+        }
     }
 
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
@@ -551,11 +726,18 @@ impl FlagStore for MemcachedStore {
                 .collect();
             for &i in &idx {
                 if let Some(data) = by_key.get(wires[i].text.as_bytes()) {
-                    out[i] = self
+                    let entry = self
                         .inner
                         .codec
                         .decode_entry(Bytes::from(data.clone()))
                         .ok();
+                    out[i] = match entry {
+                        // A chunked value: assembled by the single-key path.
+                        Some(e) if Manifest::parse(&e.payload).is_some() => {
+                            self.get(&keys[i]).await.ok().flatten()
+                        }
+                        other => other,
+                    };
                 }
             }
         }
@@ -570,14 +752,12 @@ impl FlagStore for MemcachedStore {
             .codec
             .encode_entry(entry)
             .map_err(|e| e.with_key(key))?;
-        if bytes.len() > self.inner.item_size_limit {
-            return Err(Error::ValueTooLarge {
-                key: key.to_string(),
-                size: bytes.len(),
-                limit: self.inner.item_size_limit,
-                backend: BACKEND,
-            });
-        }
+        let bytes = if bytes.len() > self.inner.item_size_limit {
+            self.write_chunks(key, &wire, entry, &bytes, exptime)
+                .await?
+        } else {
+            bytes
+        };
         for attempt in 0..self.inner.cas_attempts {
             if attempt > 0 {
                 self.inner.cas_retries.fetch_add(1, Ordering::Relaxed);

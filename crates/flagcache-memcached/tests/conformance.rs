@@ -152,6 +152,7 @@ async fn both_sides_of_the_item_limit() {
     let store = MemcachedStore::builder()
         .server(server.url())
         .item_size_limit(limit)
+        .max_chunks(1) // no chunking: the limit is the limit
         .build()
         .await
         .unwrap();
@@ -181,4 +182,77 @@ async fn both_sides_of_the_item_limit() {
         "{err:?}"
     );
     assert_eq!(store.get(&over).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_over_the_item_limit_are_chunked_and_read_all_or_nothing() {
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::builder()
+        .server(server.url())
+        .item_size_limit(64 * 1024)
+        .max_chunks(8)
+        .build()
+        .await
+        .unwrap();
+    let big: Vec<u8> = (0..300 * 1024).map(|_| fastrand::u8(..)).collect();
+    let key = FlagKey::new("big").unwrap();
+    let e = Entry::new(Version::new(1), big.clone());
+    assert_eq!(
+        store.put(&key, &e, Duration::from_secs(60)).await.unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.get(&key).await.unwrap(), Some(e.clone()));
+    assert_eq!(
+        store.get_many(std::slice::from_ref(&key)).await.unwrap(),
+        vec![Some(e.clone())]
+    );
+    // The version guard works on chunked values too.
+    let older = Entry::new(Version::new(0), vec![1]);
+    assert_eq!(
+        store
+            .put(&key, &older, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Superseded {
+            current: Version::new(1)
+        }
+    );
+    // Over 8 chunks: refused, never dropped silently.
+    let huge = Entry::new(
+        Version::new(2),
+        (0..600 * 1024)
+            .map(|_| fastrand::u8(..))
+            .collect::<Vec<u8>>(),
+    );
+    assert!(matches!(
+        store.put(&key, &huge, Duration::from_secs(60)).await,
+        Err(flagcache_core::Error::ValueTooLarge { .. })
+    ));
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        Some(e),
+        "a refused write changed the value"
+    );
+    // One chunk lost (evicted): the value is a miss, never a torn value.
+    let mut c = async_memcached::Client::new(&server.url()).await.unwrap();
+    let mut chunk = None;
+    {
+        let mut dump = c.dump_keys().await.unwrap();
+        while let Some(Ok(meta)) = dump.next().await {
+            // metadump URL-encodes keys.
+            let name = String::from_utf8_lossy(&meta.key).replace("%3A", ":");
+            if name.contains("chunk") {
+                chunk = Some(name);
+            }
+        }
+    }
+    let chunk = chunk.expect("no chunk key found");
+    c.meta_delete(chunk.as_bytes(), false, None, None)
+        .await
+        .unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    assert_eq!(
+        store.get_many(std::slice::from_ref(&key)).await.unwrap(),
+        vec![None]
+    );
 }
