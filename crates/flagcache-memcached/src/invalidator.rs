@@ -1,8 +1,8 @@
 //! App-layer invalidation: memcached has no pub/sub, so events go into a log kept in
 //! memcached itself and every subscriber polls it.
 //!
-//! The log is a counter `<ns>:inv:seq`, advanced with `ma`, and a ring of `ring_size`
-//! slots `<ns>:inv:<n mod ring_size>`. Publishing event number `n` is `ma` (which returns
+//! The log is a counter `<ns>!inv:seq`, advanced with `ma`, and a ring of `ring_size`
+//! slots `<ns>!inv:<n mod ring_size>`. Publishing event number `n` is `ma` (which returns
 //! `n`) then `ms` of the slot with `n` in its first 8 bytes. A subscriber remembers the
 //! last number it delivered and, every poll, reads the counter and the slots after it.
 //! It signals `Resync` when:
@@ -12,8 +12,10 @@
 //! - a slot is still missing after a grace period (a publisher died between `ma` and
 //!   `ms`, or the slot was evicted).
 //!
-//! All log keys live on one server (the one the counter hashes to), so the log is
-//! ordered. Propagation is bounded by the poll interval plus a round trip.
+//! All log keys live on the first server given (not on the ring, so replicas whose
+//! server lists differ while a server is added still share one log), under
+//! `<namespace>!inv:…`, which no flag key can produce. Propagation is bounded by the
+//! poll interval plus a round trip.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +28,7 @@ use flagcache_core::{
 };
 use tokio::sync::mpsc;
 
-use crate::store::WireKey;
+use crate::store::{Route, WireKey};
 use crate::MemcachedStore;
 
 /// An [`Invalidator`] over an invalidation log kept in memcached (see the
@@ -44,6 +46,7 @@ struct Inner {
     poll: Duration,
     grace: Duration,
     slot_ttl: Duration,
+    publishing: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for MemcachedInvalidator {
@@ -71,6 +74,7 @@ impl MemcachedInvalidator {
                 poll: Duration::from_millis(100),
                 grace: Duration::from_secs(1),
                 slot_ttl: Duration::from_secs(3600),
+                publishing: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -84,6 +88,7 @@ impl MemcachedInvalidator {
             poll: self.inner.poll,
             grace: self.inner.grace,
             slot_ttl: self.inner.slot_ttl,
+            publishing: tokio::sync::Mutex::new(()),
         };
         f(&mut inner);
         MemcachedInvalidator {
@@ -121,20 +126,20 @@ impl MemcachedInvalidator {
     }
 
     fn counter(&self) -> WireKey {
-        MemcachedStore::plain(format!("{}inv:seq", self.inner.store.prefix()))
+        MemcachedStore::plain(format!("{}inv:seq", self.inner.store.internal_prefix()))
     }
 
     fn slot(&self, n: u64) -> WireKey {
         MemcachedStore::plain(format!(
             "{}inv:{}",
-            self.inner.store.prefix(),
+            self.inner.store.internal_prefix(),
             n % self.inner.ring_size
         ))
     }
 
     async fn read_counter(&self) -> Result<Option<u64>> {
         let c = self.counter();
-        let raw = self.inner.store.raw_get(&c, &c).await?;
+        let raw = self.inner.store.raw_get(Route::First, &c).await?;
         Ok(raw.and_then(|d| {
             std::str::from_utf8(&d)
                 .ok()
@@ -148,7 +153,7 @@ impl MemcachedInvalidator {
         let raw = self
             .inner
             .store
-            .raw_get(&self.counter(), &self.slot(n))
+            .raw_get(Route::First, &self.slot(n))
             .await?;
         let Some(raw) = raw else { return Ok(Ok(None)) };
         let Some((head, body)) = raw.split_first_chunk::<8>() else {
@@ -181,17 +186,23 @@ impl Invalidator for MemcachedInvalidator {
     }
 
     async fn publish(&self, event: &Invalidation) -> Result<()> {
+        // One publish at a time per node, so this node's events take log numbers in
+        // the order of their sequence numbers.
+        let _turn = self.inner.publishing.lock().await;
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let stamped = event.clone().stamped(self.inner.node, seq, now_ms());
         let body = self.inner.store_codec().encode_invalidation(&stamped)?;
-        let c = self.counter();
-        let n = self.inner.store.raw_incr(&c, &c).await?;
+        let n = self
+            .inner
+            .store
+            .raw_incr(Route::First, &self.counter())
+            .await?;
         let mut value = n.to_be_bytes().to_vec();
         value.extend_from_slice(&body);
         let ttl = self.inner.slot_ttl.as_secs().max(1);
         self.inner
             .store
-            .raw_set(&c, &self.slot(n), value, ttl)
+            .raw_set(Route::First, &self.slot(n), value, ttl)
             .await
     }
 

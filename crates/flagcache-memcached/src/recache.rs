@@ -4,7 +4,6 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use flagcache_core::{Coalescer, Entry, Fetch, FlagKey, FlagStore, Result};
 
 use crate::MemcachedStore;
@@ -60,7 +59,7 @@ impl MemcachedRecache {
 impl Coalescer for MemcachedRecache {
     async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
         let ttl_secs = self.ttl.as_secs().max(1);
-        let read = match self.store.recache_read(key, ttl_secs).await {
+        let first = match self.store.recache_read(key, ttl_secs).await {
             Ok(Some(v)) => v,
             Ok(None) => return fetch.await,
             Err(e) => {
@@ -68,22 +67,42 @@ impl Coalescer for MemcachedRecache {
                 return fetch.await;
             }
         };
-        let data = read.data.unwrap_or_default();
-        if !data.is_empty() && read.is_stale != Some(true) {
-            // Filled since our miss: take it (unreadable bytes go to the loader).
-            if let Ok(entry) = self.store.codec().decode_entry(Bytes::from(data)) {
-                return Ok(Some(entry));
+        let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
+        if has_data || first.is_recache_winner != Some(false) {
+            // Either we won the right to fill it, or it holds a value — which the
+            // caller has just judged unusable (a miss, a stale version): load.
+            let placeholder = (!has_data).then_some(first.cas).flatten();
+            let result = fetch.await;
+            if let Some(cas) = placeholder {
+                if !matches!(result, Ok(Some(_))) {
+                    // Nothing was stored: free the key so waiters elect a new winner
+                    // instead of waiting out the placeholder.
+                    let _ = self.store.drop_placeholder(key, cas).await;
+                }
             }
+            return result;
         }
-        if read.is_recache_winner != Some(false) {
-            // We won (or the server gave no verdict): fill it.
-            return fetch.await;
-        }
+        // Someone else is filling it: wait for their value, or for the win to pass to us.
         let deadline = Instant::now() + self.ttl;
         while Instant::now() < deadline {
             tokio::time::sleep(self.poll.mul_f64(0.5 + fastrand::f64())).await;
-            if let Ok(Some(entry)) = self.store.get(key).await {
-                return Ok(Some(entry));
+            let Ok(Some(now)) = self.store.recache_read(key, ttl_secs).await else {
+                continue;
+            };
+            if now.data.as_ref().is_some_and(|d| !d.is_empty()) {
+                // Their value (a chunked one is assembled by `get`).
+                if let Ok(Some(entry)) = self.store.get(key).await {
+                    return Ok(Some(entry));
+                }
+            } else if now.is_recache_winner == Some(true) {
+                // The previous winner gave up: our turn.
+                let result = fetch.await;
+                if !matches!(result, Ok(Some(_))) {
+                    if let Some(cas) = now.cas {
+                        let _ = self.store.drop_placeholder(key, cas).await;
+                    }
+                }
+                return result;
             }
         }
         tracing::warn!(%key, "the recache winner never filled the key; loading");

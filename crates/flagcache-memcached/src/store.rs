@@ -22,6 +22,9 @@ const CHUNK_HEADER: usize = 12;
 /// value's version (so the version guard works on it unchanged).
 #[derive(Debug, Clone, Copy)]
 struct Manifest {
+    /// Names this write's chunks: two writers of the same version never share chunk
+    /// keys, so a superseded writer cannot overwrite the chunks a manifest names.
+    nonce: u64,
     count: u32,
     total: u64,
     crc: u32,
@@ -32,6 +35,7 @@ const MANIFEST_MAGIC: &[u8; 8] = b"\xF1\xACchunks";
 impl Manifest {
     fn to_bytes(self) -> Bytes {
         let mut b = MANIFEST_MAGIC.to_vec();
+        b.extend_from_slice(&self.nonce.to_be_bytes());
         b.extend_from_slice(&self.count.to_be_bytes());
         b.extend_from_slice(&self.total.to_be_bytes());
         b.extend_from_slice(&self.crc.to_be_bytes());
@@ -40,12 +44,14 @@ impl Manifest {
 
     fn parse(payload: &[u8]) -> Option<Self> {
         let rest = payload.strip_prefix(MANIFEST_MAGIC)?;
-        if rest.len() != 16 {
+        if rest.len() != 24 {
             return None;
         }
+        let (nonce, rest) = rest.split_at(8);
         let (count, rest) = rest.split_at(4);
         let (total, crc) = rest.split_at(8);
         Some(Manifest {
+            nonce: u64::from_be_bytes(nonce.try_into().ok()?),
             count: u32::from_be_bytes(count.try_into().ok()?),
             total: u64::from_be_bytes(total.try_into().ok()?),
             crc: u32::from_be_bytes(crc.try_into().ok()?),
@@ -57,6 +63,34 @@ fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = flate2::Crc::new();
     crc.update(bytes);
     crc.sum()
+}
+
+/// Which server a raw command goes to.
+#[derive(Clone, Copy)]
+pub(crate) enum Route<'a> {
+    /// The one the ring assigns to this key.
+    Key(&'a WireKey),
+    /// The first server given (where the invalidation log lives).
+    First,
+}
+
+/// A chunked write found a version at least as new already stored (carried through
+/// `write_chunks`' error path, turned back into `PutOutcome::Superseded`).
+#[derive(Debug, thiserror::Error)]
+#[error("superseded by {0}")]
+struct Superseded(flagcache_core::Version);
+
+impl Superseded {
+    fn into_error(self) -> Error {
+        Error::backend(BACKEND, "put", false, self)
+    }
+
+    fn from_error(e: &Error) -> Option<flagcache_core::Version> {
+        match e {
+            Error::Backend { source, .. } => source.downcast_ref::<Superseded>().map(|s| s.0),
+            _ => None,
+        }
+    }
 }
 
 /// memcached's own limits.
@@ -294,11 +328,12 @@ impl MemcachedStore {
             return Ok(WireKey { text, base64: true });
         }
         // Too long once prefixed or encoded: a fixed-length digest of the full key,
-        // `<namespace>:#<32 hex digits>` (128 bits: two independent 64-bit hashes).
+        // `<namespace>!#<32 hex digits>` (128 bits: two independent 64-bit hashes). The
+        // `!` keeps it, like every internal key, out of the flags' `<namespace>:` space.
         Ok(WireKey {
             text: format!(
                 "{}#{:016x}{:016x}",
-                self.inner.prefix,
+                self.internal_prefix(),
                 crate::ring::hash(raw.as_bytes()),
                 crate::ring::hash(&[raw.as_bytes(), b"\x00flagcache"].concat()),
             ),
@@ -311,9 +346,11 @@ impl MemcachedStore {
         &self.inner.pools[i.min(self.inner.pools.len() - 1)]
     }
 
-    /// The namespace prefix (`<namespace>:`).
-    pub(crate) fn prefix(&self) -> &str {
-        &self.inner.prefix
+    fn route(&self, route: Route<'_>) -> &Pool {
+        match route {
+            Route::Key(w) => self.pool(w),
+            Route::First => &self.inner.pools[0],
+        }
     }
 
     /// A plain ASCII key that is not a flag (the invalidation log's).
@@ -341,11 +378,28 @@ impl MemcachedStore {
             .max(1)
     }
 
-    fn chunk_key(&self, wire: &WireKey, version: flagcache_core::Version, i: u32) -> WireKey {
+    /// The prefix of keys that are not flags (`<namespace>!`): no flag key can
+    /// produce it, since flags live at `<namespace>:…` and base64 has no `!`.
+    pub(crate) fn internal_prefix(&self) -> String {
+        let ns = self
+            .inner
+            .prefix
+            .strip_suffix(':')
+            .unwrap_or(&self.inner.prefix);
+        format!("{ns}!")
+    }
+
+    fn chunk_key(
+        &self,
+        wire: &WireKey,
+        version: flagcache_core::Version,
+        nonce: u64,
+        i: u32,
+    ) -> WireKey {
         WireKey {
             text: format!(
-                "{}chunk:{:016x}:{:x}:{i}",
-                self.inner.prefix,
+                "{}chunk:{:016x}:{:x}:{nonce:016x}:{i}",
+                self.internal_prefix(),
                 crate::ring::hash(wire.text.as_bytes()),
                 version.get()
             ),
@@ -362,7 +416,7 @@ impl MemcachedStore {
         wire: &WireKey,
         entry: &Entry,
         bytes: &Bytes,
-        exptime: u64,
+        ttl: Duration,
     ) -> Result<Bytes> {
         let too_large = || Error::ValueTooLarge {
             key: key.to_string(),
@@ -373,24 +427,34 @@ impl MemcachedStore {
         if !matches!(self.inner.codec, Codec::Envelope(_)) || bytes.len() > self.max_value_size() {
             return Err(too_large());
         }
+        // Only write chunks that a manifest may come to name: not when the stored
+        // version already supersedes this one.
+        if let Some(v) = self.read(wire).await? {
+            let held = v
+                .data
+                .as_deref()
+                .and_then(|d| self.inner.codec.peek_version(d).ok());
+            if let Some(held) = held.filter(|h| *h >= entry.version) {
+                return Err(Superseded(held).into_error());
+            }
+        }
         let pieces: Vec<&[u8]> = bytes.chunks(self.chunk_capacity()).collect();
         let count = u32::try_from(pieces.len()).map_err(|_| too_large())?;
+        let nonce = fastrand::u64(..);
         // Chunks outlive their manifest a little, so a read never finds the manifest
         // without them.
-        let chunk_exptime = if exptime > THIRTY_DAYS_SECS {
-            exptime
-        } else {
-            exptime + 60
-        };
+        let chunk_exptime = Self::exptime(ttl + Duration::from_secs(60))?;
         for (i, piece) in (0u32..).zip(pieces) {
             let mut value = Vec::with_capacity(CHUNK_HEADER + piece.len());
             value.extend_from_slice(&entry.version.get().to_be_bytes());
             value.extend_from_slice(&i.to_be_bytes());
             value.extend_from_slice(piece);
-            let ck = self.chunk_key(wire, entry.version, i);
-            self.raw_set(&ck, &ck, value, chunk_exptime).await?;
+            let ck = self.chunk_key(wire, entry.version, nonce, i);
+            self.raw_set(Route::Key(&ck), &ck, value, chunk_exptime)
+                .await?;
         }
         let manifest = Manifest {
+            nonce,
             count,
             total: bytes.len() as u64,
             crc: crc32(bytes),
@@ -411,10 +475,14 @@ impl MemcachedStore {
         version: flagcache_core::Version,
         m: Manifest,
     ) -> Result<Option<Entry>> {
+        // The manifest is untrusted bytes too: bound it before allocating.
+        if m.count as usize > self.inner.max_chunks || m.total > self.max_value_size() as u64 {
+            return Err(Error::corrupt("chunk manifest out of bounds").with_key(key));
+        }
         let mut whole = Vec::with_capacity(usize::try_from(m.total).unwrap_or(0));
         for i in 0..m.count {
-            let ck = self.chunk_key(wire, version, i);
-            let Some(chunk) = self.raw_get(&ck, &ck).await? else {
+            let ck = self.chunk_key(wire, version, m.nonce, i);
+            let Some(chunk) = self.raw_get(Route::Key(&ck), &ck).await? else {
                 tracing::debug!(%key, chunk = i, "chunk missing: a miss");
                 return Ok(None);
             };
@@ -461,10 +529,32 @@ impl MemcachedStore {
         .await
     }
 
+    /// Removes the recache placeholder of `key` if it is still the one with `cas`
+    /// (an abandoned fill), so that waiters elect a new winner at once.
+    pub(crate) async fn drop_placeholder(&self, key: &FlagKey, cas: u64) -> Result<()> {
+        let wire = self.wire_key(key)?;
+        let k = wire.text.clone();
+        let mut flags = vec![format!("C{cas}")];
+        if wire.base64 {
+            flags.push("b".into());
+        }
+        let r = self
+            .meta("recache drop", &wire, move |c| {
+                Box::pin(async move {
+                    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+                    c.meta_delete(k.as_bytes(), false, None, Some(&f)).await
+                })
+            })
+            .await;
+        // Gone already, or filled meanwhile (CAS mismatch): both fine.
+        r.map(drop)
+            .or_else(|e| if e.is_transient() { Err(e) } else { Ok(()) })
+    }
+
     /// `mg <key> v` on `route`'s server.
-    pub(crate) async fn raw_get(&self, route: &WireKey, key: &WireKey) -> Result<Option<Vec<u8>>> {
+    pub(crate) async fn raw_get(&self, route: Route<'_>, key: &WireKey) -> Result<Option<Vec<u8>>> {
         let k = key.text.clone();
-        self.meta("log get", route, move |c| {
+        self.meta_at(self.route(route), "raw get", move |c| {
             Box::pin(async move { c.meta_get(k.as_bytes(), false, None, Some(&["v"])).await })
         })
         .await
@@ -474,14 +564,14 @@ impl MemcachedStore {
     /// `ms <key> T<exptime>` on `route`'s server.
     pub(crate) async fn raw_set(
         &self,
-        route: &WireKey,
+        route: Route<'_>,
         key: &WireKey,
         value: Vec<u8>,
         exptime: u64,
     ) -> Result<()> {
         let k = key.text.clone();
         let t = format!("T{exptime}");
-        self.meta("log set", route, move |c| {
+        self.meta_at(self.route(route), "raw set", move |c| {
             Box::pin(async move {
                 c.meta_set(
                     k.as_bytes(),
@@ -499,10 +589,10 @@ impl MemcachedStore {
 
     /// `ma <key> N0 J1 v` on `route`'s server: the counter's new value (1 when it was
     /// created by this call).
-    pub(crate) async fn raw_incr(&self, route: &WireKey, key: &WireKey) -> Result<u64> {
+    pub(crate) async fn raw_incr(&self, route: Route<'_>, key: &WireKey) -> Result<u64> {
         let k = key.text.clone();
         let v = self
-            .meta("log incr", route, move |c| {
+            .meta_at(self.route(route), "raw incr", move |c| {
                 Box::pin(async move {
                     c.meta_increment(k.as_bytes(), false, None, None, Some(&["N0", "J1", "v"]))
                         .await
@@ -531,7 +621,22 @@ impl MemcachedStore {
             >,
         >,
     {
-        let pool = self.pool(wire);
+        self.meta_at(self.pool(wire), operation, f).await
+    }
+
+    /// Runs one meta command on `pool`'s server.
+    async fn meta_at<F, R>(&self, pool: &Pool, operation: &'static str, f: F) -> Result<R>
+    where
+        F: for<'c> FnOnce(
+            &'c mut async_memcached::Client,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = std::result::Result<R, async_memcached::Error>>
+                    + Send
+                    + 'c,
+            >,
+        >,
+    {
         let limit = self.inner.timeout;
         let timed_out = || Error::Timeout {
             backend: BACKEND,
@@ -596,7 +701,10 @@ impl MemcachedStore {
         let ms = ttl_millis(ttl, Duration::from_secs(1))?;
         let secs = ms / 1000;
         Ok(if secs > THIRTY_DAYS_SECS {
-            now_ms() / 1000 + secs
+            // An absolute time, clamped to what memcached's 32-bit field holds.
+            (now_ms() / 1000)
+                .saturating_add(secs)
+                .min(u64::from(u32::MAX))
         } else {
             secs
         })
@@ -715,11 +823,20 @@ impl FlagStore for MemcachedStore {
             let batch: Vec<String> = idx.iter().map(|&i| wires[i].text.clone()).collect();
             let route = &wires[idx[0]];
             let flags: &'static [&'static str] = if base64 { &["v", "b"] } else { &["v"] };
-            let found = self
+            let found = match self
                 .meta("get_many", route, move |c| {
                     Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
                 })
-                .await?;
+                .await
+            {
+                Ok(found) => found,
+                // One server down costs its own keys, not the whole batch.
+                Err(e) if e.is_transient() && idx.len() < keys.len() => {
+                    tracing::warn!(error = %e, "a memcached server failed a batch read");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
                 .into_iter()
                 .filter_map(|v| Some((v.key?, v.data.unwrap_or_default())))
@@ -753,20 +870,48 @@ impl FlagStore for MemcachedStore {
             .encode_entry(entry)
             .map_err(|e| e.with_key(key))?;
         let bytes = if bytes.len() > self.inner.item_size_limit {
-            self.write_chunks(key, &wire, entry, &bytes, exptime)
-                .await?
+            match self.write_chunks(key, &wire, entry, &bytes, ttl).await {
+                Ok(manifest) => manifest,
+                Err(e) => match Superseded::from_error(&e) {
+                    Some(current) => return Ok(PutOutcome::Superseded { current }),
+                    None => return Err(e.with_key(key)),
+                },
+            }
         } else {
             bytes
         };
-        for attempt in 0..self.inner.cas_attempts {
-            if attempt > 0 {
+        // Only rounds in which nobody made progress use up the budget: among N writers
+        // a legitimate one may lose N - 1 races, each to a lower version being stored.
+        let mut stalled = 0;
+        let mut round = 0u32;
+        let mut last_seen: Option<Option<flagcache_core::Version>> = None;
+        loop {
+            if round > 0 {
                 self.inner.cas_retries.fetch_add(1, Ordering::Relaxed);
                 // The client-side twin of memcached's `cas_badval`.
                 metrics::counter!("flagcache_memcached_cas_retries_total").increment(1);
-                let spread = 1 + u64::from(attempt.min(6));
-                tokio::time::sleep(Duration::from_micros(fastrand::u64(50..=200 * spread))).await;
+                // Jittered exponential back-off: up to 100 µs · 2^n, capped at 10 ms.
+                let cap = 100u64 << stalled.min(7);
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(10..=cap.min(10_000))))
+                    .await;
             }
+            round += 1;
             let current = self.read(&wire).await.map_err(|e| e.with_key(key))?;
+            let seen = current
+                .as_ref()
+                .map(|v| {
+                    v.data
+                        .as_deref()
+                        .and_then(|d| self.inner.codec.peek_version(d).ok())
+                })
+                .unwrap_or(None);
+            if last_seen.is_some_and(|prev| prev == seen) {
+                stalled += 1;
+                if stalled >= self.inner.cas_attempts {
+                    break;
+                }
+            }
+            last_seen = Some(seen);
             let cas = match &current {
                 None => None,
                 Some(v) => {
@@ -791,7 +936,7 @@ impl FlagStore for MemcachedStore {
             {
                 return Ok(PutOutcome::Stored);
             }
-            tracing::debug!(%key, attempt, "lost a CAS race; retrying");
+            tracing::debug!(%key, round, "lost a CAS race; retrying");
         }
         Err(Error::backend(BACKEND, "put", true, Contention(self.inner.cas_attempts)).with_key(key))
     }

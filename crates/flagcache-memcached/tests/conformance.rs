@@ -240,7 +240,9 @@ async fn values_over_the_item_limit_are_chunked_and_read_all_or_nothing() {
         let mut dump = c.dump_keys().await.unwrap();
         while let Some(Ok(meta)) = dump.next().await {
             // metadump URL-encodes keys.
-            let name = String::from_utf8_lossy(&meta.key).replace("%3A", ":");
+            let name = String::from_utf8_lossy(&meta.key)
+                .replace("%3A", ":")
+                .replace("%21", "!");
             if name.contains("chunk") {
                 chunk = Some(name);
             }
@@ -255,4 +257,81 @@ async fn values_over_the_item_limit_are_chunked_and_read_all_or_nothing() {
         store.get_many(std::slice::from_ref(&key)).await.unwrap(),
         vec![None]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_chunked_write_leaves_the_stored_value_whole() {
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::builder()
+        .server(server.url())
+        .item_size_limit(32 * 1024)
+        .build()
+        .await
+        .unwrap();
+    let key = FlagKey::new("big").unwrap();
+    let noise = || {
+        (0..100 * 1024)
+            .map(|_| fastrand::u8(..))
+            .collect::<Vec<u8>>()
+    };
+    let first = Entry::new(Version::new(3), noise());
+    assert_eq!(
+        store
+            .put(&key, &first, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    // Another replica loads the same version (other bytes, other stamp): superseded,
+    // and the stored value must stay readable and whole.
+    let same = Entry::new(Version::new(3), noise());
+    assert_eq!(
+        store
+            .put(&key, &same, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Superseded {
+            current: Version::new(3)
+        }
+    );
+    assert_eq!(store.get(&key).await.unwrap(), Some(first));
+    // A newer version replaces it, whole.
+    let newer = Entry::new(Version::new(4), noise());
+    assert_eq!(
+        store
+            .put(&key, &newer, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.get(&key).await.unwrap(), Some(newer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_named_like_internal_keys_do_not_collide_with_them() {
+    use flagcache_core::{FlagStoreExt, Invalidation, Invalidator};
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    let log = flagcache_memcached::MemcachedInvalidator::new(&store);
+    for name in ["inv:seq", "inv:1", "chunk:0", "#0123"] {
+        let k = FlagKey::new(name).unwrap();
+        store
+            .put_value(
+                &k,
+                &name.to_string(),
+                Version::new(1),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    log.publish(&Invalidation::all()).await.unwrap();
+    log.publish(&Invalidation::all()).await.unwrap();
+    for name in ["inv:seq", "inv:1", "chunk:0", "#0123"] {
+        let k = FlagKey::new(name).unwrap();
+        assert_eq!(
+            store.get_value::<String>(&k).await.unwrap(),
+            Some((name.to_string(), Version::new(1)))
+        );
+    }
 }

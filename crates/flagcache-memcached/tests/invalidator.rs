@@ -125,7 +125,7 @@ async fn a_slot_that_never_arrives_is_a_resync_after_the_grace() {
     let mut sub = inv.subscribe().await.unwrap();
     // A publisher took number 1 and died before writing its slot.
     assert_eq!(
-        server.request("ma flags:inv:seq N0 J1 v\r\n").unwrap(),
+        server.request("ma flags!inv:seq N0 J1 v\r\n").unwrap(),
         "VA 1\r\n1"
     );
     match tokio::time::timeout(Duration::from_secs(5), sub.recv())

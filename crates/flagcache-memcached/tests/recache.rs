@@ -159,3 +159,47 @@ async fn one_dead_server_of_three_costs_only_its_keys() {
         "the restarted server never came back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
+    let server = MemcachedServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut replicas = Vec::new();
+    for _ in 0..4 {
+        let store = MemcachedStore::connect(&server.url()).await.unwrap();
+        let calls = calls.clone();
+        replicas.push(
+            FlagCache::<String>::builder(store.clone(), move |_k: FlagKey| {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(None)
+                }
+            })
+            .cross_process(MemcachedRecache::new(&store).ttl(Duration::from_secs(10)))
+            .build()
+            .await
+            .unwrap(),
+        );
+    }
+    let t = std::time::Instant::now();
+    let k = FlagKey::new("ghost").unwrap();
+    let reads: Vec<_> = replicas
+        .iter()
+        .map(|c| {
+            let (c, k) = (c.clone(), k.clone());
+            tokio::spawn(async move { c.get(&k).await })
+        })
+        .collect();
+    for r in reads {
+        assert_eq!(r.await.unwrap().unwrap(), None);
+    }
+    // Each replica may load in turn, but nobody waits out the 10 s placeholder.
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(calls.load(Ordering::SeqCst) <= 4);
+}
