@@ -137,6 +137,30 @@ impl MemcachedInvalidator {
         ))
     }
 
+    /// The log's epoch: a random number kept at `<ns>!inv:epoch`, created (in add mode,
+    /// so concurrent creators agree) when missing. A restart or a flush loses it, so a
+    /// new one differs from what subscribers remember — a reset they notice even when
+    /// publishers have pushed the counter back past where they were.
+    async fn epoch(&self) -> Result<u64> {
+        let key = MemcachedStore::plain(format!("{}inv:epoch", self.inner.store.internal_prefix()));
+        for _ in 0..3 {
+            if let Some(raw) = self.inner.store.raw_get(Route::First, &key).await? {
+                if let Some(e) = std::str::from_utf8(&raw)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                {
+                    return Ok(e);
+                }
+            }
+            let fresh = fastrand::u64(1..);
+            self.inner
+                .store
+                .raw_add(Route::First, &key, fresh.to_string().into_bytes())
+                .await?;
+        }
+        Err(Error::corrupt("the invalidation log epoch cannot be read"))
+    }
+
     async fn read_counter(&self) -> Result<Option<u64>> {
         let c = self.counter();
         let raw = self.inner.store.raw_get(Route::First, &c).await?;
@@ -207,15 +231,16 @@ impl Invalidator for MemcachedInvalidator {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
+        let epoch = self.epoch().await?;
         let start = self.read_counter().await?.unwrap_or(0);
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(poll(self.clone(), start, tx));
+        tokio::spawn(poll(self.clone(), start, epoch, tx));
         Ok(Subscription::from_receiver(rx))
     }
 }
 
 /// Follows the log from `last` until the subscription is dropped.
-async fn poll(inv: MemcachedInvalidator, mut last: u64, tx: mpsc::Sender<Signal>) {
+async fn poll(inv: MemcachedInvalidator, mut last: u64, mut epoch: u64, tx: mpsc::Sender<Signal>) {
     let mut ticker = tokio::time::interval(inv.inner.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut missing_since: Option<(u64, Instant)> = None;
@@ -226,7 +251,7 @@ async fn poll(inv: MemcachedInvalidator, mut last: u64, tx: mpsc::Sender<Signal>
             _ = ticker.tick() => {}
         }
         let mut out = Vec::new();
-        match step(&inv, &mut last, &mut missing_since, &mut out).await {
+        match step(&inv, &mut last, &mut epoch, &mut missing_since, &mut out).await {
             Ok(()) => {
                 if broken {
                     // The server answers again: whatever happened meanwhile is unknown.
@@ -254,9 +279,19 @@ async fn poll(inv: MemcachedInvalidator, mut last: u64, tx: mpsc::Sender<Signal>
 async fn step(
     inv: &MemcachedInvalidator,
     last: &mut u64,
+    epoch: &mut u64,
     missing_since: &mut Option<(u64, Instant)>,
     out: &mut Vec<Signal>,
 ) -> Result<()> {
+    let now = inv.epoch().await?;
+    if now != *epoch {
+        // A new log (restart, flush): everything since the last poll is unknown.
+        out.push(Signal::Resync(ResyncReason::LogReset));
+        *epoch = now;
+        *last = inv.read_counter().await?.unwrap_or(0);
+        *missing_since = None;
+        return Ok(());
+    }
     let counter = inv.read_counter().await?;
     let Some(head) = counter else {
         if *last > 0 {

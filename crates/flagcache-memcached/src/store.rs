@@ -587,6 +587,32 @@ impl MemcachedStore {
         .map(drop)
     }
 
+    /// `ms <key> ME` (add: only if absent; losing is fine) on `route`'s server, no TTL.
+    pub(crate) async fn raw_add(
+        &self,
+        route: Route<'_>,
+        key: &WireKey,
+        value: Vec<u8>,
+    ) -> Result<()> {
+        let k = key.text.clone();
+        let r = self
+            .meta_at(self.route(route), "raw add", move |c| {
+                Box::pin(async move {
+                    c.meta_set(
+                        k.as_bytes(),
+                        value.as_slice(),
+                        false,
+                        None,
+                        Some(&["ME", "T0"]),
+                    )
+                    .await
+                })
+            })
+            .await;
+        r.map(drop)
+            .or_else(|e| if e.is_transient() { Err(e) } else { Ok(()) })
+    }
+
     /// `ma <key> N0 J1 v` on `route`'s server: the counter's new value (1 when it was
     /// created by this call).
     pub(crate) async fn raw_incr(&self, route: Route<'_>, key: &WireKey) -> Result<u64> {

@@ -177,3 +177,38 @@ async fn two_flag_caches_over_memcached_see_each_others_writes() {
     }
     panic!("replica B kept serving the old value");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_is_noticed_even_when_the_counter_climbs_back_past_the_subscriber() {
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    let subscriber = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(300));
+    let publisher = subscriber.peer();
+    let mut sub = subscriber.subscribe().await.unwrap();
+    let k = FlagKey::new("k").unwrap();
+    for _ in 0..3 {
+        publisher
+            .publish(&Invalidation::key(k.clone()))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        assert!(matches!(sub.recv().await, Some(Signal::Invalidated(_))));
+    }
+    // The whole log is flushed — no connection drops, so no connection error gives it
+    // away — then publishers take the counter back past 3 before the next poll.
+    assert_eq!(server.request("flush_all\r\n").unwrap(), "OK");
+    for _ in 0..5 {
+        publisher
+            .publish(&Invalidation::key(k.clone()))
+            .await
+            .unwrap();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+    {
+        Some(Signal::Resync(ResyncReason::LogReset)) => {}
+        other => panic!("an event of the new log arrived with no Resync first: {other:?}"),
+    }
+}
