@@ -28,7 +28,7 @@ use flagcache_core::{
 };
 use tokio::sync::mpsc;
 
-use crate::store::{Route, WireKey};
+use crate::store::{parse_number, Route, WireKey};
 use crate::MemcachedStore;
 
 /// An [`Invalidator`] over an invalidation log kept in memcached (see the
@@ -144,13 +144,9 @@ impl MemcachedInvalidator {
     async fn epoch(&self) -> Result<u64> {
         let key = MemcachedStore::plain(format!("{}inv:epoch", self.inner.store.internal_prefix()));
         for _ in 0..3 {
-            if let Some(raw) = self.inner.store.raw_get(Route::First, &key).await? {
-                if let Some(e) = std::str::from_utf8(&raw)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok())
-                {
-                    return Ok(e);
-                }
+            let raw = self.inner.store.raw_get(Route::First, &key).await?;
+            if let Some(e) = raw.as_deref().and_then(parse_number) {
+                return Ok(e);
             }
             let fresh = fastrand::u64(1..);
             self.inner
@@ -164,11 +160,7 @@ impl MemcachedInvalidator {
     async fn read_counter(&self) -> Result<Option<u64>> {
         let c = self.counter();
         let raw = self.inner.store.raw_get(Route::First, &c).await?;
-        Ok(raw.and_then(|d| {
-            std::str::from_utf8(&d)
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-        }))
+        Ok(raw.as_deref().and_then(parse_number))
     }
 
     /// The event in slot `n`: `Ok(Some)` when the slot holds lap `n`, `Err(later)` when it

@@ -65,6 +65,20 @@ fn crc32(bytes: &[u8]) -> u32 {
     crc.sum()
 }
 
+/// One meta command in flight on a borrowed connection.
+type MetaCall<'c, R> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = std::result::Result<R, async_memcached::Error>>
+            + Send
+            + 'c,
+    >,
+>;
+
+/// A decimal number as memcached stores counters (`ma`) and as the log keeps its epoch.
+pub(crate) fn parse_number(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
 /// Which server a raw command goes to.
 #[derive(Clone, Copy)]
 pub(crate) enum Route<'a> {
@@ -626,26 +640,14 @@ impl MemcachedStore {
             })
             .await?;
         v.and_then(|v| v.data)
-            .and_then(|d| {
-                std::str::from_utf8(&d)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok())
-            })
+            .and_then(|d| parse_number(&d))
             .ok_or_else(|| Error::corrupt("the invalidation log counter is not a number"))
     }
 
     /// Runs one meta command on the key's server.
     async fn meta<F, R>(&self, operation: &'static str, wire: &WireKey, f: F) -> Result<R>
     where
-        F: for<'c> FnOnce(
-            &'c mut async_memcached::Client,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<Output = std::result::Result<R, async_memcached::Error>>
-                    + Send
-                    + 'c,
-            >,
-        >,
+        F: for<'c> FnOnce(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
     {
         self.meta_at(self.pool(wire), operation, f).await
     }
@@ -653,15 +655,7 @@ impl MemcachedStore {
     /// Runs one meta command on `pool`'s server.
     async fn meta_at<F, R>(&self, pool: &Pool, operation: &'static str, f: F) -> Result<R>
     where
-        F: for<'c> FnOnce(
-            &'c mut async_memcached::Client,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<Output = std::result::Result<R, async_memcached::Error>>
-                    + Send
-                    + 'c,
-            >,
-        >,
+        F: for<'c> FnOnce(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
     {
         let limit = self.inner.timeout;
         let timed_out = || Error::Timeout {
