@@ -297,6 +297,8 @@ where
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let inner = Arc::new(Inner {
             l1: quick_cache::sync::Cache::new(cfg.l1_capacity.max(1)),
+            clock: super::l1::clock(),
+            refreshing: super::l1::Refreshing::new(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
             fences: Fences::new(keep_fences_for),

@@ -3,16 +3,26 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::{FlagKey, Version};
 
-/// One L1 entry, held behind an `Arc`: an L1 hit bumps two reference counts (the
-/// entry's and the value's) and copies nothing else — no allocation, no decoding.
+/// The clock L1 deadlines are read with: one calibrated TSC clock per process (a
+/// monotonic OS clock where no stable TSC exists), cloned into each cache. Reading it
+/// costs a few nanoseconds, where `std::time::Instant::now` costs tens on common
+/// virtual machines — and calling it through a held `Clock` skips the global clock's
+/// lookup, which is most of `quanta::Instant::now`'s cost.
+pub(crate) fn clock() -> quanta::Clock {
+    static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new).clone()
+}
+
+/// One L1 entry, stored inline in the L1 map: an L1 hit copies it out, which bumps one
+/// reference count (the value's) and copies nothing else — no allocation, no decoding.
+/// The value moves out of the copy to the caller.
 ///
-/// Deadlines use a TSC-based clock (`quanta`): reading it costs a few nanoseconds,
-/// where `std::time::Instant::now` costs tens on common virtual machines.
+/// Deadlines are read with [`clock`].
 pub(crate) struct Slot<T> {
     /// `None`: the source said the flag does not exist (a negative entry).
     pub value: Option<Arc<T>>,
@@ -26,9 +36,75 @@ pub(crate) struct Slot<T> {
     pub epoch: u64,
     /// How long the fill took (XFetch's delta).
     pub cost: Duration,
-    /// Set once a background refresh of this entry started, so a stale hit decides
-    /// without a lock whether to start one.
-    pub refreshing: AtomicBool,
+}
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Slot {
+            value: self.value.clone(),
+            version: self.version,
+            filled_at: self.filled_at,
+            fresh_until: self.fresh_until,
+            stale_until: self.stale_until,
+            epoch: self.epoch,
+            cost: self.cost,
+        }
+    }
+}
+
+/// Which keys have a background refresh running, so a stale hit decides without a lock
+/// whether to start one: a fixed table of flags indexed by a hash of the key. Two keys
+/// sharing a flag only means one waits for the other's refresh to finish before its
+/// own starts; meanwhile it is served stale, as it would be anyway.
+pub(crate) struct Refreshing {
+    flags: Arc<[AtomicBool]>,
+}
+
+/// A claimed refresh flag; dropping it (the refresh finished, failed, panicked or never
+/// started) releases the flag.
+pub(crate) struct RefreshClaim {
+    flags: Arc<[AtomicBool]>,
+    index: usize,
+}
+
+impl Refreshing {
+    const FLAGS: usize = 1024;
+
+    pub fn new() -> Self {
+        Refreshing {
+            flags: (0..Self::FLAGS).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Claims `key`'s flag, unless a refresh holding it is running.
+    pub fn claim(&self, key: &FlagKey) -> Option<RefreshClaim> {
+        // FNV-1a: the table only needs spread, not resistance to crafted keys.
+        let hash = key
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        // The modulo keeps the index below FLAGS, so the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation)]
+        let index = (hash % Self::FLAGS as u64) as usize;
+        let flag = self.flags.get(index)?;
+        if flag.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(RefreshClaim {
+            flags: self.flags.clone(),
+            index,
+        })
+    }
+}
+
+impl Drop for RefreshClaim {
+    fn drop(&mut self) {
+        if let Some(flag) = self.flags.get(self.index) {
+            flag.store(false, Ordering::Release);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

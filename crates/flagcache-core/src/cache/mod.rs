@@ -21,7 +21,7 @@ pub use loader::Loader;
 pub use stats::Stats;
 
 use breaker::{Breaker, Permit};
-use l1::{Fences, Slot};
+use l1::{Fences, Refreshing, Slot};
 use stats::{seconds, Ev, Telemetry};
 
 use crate::{
@@ -159,7 +159,7 @@ impl Config {
     }
 }
 
-type Filled<T> = (Arc<Slot<T>>, Tier);
+type Filled<T> = (Slot<T>, Tier);
 
 struct Inner<T> {
     cfg: Config,
@@ -171,7 +171,11 @@ struct Inner<T> {
     fleet: Option<Arc<dyn crate::Coalescer>>,
     hook: Option<Hook>,
     node: NodeId,
-    l1: quick_cache::sync::Cache<FlagKey, Arc<Slot<T>>>,
+    l1: quick_cache::sync::Cache<FlagKey, Slot<T>>,
+    /// Which keys have a background refresh running.
+    refreshing: Refreshing,
+    /// The clock of L1 deadlines (see [`l1::clock`]).
+    clock: quanta::Clock,
     /// Bumped by every `Resync`: entries of an older epoch are unverified.
     epoch: AtomicU64,
     /// Set while the invalidation subscription is down: L1 then serves nothing as
@@ -257,7 +261,18 @@ where
     /// the maximum staleness exists: the loader's error, [`Error::Timeout`], or a codec
     /// error.
     pub async fn get(&self, key: &FlagKey) -> Result<Option<Arc<T>>> {
-        self.lookup(key).await.map(|l| l.value)
+        let inner = &self.inner;
+        if inner.hook.is_some() {
+            return Box::pin(self.lookup(key)).await.map(|l| l.value);
+        }
+        // The hit path builds no `Lookup` and holds no inner future: the miss path is
+        // boxed, so this future stays a few words wide and a hit never awaits.
+        match inner.lookup_l1(key, |slot, _| slot.value) {
+            Ok(value) => Ok(value),
+            Err(fallback) => Box::pin(inner.lookup_miss(key, fallback))
+                .await
+                .map(|l| l.value),
+        }
     }
 
     /// Reads `key` and tells where the answer came from (see [`Lookup`]).
@@ -395,36 +410,39 @@ where
     /// A read: answered from L1 without awaiting anything when it can be; otherwise
     /// through the (boxed) miss path, so the future of a hit stays small.
     async fn lookup(self: &Arc<Self>, key: &FlagKey) -> Result<Lookup<T>> {
-        match self.lookup_l1(key) {
+        match self.lookup_l1(key, |slot, status| Lookup::from_slot(&slot, status)) {
             Ok(hit) => Ok(hit),
             Err(fallback) => Box::pin(self.lookup_miss(key, fallback)).await,
         }
     }
 
-    /// The L1 part of a read: `Ok` when L1 answers (fresh, or stale while one refresh
-    /// runs), else `Err` with the fail-safe fallback L1 holds, if any.
+    /// The L1 part of a read: `Ok(answer(slot, status))` when L1 answers (fresh, or
+    /// stale while one refresh runs), else `Err` with the fail-safe fallback L1 holds,
+    /// if any.
     #[allow(clippy::type_complexity)]
-    fn lookup_l1(
+    #[inline]
+    fn lookup_l1<R>(
         self: &Arc<Self>,
         key: &FlagKey,
-    ) -> std::result::Result<Lookup<T>, Option<(Arc<Slot<T>>, u64)>> {
+        answer: impl FnOnce(Slot<T>, CacheStatus) -> R,
+    ) -> std::result::Result<R, Option<(Slot<T>, u64)>> {
         let mut fallback = None;
         if self.cfg.l1_enabled && !self.deaf.load(Ordering::Relaxed) {
             if let Some(slot) = self.l1.get(key) {
                 if slot.epoch == self.epoch.load(Ordering::Relaxed) {
-                    let now = quanta::Instant::now();
+                    let now = self.clock.now();
                     if now < slot.fresh_until {
                         if self.cfg.xfetch_beta > 0.0 && self.xfetch_due(&slot, now) {
-                            self.refresh_in_background(key, &slot);
+                            self.refresh_in_background(key);
                         }
                         self.tel.bump(Ev::HitL1);
-                        return Ok(Lookup::from_slot(&slot, CacheStatus::HitL1));
+                        return Ok(answer(slot, CacheStatus::HitL1));
                     }
                     if now < slot.stale_until {
-                        self.refresh_in_background(key, &slot);
+                        self.refresh_in_background(key);
                         self.tel.bump(Ev::StaleRevalidating);
                         let status = CacheStatus::Stale(StaleReason::Revalidating);
-                        return Ok(Lookup::from_slot(&slot, status));
+                        return Ok(answer(slot, status));
                     }
                 }
                 fallback = Some((slot, self.fences.begin()));
@@ -439,7 +457,7 @@ where
     async fn lookup_miss(
         self: &Arc<Self>,
         key: &FlagKey,
-        fallback: Option<(Arc<Slot<T>>, u64)>,
+        fallback: Option<(Slot<T>, u64)>,
     ) -> Result<Lookup<T>> {
         match self.fetch(key).await {
             Ok((slot, tier)) => {
@@ -455,7 +473,8 @@ where
                 let usable = fallback
                     .filter(|(fb, seen)| {
                         e.is_transient()
-                            && fb.filled_at.elapsed() <= self.cfg.max_staleness
+                            && self.clock.now().saturating_duration_since(fb.filled_at)
+                                <= self.cfg.max_staleness
                             && self.fences.lock().admits(
                                 key,
                                 *seen,
@@ -508,22 +527,19 @@ where
         result
     }
 
-    /// Starts one background refresh for the entry in `slot`, unless one is running.
-    /// The check is the slot's own flag — no lock on the hit path.
-    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey, slot: &Arc<Slot<T>>) {
-        if slot.refreshing.swap(true, Ordering::AcqRel) {
+    /// Starts one background refresh of `key`, unless one is running. The check is a
+    /// flag in a fixed table — no lock on the hit path.
+    fn refresh_in_background(self: &Arc<Self>, key: &FlagKey) {
+        let Some(claim) = self.refreshing.claim(key) else {
             return;
-        }
+        };
         let this = self.clone();
         let k = key.clone();
-        let flag = slot.clone();
+        // Unless a fill of the key is in flight already, in which case the claim drops
+        // here, at once.
         self.fills.start(key, move || async move {
-            let result = this.fill(&k).await;
-            if result.is_err() {
-                // Let a later read try again.
-                flag.refreshing.store(false, Ordering::Release);
-            }
-            result
+            let _claim = claim;
+            this.fill(&k).await
         });
     }
 
@@ -785,14 +801,14 @@ where
         }
     }
 
-    fn make_slot(&self, value: Option<Arc<T>>, version: Version, cost: Duration) -> Arc<Slot<T>> {
-        let now = quanta::Instant::now();
+    fn make_slot(&self, value: Option<Arc<T>>, version: Version, cost: Duration) -> Slot<T> {
+        let now = self.clock.now();
         let (fresh, stale) = if value.is_some() {
             (self.cfg.jittered(self.cfg.fresh_for), self.cfg.stale_for)
         } else {
             (self.cfg.negative_ttl, Duration::ZERO)
         };
-        Arc::new(Slot {
+        Slot {
             value,
             version,
             filled_at: now,
@@ -800,13 +816,12 @@ where
             stale_until: now + fresh + stale,
             epoch: self.epoch.load(Ordering::SeqCst),
             cost,
-            refreshing: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Installs a fill into L1 unless a fence refuses it (an invalidation landed since
     /// the fill started) or L1 already holds a newer version.
-    fn install(&self, key: &FlagKey, slot: &Arc<Slot<T>>, start: u64) -> bool {
+    fn install(&self, key: &FlagKey, slot: &Slot<T>, start: u64) -> bool {
         if !self.cfg.l1_enabled {
             return false;
         }
@@ -831,7 +846,7 @@ where
     }
 
     /// Installs a value this replica wrote itself, fencing out older fills in flight.
-    fn install_authoritative(&self, key: &FlagKey, slot: Arc<Slot<T>>) {
+    fn install_authoritative(&self, key: &FlagKey, slot: Slot<T>) {
         let mut fences = self.fences.lock();
         fences.invalidate(key, Some(slot.version));
         self.fills.forget(key);
@@ -953,7 +968,7 @@ where
         use futures_util::StreamExt;
         let mut report = WarmReport::default();
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let now = quanta::Instant::now();
+        let now = self.clock.now();
         let cold: Vec<FlagKey> = keys
             .iter()
             .filter(|k| {

@@ -83,8 +83,38 @@ impl Ev {
     }
 }
 
+/// L1 hits — the one event every read of a hot key records — are counted on
+/// per-thread stripes, each on its own cache line, so threads hitting L1 at once do
+/// not contend on one counter.
+const STRIPES: usize = 8;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe(AtomicU64);
+
+/// This thread's stripe: threads take stripes in turn as they first count a hit.
+fn stripe() -> usize {
+    use std::cell::Cell;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    MINE.with(|m| {
+        let mut i = m.get();
+        if i == usize::MAX {
+            // The modulo keeps the value below STRIPES, so the cast cannot truncate.
+            #[allow(clippy::cast_possible_truncation)]
+            let next = (NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize;
+            i = next;
+            m.set(i);
+        }
+        i
+    })
+}
+
 pub(crate) struct Telemetry {
     counts: [AtomicU64; N],
+    hits: [Stripe; STRIPES],
     meters: [Counter; N],
     pub lag: Histogram,
     pub l2_latency: Histogram,
@@ -99,6 +129,7 @@ impl Telemetry {
         let name = cache.to_string();
         Telemetry {
             counts: Default::default(),
+            hits: Default::default(),
             meters: Ev::ALL.map(|ev| {
                 let (metric, label, value) = ev.metric();
                 metrics::counter!(metric, "cache" => name.clone(), label => value)
@@ -111,11 +142,18 @@ impl Telemetry {
 
     #[inline]
     pub fn bump(&self, ev: Ev) {
-        self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
+        if ev == Ev::HitL1 {
+            self.hits[stripe()].0.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
+        }
         self.meters[ev as usize].increment(1);
     }
 
     fn get(&self, ev: Ev) -> u64 {
+        if ev == Ev::HitL1 {
+            return self.hits.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
+        }
         self.counts[ev as usize].load(Ordering::Relaxed)
     }
 
