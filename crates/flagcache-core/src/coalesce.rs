@@ -52,11 +52,12 @@ impl<V> Inner<V> {
 
 /// Process-local single flight, per key.
 ///
-/// The first caller of a key starts the fetch **in its own task**; every caller that
-/// arrives while it runs waits for that fetch's result instead of starting another.
-/// Then:
-/// - the fetch runs to completion even if the caller that started it is dropped
-///   (cancellation-safe: the other callers still get the result);
+/// The first caller of a key drives the fetch itself (no task hop, so a coalesced miss
+/// costs what the fetch costs); every caller that arrives while it runs waits for that
+/// fetch's result instead of starting another. Then:
+/// - the fetch runs to completion even if the caller that started it is dropped: what
+///   remains of it moves to a spawned task (cancellation-safe: the other callers still
+///   get the result);
 /// - an error (or a panic, reported as [`Error::Loader`]) reaches every waiter and is not
 ///   remembered: the key leaves the in-flight map as the fetch ends, so the next call
 ///   fetches again;
@@ -155,8 +156,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
     /// # Concurrent calls on the same key
     /// Exactly one `fetch` runs per burst: the first caller's. Callers arriving while it
     /// runs do not call their `fetch` at all; they wait and receive a clone of the same
-    /// result, error included. The fetch runs in a spawned task, so dropping any caller —
-    /// the first one too — neither cancels it nor affects the others.
+    /// result, error included. Dropping any caller — the first one too, whose remaining
+    /// fetch then moves to a spawned task — neither cancels it nor affects the others.
     ///
     /// # Errors
     /// The fetch's error; [`Error::Loader`] if the fetch panicked;
@@ -176,10 +177,50 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        match self.join_or_start(key, fetch) {
-            Ok((slot, joined)) => (Self::wait(slot).await, joined),
+        match self.join_or_lead(key, fetch) {
+            Ok(Turn::Join(slot)) => (Self::wait(slot).await, true),
+            Ok(Turn::Lead(leader)) => (leader.drive().await, false),
             Err(e) => (Err(e), false),
         }
+    }
+
+    /// Joins the fetch in flight for `key`, or becomes its leader: the caller drives
+    /// the fetch itself — no task hop on the common path — and hands what remains of
+    /// it to a spawned task if it is dropped first.
+    fn join_or_lead<F, Fut>(&self, key: &FlagKey, fetch: F) -> Result<Turn<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        let mut map = self.inner.map();
+        if let Some((_, slot)) = map.get(key) {
+            self.inner.waits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Turn::Join(slot.clone()));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Closed("tokio runtime (coalescing needs one)"))?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), (id, rx));
+        drop(map);
+        self.inner.fetches.fetch_add(1, Ordering::Relaxed);
+        let panicking_key = key.clone();
+        let fut = AssertUnwindSafe(fetch()).catch_unwind();
+        Ok(Turn::Lead(Leader {
+            fetch: Some(Box::pin(async move {
+                match fut.await {
+                    Ok(r) => r,
+                    Err(panic) => Err(Error::loader(&panicking_key, Panicked(panic_text(&*panic)))),
+                }
+            })),
+            tx: Some(tx),
+            leave: Some(Leave {
+                inner: self.inner.clone(),
+                key: key.clone(),
+                id,
+            }),
+            runtime,
+        }))
     }
 
     /// Starts `fetch` for `key` in the background unless one is already in flight;
@@ -276,6 +317,57 @@ impl<V> LocalCoalescer<V> {
     /// How many calls waited on another caller's fetch instead of starting one.
     pub fn coalesced_waits(&self) -> u64 {
         self.inner.waits.load(Ordering::Relaxed)
+    }
+}
+
+enum Turn<V: Clone + Send + Sync + 'static> {
+    Join(Slot<V>),
+    Lead(Leader<V>),
+}
+
+type BoxedFetch<V> = Pin<Box<dyn Future<Output = Result<V>> + Send + 'static>>;
+
+/// A fetch driven by the caller that started it. Dropped before the fetch ends (the
+/// caller was cancelled), it spawns the rest of the fetch, so the waiters still get
+/// their result and the in-flight entry is still cleared when it ends.
+struct Leader<V: Clone + Send + Sync + 'static> {
+    fetch: Option<BoxedFetch<V>>,
+    tx: Option<watch::Sender<Option<Result<V>>>>,
+    leave: Option<Leave<V>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<V: Clone + Send + Sync + 'static> Leader<V> {
+    async fn drive(mut self) -> Result<V> {
+        let result = match self.fetch.as_mut() {
+            Some(fetch) => fetch.await,
+            None => Err(Error::Closed("coalesced fetch")),
+        };
+        self.fetch = None;
+        // Leave the map first: a caller arriving from now on starts afresh rather than
+        // receiving a result its request may postdate.
+        drop(self.leave.take());
+        if let Some(tx) = self.tx.take() {
+            // No receivers left is fine: nobody else was waiting.
+            let _ = tx.send(Some(result.clone()));
+        }
+        result
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Drop for Leader<V> {
+    fn drop(&mut self) {
+        let (Some(fetch), Some(tx), leave) = (self.fetch.take(), self.tx.take(), self.leave.take())
+        else {
+            return;
+        };
+        // If the runtime is shutting down the task never runs: dropping it drops `tx`,
+        // and the waiters learn the fetch is gone (`Error::Closed`).
+        self.runtime.spawn(async move {
+            let result = fetch.await;
+            drop(leave);
+            let _ = tx.send(Some(result));
+        });
     }
 }
 
@@ -376,6 +468,20 @@ mod tests {
         assert_eq!(got, (0..10).map(|i| format!("v{i}")).collect::<Vec<_>>());
         assert_eq!(calls.load(Ordering::SeqCst), 10);
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_caller_drives_the_fetch_in_its_own_task() {
+        let c = LocalCoalescer::<Option<tokio::task::Id>>::new();
+        let caller = tokio::spawn(async move {
+            let fetched_in = c
+                .run(&key("k"), || async { Ok(tokio::task::try_id()) })
+                .await
+                .unwrap();
+            (tokio::task::id(), fetched_in)
+        });
+        let (caller, fetched_in) = caller.await.unwrap();
+        assert_eq!(fetched_in, Some(caller), "no task hop on a miss");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
