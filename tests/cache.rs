@@ -362,6 +362,7 @@ async fn fail_safe_serves_the_last_known_value_when_l2_and_loader_fail() {
         .fresh_for(Duration::from_millis(20))
         .stale_for(Duration::ZERO)
         .max_staleness(Duration::from_secs(30))
+        .fail_safe_throttle(Duration::from_millis(200))
         .build()
         .await
         .unwrap();
@@ -378,11 +379,50 @@ async fn fail_safe_serves_the_last_known_value_when_l2_and_loader_fail() {
     assert!(matches!(err, Error::Loader { .. }), "{err}");
     let st = cache.stats();
     assert_eq!((st.stale_fail_safe, st.errors), (1, 1));
-    // Recovery: everything back, fresh values again.
+    // Within the throttle the fail-safe answer is reused: no retry per read.
+    let attempts = src.calls();
+    for _ in 0..100 {
+        let l = cache.lookup(&k).await.unwrap();
+        assert_eq!(l.status, CacheStatus::Stale(StaleReason::FailSafe));
+    }
+    assert_eq!(
+        src.calls(),
+        attempts,
+        "the loader was retried within the throttle"
+    );
+    // Recovery: everything back; once the throttle passes, fresh values again.
     faults.fail_all(false);
     src.set_mode(Mode::Ok);
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let l = cache.lookup(&k).await.unwrap();
     assert_eq!((value(&l), l.status), ("k@1", CacheStatus::HitL2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_ends_the_fail_safe_throttle() {
+    let mem = MemoryStore::new();
+    let (store, faults) = faulty(&mem);
+    let src = Source::new(1);
+    let cache = FlagCache::builder(store, src.loader())
+        .fresh_for(Duration::from_millis(20))
+        .stale_for(Duration::ZERO)
+        .fail_safe_throttle(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let k = key("k");
+    cache.get(&k).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    faults.fail_all(true);
+    src.set_mode(Mode::Fail);
+    let l = cache.lookup(&k).await.unwrap();
+    assert_eq!(l.status, CacheStatus::Stale(StaleReason::FailSafe));
+    // The kill switch still lands: an invalidation drops the throttled entry.
+    let _ = cache.invalidate(&k).await;
+    assert!(
+        cache.get(&k).await.is_err(),
+        "the invalidated value was served"
+    );
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ pub trait VersionSource: Send + Sync + 'static {
 /// | [`fresh_for`](Self::fresh_for) | 30 s (± jitter) | L1 serves an entry as fresh this long after a fill |
 /// | [`stale_for`](Self::stale_for) | 5 min | then serves it while one background refresh runs |
 /// | [`max_staleness`](Self::max_staleness) | 1 h | fail-safe: oldest last known value served when L2 and the loader fail |
+/// | [`fail_safe_throttle`](Self::fail_safe_throttle) | 1 s | how long a fail-safe answer is reused before L2 and the loader are tried again |
 /// | [`l2_ttl`](Self::l2_ttl) | 10 min (± jitter) | TTL of every L2 write |
 /// | [`ttl_jitter`](Self::ttl_jitter) | 0.15 | ± spread of TTLs and freshness, so replicas do not expire in lockstep |
 /// | [`negative_ttl`](Self::negative_ttl) | 5 s | how long "no such flag" is remembered in L1 |
@@ -83,6 +84,7 @@ where
                 fresh_for: Duration::from_secs(30),
                 stale_for: Duration::from_secs(300),
                 max_staleness: Duration::from_secs(3600),
+                fail_safe_throttle: Duration::from_secs(1),
                 negative_ttl: Duration::from_secs(5),
                 l2_ttl: Duration::from_secs(600),
                 jitter: 0.15,
@@ -145,6 +147,17 @@ where
     #[must_use]
     pub fn max_staleness(mut self, d: Duration) -> Self {
         self.cfg.max_staleness = d;
+        self
+    }
+
+    /// After a fail-safe answer, how long L1 keeps giving it without retrying L2 and
+    /// the loader (default 1 s): while they are down, each key costs one attempt per
+    /// throttle period instead of one per read, so reads stay fast and the recovering
+    /// control plane is not hammered. An invalidation still drops the entry at once.
+    /// Zero retries on every read.
+    #[must_use]
+    pub fn fail_safe_throttle(mut self, d: Duration) -> Self {
+        self.cfg.fail_safe_throttle = d;
         self
     }
 
@@ -260,6 +273,7 @@ where
             c.fresh_for,
             c.stale_for,
             c.max_staleness,
+            c.fail_safe_throttle,
             c.negative_ttl,
             c.l2_ttl,
             c.l2_timeout,

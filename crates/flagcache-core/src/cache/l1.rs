@@ -32,6 +32,9 @@ pub(crate) struct Slot<T> {
     pub fresh_until: quanta::Instant,
     /// Served while one background refresh runs until then (stale-while-revalidate).
     pub stale_until: quanta::Instant,
+    /// Served as a fail-safe answer, without retrying L2 and the loader, until then
+    /// (set when a fill failed and this entry was served instead).
+    pub retry_after: quanta::Instant,
     /// The resync epoch it was filled in: older entries are unverified.
     pub epoch: u64,
     /// How long the fill took (XFetch's delta).
@@ -46,6 +49,7 @@ impl<T> Clone for Slot<T> {
             filled_at: self.filled_at,
             fresh_until: self.fresh_until,
             stale_until: self.stale_until,
+            retry_after: self.retry_after,
             epoch: self.epoch,
             cost: self.cost,
         }

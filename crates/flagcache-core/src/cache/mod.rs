@@ -138,6 +138,7 @@ pub(crate) struct Config {
     pub fresh_for: Duration,
     pub stale_for: Duration,
     pub max_staleness: Duration,
+    pub fail_safe_throttle: Duration,
     pub negative_ttl: Duration,
     pub l2_ttl: Duration,
     pub jitter: f64,
@@ -451,7 +452,35 @@ where
             // Not subscribed: L1 cannot be trusted as fresh, only as a fallback.
             fallback = self.l1.get(key).map(|slot| (slot, self.fences.begin()));
         }
-        Err(fallback)
+        match fallback {
+            // A fail-safe answer given moments ago: serve it again rather than retry
+            // L2 and the loader on every read while they are down.
+            Some((slot, _)) if self.clock.now() < slot.retry_after => {
+                self.tel.bump(Ev::StaleFailSafe);
+                Ok(answer(slot, CacheStatus::Stale(StaleReason::FailSafe)))
+            }
+            other => Err(other),
+        }
+    }
+
+    /// After a fail-safe answer, keeps serving that value without retrying until
+    /// `fail_safe_throttle` has passed — unless the entry was replaced or invalidated
+    /// meanwhile.
+    fn throttle_retries(&self, key: &FlagKey, served: &Slot<T>, seen: u64) {
+        if self.cfg.fail_safe_throttle.is_zero() {
+            return;
+        }
+        let fences = self.fences.lock();
+        let version = served.value.as_ref().map(|_| served.version);
+        let same = self
+            .l1
+            .peek(key)
+            .is_some_and(|cur| cur.filled_at == served.filled_at && cur.version == served.version);
+        if same && fences.admits(key, seen, version) {
+            let mut throttled = served.clone();
+            throttled.retry_after = self.clock.now() + self.cfg.fail_safe_throttle;
+            self.l1.insert(key.clone(), throttled);
+        }
     }
 
     async fn lookup_miss(
@@ -470,22 +499,21 @@ where
             }
             Err(e) => {
                 // Never fall back to a value invalidated while the fetch ran.
-                let usable = fallback
-                    .filter(|(fb, seen)| {
-                        e.is_transient()
-                            && self.clock.now().saturating_duration_since(fb.filled_at)
-                                <= self.cfg.max_staleness
-                            && self.fences.lock().admits(
-                                key,
-                                *seen,
-                                fb.value.as_ref().map(|_| fb.version),
-                            )
-                    })
-                    .map(|(fb, _)| fb);
+                let usable = fallback.filter(|(fb, seen)| {
+                    e.is_transient()
+                        && self.clock.now().saturating_duration_since(fb.filled_at)
+                            <= self.cfg.max_staleness
+                        && self.fences.lock().admits(
+                            key,
+                            *seen,
+                            fb.value.as_ref().map(|_| fb.version),
+                        )
+                });
                 match usable {
-                    Some(fb) => {
+                    Some((fb, seen)) => {
                         tracing::warn!(cache = %self.cfg.name, %key, error = %e,
                             "serving last known value (fail-safe)");
+                        self.throttle_retries(key, &fb, seen);
                         self.tel.bump(Ev::StaleFailSafe);
                         Ok(Lookup::from_slot(
                             &fb,
@@ -814,6 +842,7 @@ where
             filled_at: now,
             fresh_until: now + fresh,
             stale_until: now + fresh + stale,
+            retry_after: now,
             epoch: self.epoch.load(Ordering::SeqCst),
             cost,
         }
