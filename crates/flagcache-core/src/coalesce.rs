@@ -34,14 +34,14 @@ pub trait Coalescer: Send + Sync {
 type Slot<V> = watch::Receiver<Option<Result<V>>>;
 
 struct Inner<V> {
-    in_flight: Mutex<HashMap<FlagKey, (u64, Slot<V>)>>,
+    in_flight: Mutex<HashMap<FlagKey, (u64, Slot<V>), foldhash::fast::RandomState>>,
     next_id: AtomicU64,
     fetches: AtomicU64,
     waits: AtomicU64,
 }
 
 impl<V> Inner<V> {
-    fn map(&self) -> MutexGuard<'_, HashMap<FlagKey, (u64, Slot<V>)>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<FlagKey, (u64, Slot<V>), foldhash::fast::RandomState>> {
         // The lock is never held across a panic-prone call, so poisoning cannot leave
         // the map inconsistent; recover it rather than propagate a panic.
         self.in_flight
@@ -104,7 +104,7 @@ impl<V> Default for LocalCoalescer<V> {
     fn default() -> Self {
         LocalCoalescer {
             inner: Arc::new(Inner {
-                in_flight: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::default()),
                 next_id: AtomicU64::new(0),
                 fetches: AtomicU64::new(0),
                 waits: AtomicU64::new(0),

@@ -140,7 +140,8 @@ pub(crate) struct Fences {
 }
 
 struct Map {
-    fences: HashMap<FlagKey, Fence>,
+    /// foldhash: a fast keyed hash (per-process random seed); the map is on every fill.
+    fences: HashMap<FlagKey, Fence, foldhash::fast::RandomState>,
     /// Expired fences are swept when the map reaches this size; it doubles when a
     /// sweep frees little, so sweeping stays amortised O(1) per invalidation.
     sweep_at: usize,
@@ -159,7 +160,7 @@ impl Fences {
             seq: AtomicU64::new(0),
             all_seq: AtomicU64::new(0),
             by_key: Mutex::new(Map {
-                fences: HashMap::new(),
+                fences: HashMap::default(),
                 sweep_at: 1024,
             }),
             keep_for,
