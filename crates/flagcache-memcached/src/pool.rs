@@ -16,6 +16,8 @@ pub(crate) struct Pool {
 pub(crate) struct Lease<'a> {
     pool: &'a Pool,
     client: Option<Client>,
+    /// Taken from the idle list (not connected for this operation).
+    reused: bool,
     _permit: SemaphorePermit<'a>,
 }
 
@@ -53,6 +55,7 @@ impl Pool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
+        let reused = idle.is_some();
         let client = match idle {
             Some(c) => c,
             None => Client::new(&self.url).await?,
@@ -60,12 +63,28 @@ impl Pool {
         Ok(Lease {
             pool: self,
             client: Some(client),
+            reused,
             _permit: permit,
         })
     }
 }
 
+impl Pool {
+    /// Drops every idle connection (after one turned out dead: the others most likely
+    /// died with it).
+    pub fn drain_idle(&self) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
 impl Lease<'_> {
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     pub fn client(&mut self) -> Option<&mut Client> {
         self.client.as_mut()
     }

@@ -122,6 +122,24 @@ fn backend_error(operation: &'static str, e: async_memcached::Error) -> Error {
     Error::backend(BACKEND, operation, transient, Wrapped(e.to_string()))
 }
 
+/// The operation name of `ma`, which is never retried.
+const RAW_INCR: &str = "raw incr";
+
+/// How one attempt at a meta command failed.
+enum Failed {
+    /// An I/O error on a connection taken from the idle pool: worth one retry.
+    OnIdleConnection(Error),
+    Other(Error),
+}
+
+impl Failed {
+    fn into_error(self) -> Error {
+        match self {
+            Failed::OnIdleConnection(e) | Failed::Other(e) => e,
+        }
+    }
+}
+
 /// async-memcached's error, kept as text (its type is not `Sync`).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -138,7 +156,8 @@ pub struct MemcachedStoreBuilder {
     namespace: String,
     codec: Codec,
     pool_size: usize,
-    item_size_limit: usize,
+    /// `None`: read from the servers at build.
+    item_size_limit: Option<usize>,
     cas_attempts: u32,
     timeout: Duration,
     max_chunks: usize,
@@ -151,7 +170,7 @@ impl Default for MemcachedStoreBuilder {
             namespace: "flags".to_string(),
             codec: Codec::default(),
             pool_size: 16,
-            item_size_limit: (1 << 20) - 512,
+            item_size_limit: None,
             cas_attempts: 16,
             timeout: Duration::from_millis(500),
             max_chunks: 16,
@@ -194,12 +213,14 @@ impl MemcachedStoreBuilder {
         self
     }
 
-    /// The largest encoded entry to write (default 1 MiB less item overhead, matching
-    /// memcached's default `-I 1m`). Larger entries are refused with
-    /// `Error::ValueTooLarge`.
+    /// The largest item to write. By default it is read from the servers at build
+    /// (`stats settings`, `item_size_max`: the smallest over the servers, less 512
+    /// bytes of item overhead), or 1 MiB less that overhead — memcached's default
+    /// `-I 1m` — when no server tells. Larger entries are chunked (binary layout) or
+    /// refused with `Error::ValueTooLarge`.
     #[must_use]
     pub fn item_size_limit(mut self, bytes: usize) -> Self {
-        self.item_size_limit = bytes;
+        self.item_size_limit = Some(bytes);
         self
     }
 
@@ -228,10 +249,12 @@ impl MemcachedStoreBuilder {
         self
     }
 
-    /// Connects to every server (one connection each, to fail early on a bad address).
+    /// Connects to every server once: to fail early when none can be reached (a wrong
+    /// address), and to read each one's item size limit. Servers that are down are
+    /// kept in the ring — their keys miss until they come back — and logged.
     ///
     /// # Errors
-    /// A transient `Error::Backend` when a server cannot be reached;
+    /// A transient `Error::Backend` when no server can be reached;
     /// `Error::InvalidArgument` with no servers.
     pub async fn build(self) -> Result<MemcachedStore> {
         if self.servers.is_empty() {
@@ -244,17 +267,51 @@ impl MemcachedStoreBuilder {
             .iter()
             .map(|u| Pool::new(u.clone(), self.pool_size))
             .collect();
+        let mut reachable = 0;
+        let mut last_error = None;
+        let mut server_limit: Option<usize> = None;
         for pool in &pools {
-            let lease = pool.get().await.map_err(|e| backend_error("connect", e))?;
-            lease.give_back();
+            match tokio::time::timeout(self.timeout, pool.get()).await {
+                Ok(Ok(lease)) => {
+                    lease.give_back();
+                    reachable += 1;
+                    if self.item_size_limit.is_none() {
+                        if let Some(max) = item_size_max(pool.url(), self.timeout).await {
+                            server_limit = Some(server_limit.map_or(max, |m| m.min(max)));
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(server = pool.url(), error = %e,
+                        "memcached server unreachable at start; its keys miss until it is back");
+                    last_error = Some(backend_error("connect", e));
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        server = pool.url(),
+                        "memcached server did not answer at start; its keys miss until it is back"
+                    );
+                    last_error = Some(Error::Timeout {
+                        backend: BACKEND,
+                        operation: "connect",
+                        after: self.timeout,
+                    });
+                }
+            }
         }
+        if reachable == 0 {
+            return Err(last_error.unwrap_or(Error::Closed("memcached servers")));
+        }
+        let item_size_limit = self
+            .item_size_limit
+            .unwrap_or_else(|| server_limit.unwrap_or(DEFAULT_ITEM_SIZE_MAX) - ITEM_OVERHEAD);
         Ok(MemcachedStore {
             inner: Arc::new(Inner {
                 ring: Ring::new(&self.servers),
                 pools,
                 prefix: format!("{}:", self.namespace),
                 codec: self.codec,
-                item_size_limit: self.item_size_limit,
+                item_size_limit,
                 cas_attempts: self.cas_attempts,
                 cas_retries: AtomicU64::new(0),
                 timeout: self.timeout,
@@ -262,6 +319,44 @@ impl MemcachedStoreBuilder {
             }),
         })
     }
+}
+
+/// memcached's default largest item (`-I 1m`).
+const DEFAULT_ITEM_SIZE_MAX: usize = 1 << 20;
+/// Room left in an item for memcached's own header and the key.
+const ITEM_OVERHEAD: usize = 512;
+
+/// The server's largest item (`stats settings` → `item_size_max`), over a short-lived
+/// plain connection; `None` when the server does not say (or is not on TCP).
+async fn item_size_max(url: &str, limit: Duration) -> Option<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.strip_prefix("tcp://").unwrap_or(url);
+    if addr.contains("://") {
+        return None;
+    }
+    let query = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(b"stats settings\r\n").await.ok()?;
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !reply.ends_with(b"END\r\n") {
+            let n = conn.read(&mut chunk).await.ok()?;
+            if n == 0 || reply.len() > 64 << 10 {
+                return None;
+            }
+            reply.extend_from_slice(chunk.get(..n)?);
+        }
+        parse_item_size_max(&reply)
+    };
+    tokio::time::timeout(limit, query).await.ok().flatten()
+}
+
+fn parse_item_size_max(reply: &[u8]) -> Option<usize> {
+    std::str::from_utf8(reply)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("STAT item_size_max ")?.trim().parse().ok())
+        .filter(|&n: &usize| n > ITEM_OVERHEAD)
 }
 
 #[derive(Debug)]
@@ -316,6 +411,12 @@ impl MemcachedStore {
     /// As for [`MemcachedStoreBuilder::build`].
     pub async fn connect(url: &str) -> Result<Self> {
         Self::builder().server(url).build().await
+    }
+
+    /// The largest item this store writes (see
+    /// [`MemcachedStoreBuilder::item_size_limit`]).
+    pub fn item_size_limit(&self) -> usize {
+        self.inner.item_size_limit
     }
 
     /// How many times version-guarded writes retried after losing a CAS race, in total.
@@ -535,6 +636,7 @@ impl MemcachedStore {
             flags.push("b".into());
         }
         self.meta("recache get", &wire, move |c| {
+            let (k, flags) = (k.clone(), flags.clone());
             Box::pin(async move {
                 let f: Vec<&str> = flags.iter().map(String::as_str).collect();
                 c.meta_get(k.as_bytes(), false, None, Some(&f)).await
@@ -554,6 +656,7 @@ impl MemcachedStore {
         }
         let r = self
             .meta("recache drop", &wire, move |c| {
+                let (k, flags) = (k.clone(), flags.clone());
                 Box::pin(async move {
                     let f: Vec<&str> = flags.iter().map(String::as_str).collect();
                     c.meta_delete(k.as_bytes(), false, None, Some(&f)).await
@@ -569,6 +672,7 @@ impl MemcachedStore {
     pub(crate) async fn raw_get(&self, route: Route<'_>, key: &WireKey) -> Result<Option<Vec<u8>>> {
         let k = key.text.clone();
         self.meta_at(self.route(route), "raw get", move |c| {
+            let k = k.clone();
             Box::pin(async move { c.meta_get(k.as_bytes(), false, None, Some(&["v"])).await })
         })
         .await
@@ -586,6 +690,7 @@ impl MemcachedStore {
         let k = key.text.clone();
         let t = format!("T{exptime}");
         self.meta_at(self.route(route), "raw set", move |c| {
+            let (k, value, t) = (k.clone(), value.clone(), t.clone());
             Box::pin(async move {
                 c.meta_set(
                     k.as_bytes(),
@@ -611,6 +716,7 @@ impl MemcachedStore {
         let k = key.text.clone();
         let r = self
             .meta_at(self.route(route), "raw add", move |c| {
+                let (k, value) = (k.clone(), value.clone());
                 Box::pin(async move {
                     c.meta_set(
                         k.as_bytes(),
@@ -632,7 +738,8 @@ impl MemcachedStore {
     pub(crate) async fn raw_incr(&self, route: Route<'_>, key: &WireKey) -> Result<u64> {
         let k = key.text.clone();
         let v = self
-            .meta_at(self.route(route), "raw incr", move |c| {
+            .meta_at(self.route(route), RAW_INCR, move |c| {
+                let k = k.clone();
                 Box::pin(async move {
                     c.meta_increment(k.as_bytes(), false, None, None, Some(&["N0", "J1", "v"]))
                         .await
@@ -647,28 +754,58 @@ impl MemcachedStore {
     /// Runs one meta command on the key's server.
     async fn meta<F, R>(&self, operation: &'static str, wire: &WireKey, f: F) -> Result<R>
     where
-        F: for<'c> FnOnce(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
+        F: for<'c> Fn(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
     {
         self.meta_at(self.pool(wire), operation, f).await
     }
 
     /// Runs one meta command on `pool`'s server.
+    ///
+    /// A pooled connection may have died while idle (its server restarted): when the
+    /// command fails on one with an I/O error, the pool's other idle connections are
+    /// dropped (they died with it) and the command runs once more on a new connection.
+    /// Never for `ma`, which is not idempotent.
     async fn meta_at<F, R>(&self, pool: &Pool, operation: &'static str, f: F) -> Result<R>
     where
-        F: for<'c> FnOnce(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
+        F: for<'c> Fn(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
+    {
+        match self.meta_once(pool, operation, &f).await {
+            Err(Failed::OnIdleConnection(e)) if operation != RAW_INCR => {
+                tracing::debug!(server = pool.url(), error = %e,
+                    "a pooled memcached connection was dead; retrying on a new one");
+                pool.drain_idle();
+                self.meta_once(pool, operation, &f)
+                    .await
+                    .map_err(Failed::into_error)
+            }
+            r => r.map_err(Failed::into_error),
+        }
+    }
+
+    async fn meta_once<F, R>(
+        &self,
+        pool: &Pool,
+        operation: &'static str,
+        f: &F,
+    ) -> std::result::Result<R, Failed>
+    where
+        F: for<'c> Fn(&'c mut async_memcached::Client) -> MetaCall<'c, R>,
     {
         let limit = self.inner.timeout;
-        let timed_out = || Error::Timeout {
-            backend: BACKEND,
-            operation,
-            after: limit,
+        let timed_out = || {
+            Failed::Other(Error::Timeout {
+                backend: BACKEND,
+                operation,
+                after: limit,
+            })
         };
         let mut lease = tokio::time::timeout(limit, pool.get())
             .await
             .map_err(|_| timed_out())?
-            .map_err(|e| backend_error(operation, e))?;
+            .map_err(|e| Failed::Other(backend_error(operation, e)))?;
+        let reused = lease.reused();
         let Some(client) = lease.client() else {
-            return Err(Error::Closed("memcached connection"));
+            return Err(Failed::Other(Error::Closed("memcached connection")));
         };
         // On a timeout the lease is dropped with its connection: it may hold a
         // half-read reply.
@@ -685,10 +822,17 @@ impl MemcachedStore {
                 if !matches!(status, Status::Error(_)) =>
             {
                 lease.give_back();
-                Err(protocol(operation, status))
+                Err(Failed::Other(protocol(operation, status)))
+            }
+            // The connection died under us; if it had been idle, its server may simply
+            // have restarted since.
+            Err(e @ (async_memcached::Error::Io(_) | async_memcached::Error::ConnectionClosed))
+                if reused =>
+            {
+                Err(Failed::OnIdleConnection(backend_error(operation, e)))
             }
             // Anything else may have left bytes unread: drop the connection.
-            Err(e) => Err(backend_error(operation, e)),
+            Err(e) => Err(Failed::Other(backend_error(operation, e))),
         }
     }
 
@@ -708,6 +852,7 @@ impl MemcachedStore {
             .map(|s| s.to_string())
             .collect::<Vec<_>>();
         self.meta("get", wire, move |c| {
+            let (key, flags) = (key.clone(), flags.clone());
             Box::pin(async move {
                 let f: Vec<&str> = flags.iter().map(String::as_str).collect();
                 c.meta_get(key.as_bytes(), false, None, Some(&f)).await
@@ -749,6 +894,7 @@ impl MemcachedStore {
         }
         let written = self
             .meta("put", wire, move |c| {
+                let (key, value, flags) = (key.clone(), value.clone(), flags.clone());
                 Box::pin(async move {
                     let f: Vec<&str> = flags.iter().map(String::as_str).collect();
                     c.meta_set(key.as_bytes(), value.as_slice(), false, None, Some(&f))
@@ -845,6 +991,7 @@ impl FlagStore for MemcachedStore {
             let flags: &'static [&'static str] = if base64 { &["v", "b"] } else { &["v"] };
             let found = match self
                 .meta("get_many", route, move |c| {
+                    let batch = batch.clone();
                     Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
                 })
                 .await
@@ -971,6 +1118,7 @@ impl FlagStore for MemcachedStore {
         };
         let deleted = self
             .meta("delete", &wire, move |c| {
+                let (k, flags) = (k.clone(), flags.clone());
                 Box::pin(async move {
                     let f: Vec<&str> = flags.iter().map(String::as_str).collect();
                     c.meta_delete(

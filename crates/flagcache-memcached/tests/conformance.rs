@@ -143,7 +143,7 @@ async fn keys_too_long_for_memcached_are_digested_and_stay_distinct() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sides_of_the_item_limit() {
-    // A server with a 512 KiB item limit, and a store told so.
+    // A server with a 512 KiB item limit: the store reads it (less item overhead).
     let server = MemcachedServer::builder()
         .item_size_limit("512k")
         .start()
@@ -151,11 +151,19 @@ async fn both_sides_of_the_item_limit() {
     let limit = 512 * 1024 - 512;
     let store = MemcachedStore::builder()
         .server(server.url())
-        .item_size_limit(limit)
         .max_chunks(1) // no chunking: the limit is the limit
         .build()
         .await
         .unwrap();
+    assert_eq!(store.item_size_limit(), limit);
+    // A limit set by hand wins over the server's.
+    let told = MemcachedStore::builder()
+        .server(server.url())
+        .item_size_limit(100_000)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(told.item_size_limit(), 100_000);
     let noise = |n: usize| (0..n).map(|_| fastrand::u8(..)).collect::<Vec<u8>>();
     // Just under: stored and read back whole (28 bytes of envelope header).
     let under = FlagKey::new("under").unwrap();
@@ -334,4 +342,87 @@ async fn flags_named_like_internal_keys_do_not_collide_with_them() {
             Some((name.to_string(), Version::new(1)))
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_fails_no_operation_on_pooled_connections() {
+    let mut server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::builder()
+        .server(server.url())
+        .pool_size(4)
+        .build()
+        .await
+        .unwrap();
+    let keys: Vec<FlagKey> = (0..8)
+        .map(|i| FlagKey::new(format!("restart.{i}")).unwrap())
+        .collect();
+    // Fill the pool: concurrent writes leave four idle connections behind.
+    let entry = Entry::new(Version::new(1), Bytes::from_static(b"v"));
+    let writes = keys
+        .iter()
+        .map(|k| store.put(k, &entry, Duration::from_secs(60)));
+    for r in futures_util::future::join_all(writes).await {
+        assert_eq!(r.unwrap(), PutOutcome::Stored);
+    }
+    // The server restarts (empty): every pooled connection is now dead.
+    server.restart().unwrap();
+    for k in &keys {
+        assert_eq!(store.get(k).await.unwrap(), None, "{k}");
+    }
+    let stored = store
+        .put(
+            &keys[0],
+            &Entry::new(Version::new(2), Bytes::from_static(b"w")),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, PutOutcome::Stored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_starts_with_a_server_of_its_ring_down() {
+    let up = MemcachedServer::start().unwrap();
+    let mut down = MemcachedServer::builder()
+        .item_size_limit("2m")
+        .start()
+        .unwrap();
+    down.stop();
+    let store = MemcachedStore::builder()
+        .servers([up.url(), down.url()])
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // The limit comes from the server that answered (memcached's default, 1 MiB).
+    assert_eq!(store.item_size_limit(), (1 << 20) - 512);
+    let keys: Vec<FlagKey> = (0..40)
+        .map(|i| FlagKey::new(format!("k{i}")).unwrap())
+        .collect();
+    let entry = Entry::new(Version::new(1), Bytes::from_static(b"v"));
+    let mut stored = 0;
+    for k in &keys {
+        if store.put(k, &entry, Duration::from_secs(60)).await.is_ok() {
+            stored += 1;
+        }
+    }
+    assert!(
+        stored > 5 && stored < keys.len(),
+        "stored {stored} of {}",
+        keys.len()
+    );
+    // Back: its keys work without rebuilding the store.
+    down.restart().unwrap();
+    for k in &keys {
+        store.put(k, &entry, Duration::from_secs(60)).await.unwrap();
+    }
+    // With no server reachable at all, building fails.
+    down.stop();
+    let err = MemcachedStore::builder()
+        .server(down.url())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
 }
