@@ -29,6 +29,26 @@ pub trait Coalescer: Send + Sync {
     /// # Errors
     /// The fetch's error, shared by every caller that waited on it.
     async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>>;
+
+    /// [`Coalescer::coalesce`], allowed to answer with a value the backend holds as
+    /// stale (see [`FlagStore::mark_stale`](crate::FlagStore::mark_stale)) while
+    /// another process refreshes it: cross-process stale-while-revalidate. The caller
+    /// serves such a value as stale and keeps revalidating. The default never does.
+    ///
+    /// # Errors
+    /// As for [`Coalescer::coalesce`].
+    async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
+        self.coalesce(key, fetch).await.map(Coalesced::Fresh)
+    }
+}
+
+/// What [`Coalescer::coalesce_or_stale`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coalesced {
+    /// The fetch's result, or the value another process fetched.
+    Fresh(Option<Entry>),
+    /// A value marked stale, served while another process refreshes it.
+    Stale(Entry),
 }
 
 type Slot<V> = watch::Receiver<Option<Result<V>>>;

@@ -80,6 +80,7 @@ pub async fn run_store_suite(store: Arc<dyn FlagStore>, raw: &dyn RawAccess) {
     get_checked_hit_stale_miss(s).await;
     get_many_keeps_order_and_misses(s).await;
     delete_removes(s).await;
+    mark_stale_reads_as_a_miss(s).await;
     keys_at_the_edges(s).await;
     large_values(s).await;
     corrupt_bytes_are_a_miss_not_a_panic(s, raw).await;
@@ -341,6 +342,52 @@ pub async fn delete_removes(store: &dyn FlagStore) {
         .delete(&key)
         .await
         .expect("delete: twice is not an error");
+}
+
+/// A key marked stale reads as a miss (single and batch reads); a `put` of the same
+/// version revalidates it, and a newer one replaces it.
+pub async fn mark_stale_reads_as_a_miss(store: &dyn FlagStore) {
+    let key = fresh_key("stale");
+    let five = entry(store, 5, "five");
+    store.put(&key, &five, TTL).await.unwrap();
+    store
+        .mark_stale(&key, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "mark_stale: the stale entry is still read as fresh"
+    );
+    assert_eq!(
+        store.get_many(std::slice::from_ref(&key)).await.unwrap(),
+        vec![None],
+        "mark_stale: a batch read returns the stale entry"
+    );
+    // Stored where the entry was deleted, Superseded where it was kept: either way the
+    // source's confirmation makes it readable again.
+    store.put(&key, &five, TTL).await.unwrap();
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        Some(five),
+        "mark_stale: a put of the same version did not revalidate it"
+    );
+    store
+        .mark_stale(&key, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let six = entry(store, 6, "six");
+    assert_eq!(
+        store.put(&key, &six, TTL).await.unwrap(),
+        PutOutcome::Stored,
+        "mark_stale: a newer version was refused"
+    );
+    assert_eq!(store.get(&key).await.unwrap(), Some(six));
+    store
+        .mark_stale(&fresh_key("stale-absent"), Duration::from_secs(30))
+        .await
+        .expect("mark_stale: an absent key is not an error");
+    store.delete(&key).await.unwrap();
 }
 
 /// Invalid keys cannot be built; the longest and the oddest valid keys round trip and

@@ -95,6 +95,19 @@ pub trait FlagStore: Send + Sync {
     /// # Errors
     /// A backend error or a timeout.
     async fn delete(&self, key: &FlagKey) -> Result<()>;
+
+    /// Marks a key's entry stale: from now on [`get`](FlagStore::get) reads it as a
+    /// miss, as after [`delete`](FlagStore::delete). A backend with cross-process
+    /// stale-while-revalidate (memcached's `md … I`) keeps the value for `grace`, so
+    /// that its [`Coalescer`](crate::Coalescer) can serve it while one process
+    /// refreshes it; a `put` of the same version revalidates it. The default deletes.
+    ///
+    /// # Errors
+    /// A backend error or a timeout.
+    async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
+        let _ = grace;
+        self.delete(key).await
+    }
 }
 
 /// A channel of invalidation events between the nodes of a fleet.
@@ -151,6 +164,9 @@ macro_rules! forward_impls {
             }
             async fn delete(&self, key: &FlagKey) -> Result<()> {
                 (**self).delete(key).await
+            }
+            async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
+                (**self).mark_stale(key, grace).await
             }
         }
 

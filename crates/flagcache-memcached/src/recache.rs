@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use flagcache_core::{Coalescer, Entry, Fetch, FlagKey, FlagStore, Result};
+use flagcache_core::{Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, Result};
 
 use crate::MemcachedStore;
 
@@ -13,6 +13,11 @@ use crate::MemcachedStore;
 /// empty placeholder and gives exactly one client in the fleet the win flag `W`; it
 /// loads and stores the value. The others see `Z` and poll for the winner's value; if
 /// none appears within the placeholder's TTL they load by themselves.
+///
+/// It also carries cross-process stale-while-revalidate: after
+/// `FlagCache::refresh` marks an entry stale (`md … I`), the first reader of the fleet
+/// wins the right to reload it and the others are answered at once with the stale
+/// value, which `FlagCache` serves as stale while it keeps revalidating.
 #[derive(Clone)]
 pub struct MemcachedRecache {
     store: MemcachedStore,
@@ -55,19 +60,40 @@ impl MemcachedRecache {
     }
 }
 
-#[async_trait]
-impl Coalescer for MemcachedRecache {
-    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
+impl MemcachedRecache {
+    async fn run(&self, key: &FlagKey, fetch: Fetch, stale_ok: bool) -> Result<Coalesced> {
+        let fresh = |r: Result<Option<Entry>>| r.map(Coalesced::Fresh);
         let ttl_secs = self.ttl.as_secs().max(1);
         let first = match self.store.recache_read(key, ttl_secs).await {
             Ok(Some(v)) => v,
-            Ok(None) => return fetch.await,
+            Ok(None) => return fresh(fetch.await),
             Err(e) => {
                 tracing::warn!(%key, error = %e, "recache read failed; loading unguarded");
-                return fetch.await;
+                return fresh(fetch.await);
             }
         };
         let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
+        let stale = first.is_stale == Some(true);
+        if has_data && stale {
+            // Memcached gives a stale item's token to its first reader: this one, or
+            // the plain read this process made just before.
+            if first.is_recache_winner == Some(true) || self.store.take_won(key) {
+                // Marked stale, and ours to refresh. If we store nothing, hand the
+                // token back so that another process tries.
+                let result = fetch.await;
+                if !matches!(result, Ok(Some(_))) {
+                    let _ = self.store.rearm_key(key).await;
+                }
+                return fresh(result);
+            }
+            // Someone else is refreshing it: serve the stale value meanwhile.
+            if stale_ok {
+                if let Ok(Some(entry)) = self.store.read_entry(key, true).await {
+                    return Ok(Coalesced::Stale(entry));
+                }
+            }
+            return fresh(self.wait(key, ttl_secs, fetch).await);
+        }
         if has_data || first.is_recache_winner != Some(false) {
             // Either we won the right to fill it, or it holds a value — which the
             // caller has just judged unusable (a miss, a stale version): load.
@@ -80,25 +106,34 @@ impl Coalescer for MemcachedRecache {
                     let _ = self.store.drop_placeholder(key, cas).await;
                 }
             }
-            return result;
+            return fresh(result);
         }
-        // Someone else is filling it: wait for their value, or for the win to pass to us.
+        fresh(self.wait(key, ttl_secs, fetch).await)
+    }
+
+    /// Someone else is filling `key`: waits for their value, or for the win to pass
+    /// to us, or for the placeholder's TTL — then loads.
+    async fn wait(&self, key: &FlagKey, ttl_secs: u64, fetch: Fetch) -> Result<Option<Entry>> {
         let deadline = Instant::now() + self.ttl;
         while Instant::now() < deadline {
             tokio::time::sleep(self.poll.mul_f64(0.5 + fastrand::f64())).await;
             let Ok(Some(now)) = self.store.recache_read(key, ttl_secs).await else {
                 continue;
             };
-            if now.data.as_ref().is_some_and(|d| !d.is_empty()) {
+            let has_data = now.data.as_ref().is_some_and(|d| !d.is_empty());
+            if has_data && now.is_stale != Some(true) {
                 // Their value (a chunked one is assembled by `get`).
                 if let Ok(Some(entry)) = self.store.get(key).await {
                     return Ok(Some(entry));
                 }
-            } else if now.is_recache_winner == Some(true) {
+            } else if now.is_recache_winner == Some(true) || (has_data && self.store.take_won(key))
+            {
                 // The previous winner gave up: our turn.
                 let result = fetch.await;
                 if !matches!(result, Ok(Some(_))) {
-                    if let Some(cas) = now.cas {
+                    if has_data {
+                        let _ = self.store.rearm_key(key).await;
+                    } else if let Some(cas) = now.cas {
                         let _ = self.store.drop_placeholder(key, cas).await;
                     }
                 }
@@ -107,5 +142,22 @@ impl Coalescer for MemcachedRecache {
         }
         tracing::warn!(%key, "the recache winner never filled the key; loading");
         fetch.await
+    }
+}
+
+#[async_trait]
+impl Coalescer for MemcachedRecache {
+    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
+        match self.run(key, fetch, false).await? {
+            Coalesced::Fresh(entry) => Ok(entry),
+            Coalesced::Stale(entry) => Ok(Some(entry)),
+        }
+    }
+
+    /// As `coalesce`, and when the entry was marked stale (`FlagStore::mark_stale`,
+    /// `md … I`) and another process won the right to refresh it, answers at once with
+    /// the stale value.
+    async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
+        self.run(key, fetch, true).await
     }
 }

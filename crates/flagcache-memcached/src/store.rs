@@ -122,6 +122,9 @@ fn backend_error(operation: &'static str, e: async_memcached::Error) -> Error {
     Error::backend(BACKEND, operation, transient, Wrapped(e.to_string()))
 }
 
+/// How long a recache token won by a plain read is remembered for the recache path.
+const WON_KEPT_FOR: Duration = Duration::from_secs(10);
+
 /// The operation name of `ma`, which is never retried.
 const RAW_INCR: &str = "raw incr";
 
@@ -316,6 +319,7 @@ impl MemcachedStoreBuilder {
                 cas_retries: AtomicU64::new(0),
                 timeout: self.timeout,
                 max_chunks: self.max_chunks,
+                won: std::sync::Mutex::default(),
             }),
         })
     }
@@ -370,6 +374,10 @@ struct Inner {
     cas_retries: AtomicU64,
     timeout: Duration,
     max_chunks: usize,
+    /// Stale entries whose recache token a plain read of this process won (memcached
+    /// hands it to the first reader of a stale item, whatever the command): the
+    /// recache path of this process then refreshes them. Wire key → when won.
+    won: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A [`FlagStore`] on memcached's meta protocol. See the [crate docs](crate).
@@ -400,6 +408,108 @@ pub(crate) struct WireKey {
 }
 
 impl MemcachedStore {
+    /// Reads and decodes (and, for a chunked value, assembles) an entry. An entry
+    /// marked stale (`md … I`) is a miss unless `stale_ok`. A read that won a stale
+    /// entry's recache token (`W`) notes it, so that this process's recache path
+    /// refreshes the entry.
+    pub(crate) async fn read_entry(&self, key: &FlagKey, stale_ok: bool) -> Result<Option<Entry>> {
+        let wire = self.wire_key(key)?;
+        let Some(found) = self.read(&wire).await.map_err(|e| e.with_key(key))? else {
+            return Ok(None);
+        };
+        if found.is_stale == Some(true) {
+            if found.is_recache_winner == Some(true) {
+                self.note_won(&wire);
+            }
+            if !stale_ok {
+                return Ok(None);
+            }
+        }
+        let data = found.data.unwrap_or_default();
+        if data.is_empty() {
+            // A placeholder vivified by a recache (`N`) read: no value yet.
+            return Ok(None);
+        }
+        let entry = self
+            .inner
+            .codec
+            .decode_entry(Bytes::from(data))
+            .map_err(|e| e.with_key(key))?;
+        match Manifest::parse(&entry.payload) {
+            Some(m) => self.read_chunks(key, &wire, entry.version, m).await,
+            None => Ok(Some(entry)),
+        }
+    }
+
+    /// `md <key> I [T<exptime>]`: marks the entry stale, keeping its value (for
+    /// `exptime` when given), and re-arms its recache token. Absent: fine.
+    async fn invalidate_in_place(&self, wire: &WireKey, exptime: Option<u64>) -> Result<()> {
+        let k = wire.text.clone();
+        let mut flags = vec!["I".to_string()];
+        if let Some(t) = exptime {
+            flags.push(format!("T{t}"));
+        }
+        if wire.base64 {
+            flags.push("b".into());
+        }
+        let r = self
+            .meta("mark stale", wire, move |c| {
+                let (k, flags) = (k.clone(), flags.clone());
+                Box::pin(async move {
+                    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+                    c.meta_delete(k.as_bytes(), false, None, Some(&f)).await
+                })
+            })
+            .await;
+        // NF (absent) is a refusal, not a failure.
+        r.map(drop)
+            .or_else(|e| if e.is_transient() { Err(e) } else { Ok(()) })
+    }
+
+    fn won(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
+        self.inner
+            .won
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note_won(&self, wire: &WireKey) {
+        let mut won = self.won();
+        if won.len() >= 1024 {
+            // Tokens nobody acted on pass with their entry's grace anyway.
+            won.retain(|_, at| at.elapsed() < WON_KEPT_FOR);
+        }
+        won.insert(wire.text.clone(), std::time::Instant::now());
+    }
+
+    /// Whether a plain read of this process won `key`'s recache token (recently);
+    /// forgets it.
+    pub(crate) fn take_won(&self, key: &FlagKey) -> bool {
+        let Ok(wire) = self.wire_key(key) else {
+            return false;
+        };
+        self.won()
+            .remove(&wire.text)
+            .is_some_and(|at| at.elapsed() < WON_KEPT_FOR)
+    }
+
+    /// [`MemcachedStore::rearm`] by flag key.
+    pub(crate) async fn rearm_key(&self, key: &FlagKey) -> Result<()> {
+        let wire = self.wire_key(key)?;
+        self.rearm(&wire).await;
+        Ok(())
+    }
+
+    /// Hands back a stale entry's recache token won by a plain read, so that the
+    /// recache path elects the process that refreshes it.
+    async fn rearm(&self, wire: &WireKey) {
+        if let Err(e) = self.invalidate_in_place(wire, None).await {
+            tracing::debug!(error = %e, "could not hand back a recache token; it passes with the entry's TTL");
+        }
+    }
+
     /// Configures a store.
     pub fn builder() -> MemcachedStoreBuilder {
         MemcachedStoreBuilder::default()
@@ -950,24 +1060,7 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
-        let wire = self.wire_key(key)?;
-        let Some(found) = self.read(&wire).await.map_err(|e| e.with_key(key))? else {
-            return Ok(None);
-        };
-        let data = found.data.unwrap_or_default();
-        if data.is_empty() {
-            // A placeholder vivified by a recache (`N`) read: no value yet.
-            return Ok(None);
-        }
-        let entry = self
-            .inner
-            .codec
-            .decode_entry(Bytes::from(data))
-            .map_err(|e| e.with_key(key))?;
-        match Manifest::parse(&entry.payload) {
-            Some(m) => self.read_chunks(key, &wire, entry.version, m).await,
-            None => Ok(Some(entry)),
-        }
+        self.read_entry(key, false).await
     }
 
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
@@ -1004,10 +1097,25 @@ impl FlagStore for MemcachedStore {
                 }
                 Err(e) => return Err(e),
             };
-            let by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
-                .into_iter()
-                .filter_map(|v| Some((v.key?, v.data.unwrap_or_default())))
-                .collect();
+            let mut by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> =
+                std::collections::HashMap::new();
+            for v in found {
+                let Some(k) = v.key else { continue };
+                if v.is_stale == Some(true) {
+                    // Stale reads as a miss; a won recache token is noted.
+                    if v.is_recache_winner == Some(true) {
+                        if let Some(w) = idx
+                            .iter()
+                            .map(|&i| &wires[i])
+                            .find(|w| w.text.as_bytes() == k)
+                        {
+                            self.note_won(w);
+                        }
+                    }
+                    continue;
+                }
+                by_key.insert(k, v.data.unwrap_or_default());
+            }
             for &i in &idx {
                 if let Some(data) = by_key.get(wires[i].text.as_bytes()) {
                     let entry = self
@@ -1087,6 +1195,18 @@ impl FlagStore for MemcachedStore {
                         .as_deref()
                         .and_then(|d| self.inner.codec.peek_version(d).ok());
                     if let Some(held) = held.filter(|h| *h >= entry.version) {
+                        if v.is_stale == Some(true) {
+                            if held == entry.version {
+                                // The source confirms the stale value: store it again,
+                                // which clears the mark (a lost race is fine: someone
+                                // else wrote it).
+                                if let Some(c) = v.cas {
+                                    let _ = self.write(&wire, &bytes, exptime, Some(c)).await;
+                                }
+                            } else if v.is_recache_winner == Some(true) {
+                                self.rearm(&wire).await;
+                            }
+                        }
                         return Ok(PutOutcome::Superseded { current: held });
                     }
                     // Lower or unreadable: replace it, if nobody changed it meanwhile.
@@ -1106,6 +1226,14 @@ impl FlagStore for MemcachedStore {
             tracing::debug!(%key, round, "lost a CAS race; retrying");
         }
         Err(Error::backend(BACKEND, "put", true, Contention(self.inner.cas_attempts)).with_key(key))
+    }
+
+    async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
+        let wire = self.wire_key(key)?;
+        let exptime = Self::exptime(grace)?;
+        self.invalidate_in_place(&wire, Some(exptime))
+            .await
+            .map_err(|e| e.with_key(key))
     }
 
     async fn delete(&self, key: &FlagKey) -> Result<()> {

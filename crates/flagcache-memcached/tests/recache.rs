@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flagcache_core::{CacheStatus, Error, FlagCache, FlagKey, FlagStore, StaleReason, Version};
-use flagcache_memcached::{MemcachedRecache, MemcachedStore};
+use flagcache_memcached::{MemcachedInvalidator, MemcachedRecache, MemcachedStore};
 use flagcache_testkit::MemcachedServer;
 
 type Loader = Arc<
@@ -202,4 +202,135 @@ async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
         t.elapsed()
     );
     assert!(calls.load(Ordering::SeqCst) <= 4);
+}
+
+/// `FlagCache::refresh` marks the entry stale (`md … I`): exactly one process of the
+/// fleet reloads it, and the others are answered with the stale value before that
+/// refresh ends — proved by order (the loader is held until the answers are in), not
+/// by time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let server = MemcachedServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let version = Arc::new(AtomicU64::new(1));
+    let ended = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (calls, version, ended, release, hold) = (
+            calls.clone(),
+            version.clone(),
+            ended.clone(),
+            release.clone(),
+            hold.clone(),
+        );
+        Arc::new(move |k: FlagKey| {
+            let (calls, version, ended, release, hold) = (
+                calls.clone(),
+                version.clone(),
+                ended.clone(),
+                release.clone(),
+                hold.clone(),
+            );
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let v = version.load(Ordering::SeqCst);
+                if hold.load(Ordering::SeqCst) {
+                    // The refresh: held open until the test has seen the stale answers.
+                    release.notified().await;
+                    ended.store(true, Ordering::SeqCst);
+                }
+                Ok(Some((format!("{k}@{v}"), Version::new(v))))
+            }
+        })
+    };
+    let mut replicas = Vec::new();
+    for _ in 0..8 {
+        let store = MemcachedStore::connect(&server.url()).await.unwrap();
+        let log = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(10));
+        let load = load.clone();
+        replicas.push(
+            FlagCache::<String>::builder(store.clone(), move |k| load(k))
+                .invalidator(log)
+                .cross_process(
+                    MemcachedRecache::new(&store).poll_interval(Duration::from_millis(5)),
+                )
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let k = FlagKey::new("rules").unwrap();
+    for cache in &replicas {
+        assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "rules@1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // The source moves to v2; replica 0 asks the fleet to refresh.
+    version.store(2, Ordering::SeqCst);
+    hold.store(true, Ordering::SeqCst);
+    replicas[0].refresh(&k).await.unwrap();
+    for cache in &replicas[1..] {
+        for _ in 0..400 {
+            if cache.stats().invalidations >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            cache.stats().invalidations >= 1,
+            "the refresh never arrived"
+        );
+    }
+    let mut reads = Vec::new();
+    for cache in &replicas {
+        for _ in 0..10 {
+            let (c, k, ended) = (cache.clone(), k.clone(), ended.clone());
+            reads.push(tokio::spawn(async move {
+                let l = c.lookup(&k).await.unwrap();
+                (l, !ended.load(Ordering::SeqCst))
+            }));
+        }
+    }
+    // One replica's reads wait for the refresh it runs; the other 70 are answered
+    // while it is held open.
+    for _ in 0..1000 {
+        if reads.iter().filter(|r| r.is_finished()).count() >= 70 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "exactly one process reloads"
+    );
+    release.notify_one();
+    let mut stale = 0;
+    for r in reads {
+        let (l, during_load) = r.await.unwrap();
+        let value = l.value.as_deref().map(String::as_str);
+        if l.status == CacheStatus::Stale(StaleReason::Revalidating) {
+            assert_eq!(value, Some("rules@1"));
+            assert!(during_load, "a stale answer came after the refresh ended");
+            stale += 1;
+        } else {
+            assert_eq!(value, Some("rules@2"), "{l:?}");
+        }
+    }
+    assert!(stale >= 70, "only {stale} stale answers");
+    // Then the fleet converges on v2 without another load.
+    for cache in &replicas {
+        let mut got = String::new();
+        for _ in 0..400 {
+            got = cache.get(&k).await.unwrap().unwrap().to_string();
+            if got == "rules@2" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(got, "rules@2");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "convergence cost a load");
 }

@@ -20,6 +20,7 @@ pub use builder::{FlagCacheBuilder, VersionSource};
 pub use loader::Loader;
 pub use stats::Stats;
 
+use crate::Coalesced;
 use breaker::{Breaker, Permit};
 use l1::{Fences, Refreshing, Slot};
 use stats::{seconds, Ev, Telemetry};
@@ -124,6 +125,8 @@ pub struct WarmReport {
 enum Tier {
     L2,
     Loader,
+    /// A value the fleet holds as stale, served while another process refreshes it.
+    StaleL2,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -363,6 +366,33 @@ where
         deleted.and(published)
     }
 
+    /// Asks the fleet to reload `key` from the source while it goes on answering with
+    /// the current value: a soft [`invalidate`](FlagCache::invalidate), for changes
+    /// that may take one load's time to reach everyone (not for kill switches — use
+    /// [`set`](FlagCache::set), which carries the new value and version).
+    ///
+    /// L2 marks the entry stale ([`FlagStore::mark_stale`]) and every replica drops its
+    /// L1 copy. With a backend that keeps stale values (memcached, with
+    /// `MemcachedRecache` as the cross-process coalescer), exactly one process of the
+    /// fleet reloads from the source while the others serve the stale value, marked
+    /// [`StaleReason::Revalidating`], for at most twice the loader timeout; other
+    /// backends delete, and the next reads load (coalesced) as after `invalidate`.
+    ///
+    /// # Errors
+    /// An L2 or publish error (this replica's L1 is dropped regardless).
+    pub async fn refresh(&self, key: &FlagKey) -> Result<()> {
+        let inner = &self.inner;
+        inner.drop_local(key, None);
+        let grace = inner.cfg.loader_timeout * 2;
+        let marked = inner
+            .l2_call("mark_stale", inner.store.mark_stale(key, grace))
+            .await;
+        // A read in the meantime may have refilled L1 from the entry just marked.
+        inner.drop_local(key, None);
+        let published = inner.publish(Invalidation::key(key.clone())).await;
+        marked.and(published)
+    }
+
     /// Drops every replica's L1 (this one's at once). L2 keeps its entries — they are
     /// versioned and guarded — so replicas refill from L2, not from the source.
     ///
@@ -493,6 +523,10 @@ where
                 let (ev, status) = match tier {
                     Tier::L2 => (Ev::HitL2, CacheStatus::HitL2),
                     Tier::Loader => (Ev::Miss, CacheStatus::Miss),
+                    Tier::StaleL2 => (
+                        Ev::StaleRevalidating,
+                        CacheStatus::Stale(StaleReason::Revalidating),
+                    ),
                 };
                 self.tel.bump(ev);
                 Ok(Lookup::from_slot(&slot, status))
@@ -687,7 +721,7 @@ where
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(filled);
             Ok(entry)
         });
-        let entry = fleet.coalesce(key, fetch).await?;
+        let answer = fleet.coalesce_or_stale(key, fetch).await?;
         let ran_here = mine
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -695,6 +729,24 @@ where
         if let Some(filled) = ran_here {
             return Ok(filled);
         }
+        let entry = match answer {
+            Coalesced::Fresh(entry) => entry,
+            Coalesced::Stale(entry) => {
+                // Another process is refreshing it: serve the stale value, held in L1
+                // as stale (never as fresh), so that reads keep revalidating until the
+                // new value lands.
+                if let Ok(v) = self.store.codec().decode_value::<T>(&entry.payload) {
+                    let mut slot =
+                        self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
+                    let now = self.clock.now();
+                    slot.fresh_until = now;
+                    slot.stale_until = now + self.cfg.stale_for.max(Duration::from_secs(1));
+                    self.install(key, &slot, start);
+                    return Ok((slot, Tier::StaleL2));
+                }
+                None
+            }
+        };
         // Another process loaded it and stored it in L2.
         if let Some(entry) = entry {
             if let Ok(v) = self.store.codec().decode_value::<T>(&entry.payload) {
