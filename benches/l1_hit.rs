@@ -11,7 +11,9 @@
 //! - `moka`: the same with `moka::sync::Cache`, the other candidate;
 //! - `flagcache`: `FlagCache::get` of a hot key — freshness check, resync epoch check,
 //!   counters included. An L1 hit never awaits, so the future is polled once
-//!   (`now_or_never`) and no runtime overhead is measured.
+//!   (`now_or_never`) and no runtime overhead is measured;
+//! - `flagcache_get_cached`: `FlagCache::get_cached`, the same read without a future
+//!   (for synchronous code).
 //!
 //! With 2 threads, each thread performs every iteration and the figure is the wall time
 //! per iteration: contention (a shared counter, a lock) shows up as a higher figure.
@@ -115,10 +117,18 @@ fn bench(c: &mut Criterion) {
             .expect("no error");
         black_box(v);
     };
-    let contenders: [(&str, &(dyn Fn(usize) + Sync)); 3] = [
+    let flag_get_cached = |i: usize| {
+        let v = cache
+            .get_cached(&keys[order[i]])
+            .expect("an L1 hit")
+            .expect("a value");
+        black_box(v);
+    };
+    let contenders: [(&str, &(dyn Fn(usize) + Sync)); 4] = [
         ("quick_cache", &quick_get),
         ("moka", &moka_get),
         ("flagcache", &flag_get),
+        ("flagcache_get_cached", &flag_get_cached),
     ];
     for threads in [1, 2] {
         let mut group = c.benchmark_group(format!("l1_hit/{threads}_thread"));

@@ -1165,6 +1165,9 @@ async fn the_evaluation_hook_sees_every_read() {
     cache.get(&key("a")).await.unwrap();
     src.set_mode(Mode::Fail);
     let _ = cache.get(&key("b")).await;
+    // The synchronous read is an evaluation too; one L1 cannot answer is not.
+    assert!(cache.get_cached(&key("a")).is_some());
+    assert!(cache.get_cached(&key("never")).is_none());
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
         seen,
@@ -1180,8 +1183,47 @@ async fn the_evaluation_hook_sees_every_read() {
                 Some(Version::new(1))
             ),
             ("b".to_string(), None, None),
+            (
+                "a".to_string(),
+                Some(CacheStatus::HitL1),
+                Some(Version::new(1))
+            ),
         ]
     );
+}
+
+#[tokio::test]
+async fn get_cached_answers_from_l1_only() {
+    let src = Source::new(1);
+    let cache = FlagCache::builder(MemoryStore::new(), src.loader())
+        .fresh_for(Duration::from_millis(30))
+        .stale_for(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    let (a, gone) = (key("a"), key("gone"));
+    assert_eq!(cache.get_cached(&a), None, "nothing loaded yet");
+    cache.get(&a).await.unwrap();
+    assert_eq!(
+        cache
+            .get_cached(&a)
+            .flatten()
+            .as_deref()
+            .map(String::as_str),
+        Some("a@1")
+    );
+    // A flag the source lacks is an answer too: Some(None).
+    src.set_mode(Mode::Absent);
+    assert_eq!(cache.get(&gone).await.unwrap(), None);
+    assert_eq!(cache.get_cached(&gone), Some(None));
+    // Invalidated, or past its freshness: only `get` can answer.
+    cache.invalidate(&a).await.unwrap();
+    assert_eq!(cache.get_cached(&a), None);
+    src.set_mode(Mode::Ok);
+    cache.get(&a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(cache.get_cached(&a), None, "an expired entry was answered");
+    assert_eq!(src.calls(), 3, "get_cached never loads");
 }
 
 #[tokio::test]

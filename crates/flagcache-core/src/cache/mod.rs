@@ -79,10 +79,10 @@ impl<T> Clone for Lookup<T> {
 }
 
 impl<T> Lookup<T> {
-    fn from_slot(slot: &Slot<T>, status: CacheStatus) -> Self {
+    fn from_slot(slot: Slot<T>, status: CacheStatus) -> Self {
         Lookup {
             version: slot.value.as_ref().map(|_| slot.version),
-            value: slot.value.clone(),
+            value: slot.value,
             status,
         }
     }
@@ -264,19 +264,61 @@ where
     /// When neither L2 nor the loader produced a value and no last known value within
     /// the maximum staleness exists: the loader's error, [`Error::Timeout`], or a codec
     /// error.
-    pub async fn get(&self, key: &FlagKey) -> Result<Option<Arc<T>>> {
+    pub fn get<'a>(
+        &'a self,
+        key: &'a FlagKey,
+    ) -> impl std::future::Future<Output = Result<Option<Arc<T>>>> + Send + 'a {
         let inner = &self.inner;
-        if inner.hook.is_some() {
-            return Box::pin(self.lookup(key)).await.map(|l| l.value);
+        // The L1 part runs now, when the future is made: a hit is a ready future that
+        // holds only its answer, and the miss path is boxed.
+        let hit = if inner.hook.is_some() {
+            Err(None)
+        } else {
+            inner.lookup_l1(key, |slot, _| slot.value)
+        };
+        match hit {
+            Ok(value) => futures_util::future::Either::Left(std::future::ready(Ok(value))),
+            Err(fallback) => futures_util::future::Either::Right(Box::pin(async move {
+                if inner.hook.is_some() {
+                    return self.lookup(key).await.map(|l| l.value);
+                }
+                inner.lookup_miss(key, fallback).await.map(|l| l.value)
+            })),
         }
-        // The hit path builds no `Lookup` and holds no inner future: the miss path is
-        // boxed, so this future stays a few words wide and a hit never awaits.
-        match inner.lookup_l1(key, |slot, _| slot.value) {
-            Ok(value) => Ok(value),
-            Err(fallback) => Box::pin(inner.lookup_miss(key, fallback))
-                .await
-                .map(|l| l.value),
-        }
+    }
+
+    /// Answers `key` from L1 alone, without awaiting: `Some(value)` when L1 holds it
+    /// fresh (or stale while one background refresh runs) — `Some(None)` being a flag
+    /// the source does not have — and `None` when only [`FlagCache::get`] can answer.
+    /// For evaluating flags in synchronous code; the evaluation hook and the counters
+    /// see it as an L1 read.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flagcache_core::Result<()> {
+    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
+    /// # let cache = FlagCache::<bool>::builder(flagcache_memory::MemoryStore::new(), loader).build().await?;
+    /// let key = FlagKey::new("checkout.new-flow")?;
+    /// assert_eq!(cache.get_cached(&key), None); // not loaded yet
+    /// cache.get(&key).await?;
+    /// assert_eq!(cache.get_cached(&key).flatten().as_deref(), Some(&true));
+    /// # Ok(()) }
+    /// ```
+    pub fn get_cached(&self, key: &FlagKey) -> Option<Option<Arc<T>>> {
+        let inner = &self.inner;
+        let Some(hook) = &inner.hook else {
+            return inner.lookup_l1(key, |slot, _| slot.value).ok();
+        };
+        let started = Instant::now();
+        let hit = inner.lookup_l1(key, Lookup::from_slot).ok()?;
+        hook(&Evaluation {
+            key,
+            status: Some(hit.status),
+            version: hit.version,
+            latency: started.elapsed(),
+        });
+        Some(hit.value)
     }
 
     /// Reads `key` and tells where the answer came from (see [`Lookup`]).
@@ -441,7 +483,7 @@ where
     /// A read: answered from L1 without awaiting anything when it can be; otherwise
     /// through the (boxed) miss path, so the future of a hit stays small.
     async fn lookup(self: &Arc<Self>, key: &FlagKey) -> Result<Lookup<T>> {
-        match self.lookup_l1(key, |slot, status| Lookup::from_slot(&slot, status)) {
+        match self.lookup_l1(key, Lookup::from_slot) {
             Ok(hit) => Ok(hit),
             Err(fallback) => Box::pin(self.lookup_miss(key, fallback)).await,
         }
@@ -529,7 +571,7 @@ where
                     ),
                 };
                 self.tel.bump(ev);
-                Ok(Lookup::from_slot(&slot, status))
+                Ok(Lookup::from_slot(slot, status))
             }
             Err(e) => {
                 // Never fall back to a value invalidated while the fetch ran.
@@ -550,7 +592,7 @@ where
                         self.throttle_retries(key, &fb, seen);
                         self.tel.bump(Ev::StaleFailSafe);
                         Ok(Lookup::from_slot(
-                            &fb,
+                            fb,
                             CacheStatus::Stale(StaleReason::FailSafe),
                         ))
                     }
