@@ -263,6 +263,55 @@ fn cache_op(cache: &FlagCache<String>, keys: &[FlagKey]) -> Op {
     })
 }
 
+/// Builds the raw client's operation from each key's name in the store.
+type MakeOp = Box<dyn FnOnce(Arc<Vec<String>>) -> Op>;
+
+/// An L2-hit scenario: `FlagCache` with L1 off over `store`, beside the raw client
+/// (`raw`, given each key's name in the store) and the store alone, on 50 keys of
+/// 1 KiB.
+async fn l2_hit<S>(
+    scenario: &str,
+    plan: Plan,
+    store: S,
+    name_of: impl Fn(&S, &FlagKey) -> String,
+    raw: (&str, MakeOp),
+) -> Res<Section>
+where
+    S: flagcache_core::FlagStore + Clone + 'static,
+{
+    let source = Source::new(Duration::from_millis(5));
+    let cache = FlagCache::<String>::builder(store.clone(), source.loader())
+        .name(format!("bench {scenario}"))
+        .l1(false)
+        .build()
+        .await
+        .map_err(err)?;
+    let keys = l2_keys(&cache, "l2").await?;
+    let names = Arc::new(keys.iter().map(|k| name_of(&store, k)).collect());
+    let (raw_name, make_raw) = raw;
+    let mut section = compare(
+        scenario,
+        plan,
+        (raw_name, make_raw(names)),
+        ("FlagCache (L1 off)", cache_op(&cache, &keys)),
+        (
+            &format!("the store alone ({})", store.name()),
+            store_op(&store, &keys),
+        ),
+    )
+    .await?;
+    section.checks.push(
+        Check::at_most(
+            &format!("{scenario}: loader calls"),
+            source.calls() as f64,
+            0.0,
+            "calls",
+        )
+        .correctness(),
+    );
+    Ok(section)
+}
+
 /// L2 hit over Redis: `FlagCache` with L1 off against a raw `redis-rs` GET of the
 /// same stored bytes.
 pub async fn l2_hit_redis(servers: &mut Servers, plan: Plan) -> Res<Section> {
@@ -273,51 +322,33 @@ pub async fn l2_hit_redis(servers: &mut Servers, plan: Plan) -> Res<Section> {
         .build()
         .await
         .map_err(err)?;
-    let source = Source::new(Duration::from_millis(5));
-    let cache = FlagCache::<String>::builder(store.clone(), source.loader())
-        .name("bench-l2-redis")
-        .l1(false)
-        .build()
-        .await
-        .map_err(err)?;
-    let keys = l2_keys(&cache, "l2.redis").await?;
-
     let client = redis::Client::open(url.as_str()).map_err(err)?;
     let conn = client
         .get_multiplexed_async_connection()
         .await
         .map_err(err)?;
-    let names: Arc<Vec<String>> = Arc::new(keys.iter().map(|k| store.redis_key(k)).collect());
-    let raw = op(move |task| {
-        let (mut conn, name) = (conn.clone(), names[task % names.len()].clone());
-        async move {
-            let v: Option<Vec<u8>> = redis::AsyncCommands::get(&mut conn, &name)
-                .await
-                .map_err(err)?;
-            match v {
-                Some(b) if b.len() >= 1000 => Ok(()),
-                _ => Err("raw GET missed".to_string()),
+    let raw = move |names: Arc<Vec<String>>| {
+        op(move |task| {
+            let (mut conn, name) = (conn.clone(), names[task % names.len()].clone());
+            async move {
+                let v: Option<Vec<u8>> = redis::AsyncCommands::get(&mut conn, &name)
+                    .await
+                    .map_err(err)?;
+                match v {
+                    Some(b) if b.len() >= 1000 => Ok(()),
+                    _ => Err("raw GET missed".to_string()),
+                }
             }
-        }
-    });
-    let mut section = compare(
+        })
+    };
+    l2_hit(
         "L2 hit, Redis",
         plan,
-        ("raw redis-rs GET", raw),
-        ("FlagCache (L1 off)", cache_op(&cache, &keys)),
-        ("RedisStore::get alone", store_op(&store, &keys)),
+        store,
+        RedisStore::redis_key,
+        ("raw redis-rs GET", Box::new(raw)),
     )
-    .await?;
-    section.checks.push(
-        Check::at_most(
-            "L2 hit, Redis: loader calls",
-            source.calls() as f64,
-            0.0,
-            "calls",
-        )
-        .correctness(),
-    );
-    Ok(section)
+    .await
 }
 
 /// A small pool of raw `async-memcached` clients: the baseline's fair equivalent of
@@ -362,48 +393,30 @@ pub async fn l2_hit_memcached(servers: &mut Servers, plan: Plan) -> Res<Section>
         .build()
         .await
         .map_err(err)?;
-    let source = Source::new(Duration::from_millis(5));
-    let cache = FlagCache::<String>::builder(store.clone(), source.loader())
-        .name("bench-l2-memcached")
-        .l1(false)
-        .build()
-        .await
-        .map_err(err)?;
-    let keys = l2_keys(&cache, "l2.memcached").await?;
-
     let pool = Arc::new(RawPool {
         url,
         conns: std::sync::Mutex::new(Vec::new()),
         permits: tokio::sync::Semaphore::new(POOL),
     });
-    let names: Arc<Vec<String>> = Arc::new(keys.iter().map(|k| store.memcached_key(k)).collect());
-    let raw = op(move |task| {
-        let (pool, name) = (pool.clone(), names[task % names.len()].clone());
-        async move {
-            match pool.get(&name).await? {
-                Some(b) if b.len() >= 1000 => Ok(()),
-                _ => Err("raw get missed".to_string()),
+    let raw = move |names: Arc<Vec<String>>| {
+        op(move |task| {
+            let (pool, name) = (pool.clone(), names[task % names.len()].clone());
+            async move {
+                match pool.get(&name).await? {
+                    Some(b) if b.len() >= 1000 => Ok(()),
+                    _ => Err("raw get missed".to_string()),
+                }
             }
-        }
-    });
-    let mut section = compare(
+        })
+    };
+    l2_hit(
         "L2 hit, Memcached",
         plan,
-        ("raw async-memcached get (pooled)", raw),
-        ("FlagCache (L1 off)", cache_op(&cache, &keys)),
-        ("MemcachedStore::get alone", store_op(&store, &keys)),
+        store,
+        MemcachedStore::memcached_key,
+        ("raw async-memcached get (pooled)", Box::new(raw)),
     )
-    .await?;
-    section.checks.push(
-        Check::at_most(
-            "L2 hit, Memcached: loader calls",
-            source.calls() as f64,
-            0.0,
-            "calls",
-        )
-        .correctness(),
-    );
-    Ok(section)
+    .await
 }
 
 /// The median round trip of a raw PING: the unit of the storm's bound.
@@ -869,6 +882,66 @@ async fn propagation(
     Ok((samples, missed))
 }
 
+/// Replicas sharing one backend: the store and invalidator of replica `i`.
+async fn replica<S, I>(
+    name: String,
+    source: &Arc<Source>,
+    store: S,
+    inv: I,
+) -> Res<FlagCache<String>>
+where
+    S: flagcache_core::FlagStore + 'static,
+    I: flagcache_core::Invalidator + 'static,
+{
+    FlagCache::<String>::builder(store, source.loader())
+        .name(name)
+        .invalidator(inv)
+        .fresh_for(Duration::from_secs(300))
+        .build()
+        .await
+        .map_err(err)
+}
+
+/// Runs [`propagation`] over `caches` (the first writes) and reports it under
+/// `contender`, with its p99 bound.
+async fn propagation_section(
+    section: &mut Section,
+    caches: &[FlagCache<String>],
+    flips: usize,
+    contender: &str,
+    bound_us: f64,
+) -> Res<()> {
+    let (samples, missed) = propagation(&caches[0], &caches[1..], flips).await?;
+    let summary = samples.summary();
+    section.checks.push(Check::at_most(
+        &format!("propagation, {contender}: p99"),
+        summary.p99_us,
+        bound_us,
+        "µs",
+    ));
+    section.checks.push(
+        Check::at_most(
+            &format!("propagation, {contender}: flips never seen"),
+            missed as f64,
+            0.0,
+            "reads",
+        )
+        .correctness(),
+    );
+    section.rows.push(
+        Row::new(
+            &format!(
+                "propagation, {flips} flips to {} replicas",
+                caches.len() - 1
+            ),
+            contender,
+            summary,
+        )
+        .count("never seen", missed as f64),
+    );
+    Ok(())
+}
+
 /// Propagation over Redis pub/sub and over the memcached log.
 pub async fn propagation_both(servers: &mut Servers, plan: Plan) -> Res<Section> {
     const READERS: usize = 8;
@@ -892,41 +965,9 @@ pub async fn propagation_both(servers: &mut Servers, plan: Plan) -> Res<Section>
             .build()
             .await
             .map_err(err)?;
-        caches.push(
-            FlagCache::<String>::builder(store, source.loader())
-                .name(format!("prop-redis-{i}"))
-                .invalidator(inv)
-                .fresh_for(Duration::from_secs(300))
-                .build()
-                .await
-                .map_err(err)?,
-        );
+        caches.push(replica(format!("prop-redis-{i}"), &source, store, inv).await?);
     }
-    let (samples, missed) = propagation(&caches[0], &caches[1..], flips).await?;
-    let summary = samples.summary();
-    section.checks.push(Check::at_most(
-        "propagation, Redis pub/sub: p99",
-        summary.p99_us,
-        5_000.0,
-        "µs",
-    ));
-    section.checks.push(
-        Check::at_most(
-            "propagation, Redis: flips never seen",
-            missed as f64,
-            0.0,
-            "reads",
-        )
-        .correctness(),
-    );
-    section.rows.push(
-        Row::new(
-            &format!("propagation, {flips} flips to {READERS} replicas"),
-            "Redis pub/sub",
-            summary,
-        )
-        .count("never seen", missed as f64),
-    );
+    propagation_section(&mut section, &caches, flips, "Redis pub/sub", 5_000.0).await?;
     drop(caches);
 
     let url = servers.memcached_url()?;
@@ -941,41 +982,17 @@ pub async fn propagation_both(servers: &mut Servers, plan: Plan) -> Res<Section>
             .await
             .map_err(err)?;
         let inv = MemcachedInvalidator::new(&store).poll_interval(poll);
-        caches.push(
-            FlagCache::<String>::builder(store, source.loader())
-                .name(format!("prop-memcached-{i}"))
-                .invalidator(inv)
-                .fresh_for(Duration::from_secs(300))
-                .build()
-                .await
-                .map_err(err)?,
-        );
+        caches.push(replica(format!("prop-memcached-{i}"), &source, store, inv).await?);
     }
-    let (samples, missed) = propagation(&caches[0], &caches[1..], flips).await?;
-    let summary = samples.summary();
-    section.checks.push(Check::at_most(
-        "propagation, Memcached log (100 ms poll): p99",
-        summary.p99_us,
-        (poll + Duration::from_millis(20)).as_secs_f64() * 1e6,
-        "µs",
-    ));
-    section.checks.push(
-        Check::at_most(
-            "propagation, Memcached: flips never seen",
-            missed as f64,
-            0.0,
-            "reads",
-        )
-        .correctness(),
-    );
-    section.rows.push(
-        Row::new(
-            &format!("propagation, {flips} flips to {READERS} replicas"),
-            "Memcached log, 100 ms poll",
-            summary,
-        )
-        .count("never seen", missed as f64),
-    );
+    let bound = (poll + Duration::from_millis(20)).as_secs_f64() * 1e6;
+    propagation_section(
+        &mut section,
+        &caches,
+        flips,
+        "Memcached log, 100 ms poll",
+        bound,
+    )
+    .await?;
     Ok(section)
 }
 

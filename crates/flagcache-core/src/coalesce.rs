@@ -258,44 +258,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         if self.inner.map().contains_key(key) {
             return false;
         }
-        matches!(self.join_or_start(key, fetch), Ok((_, false)))
-    }
-
-    fn join_or_start<F, Fut>(&self, key: &FlagKey, fetch: F) -> Result<(Slot<V>, bool)>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V>> + Send + 'static,
-    {
-        let mut map = self.inner.map();
-        if let Some((_, slot)) = map.get(key) {
-            self.inner.waits.fetch_add(1, Ordering::Relaxed);
-            return Ok((slot.clone(), true));
+        match self.join_or_lead(key, fetch) {
+            Ok(Turn::Lead(leader)) => {
+                let runtime = leader.runtime.clone();
+                runtime.spawn(leader.drive());
+                true
+            }
+            Ok(Turn::Join(_)) | Err(_) => false,
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::Closed("tokio runtime (coalescing needs one)"))?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), (id, rx.clone()));
-        drop(map);
-        self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        let leave = Leave {
-            inner: self.inner.clone(),
-            key: key.clone(),
-            id,
-        };
-        let fut = AssertUnwindSafe(fetch()).catch_unwind();
-        runtime.spawn(async move {
-            let result = match fut.await {
-                Ok(r) => r,
-                Err(panic) => Err(Error::loader(&leave.key, Panicked(panic_text(&*panic)))),
-            };
-            // Leave the map first: a caller arriving from now on starts afresh rather
-            // than receiving a result its request may postdate.
-            drop(leave);
-            // No receivers left is fine: the result is simply not needed.
-            let _ = tx.send(Some(result));
-        });
-        Ok((rx, false))
     }
 
     async fn wait(mut slot: Slot<V>) -> Result<V> {

@@ -444,16 +444,24 @@ impl MemcachedStore {
     /// `md <key> I [T<exptime>]`: marks the entry stale, keeping its value (for
     /// `exptime` when given), and re-arms its recache token. Absent: fine.
     async fn invalidate_in_place(&self, wire: &WireKey, exptime: Option<u64>) -> Result<()> {
-        let k = wire.text.clone();
         let mut flags = vec!["I".to_string()];
-        if let Some(t) = exptime {
-            flags.push(format!("T{t}"));
-        }
+        flags.extend(exptime.map(|t| format!("T{t}")));
+        self.delete_with("mark stale", wire, flags).await
+    }
+
+    /// `md <key> <flags>`, where a refusal (NF: absent; EX: another CAS) is fine.
+    async fn delete_with(
+        &self,
+        operation: &'static str,
+        wire: &WireKey,
+        mut flags: Vec<String>,
+    ) -> Result<()> {
         if wire.base64 {
             flags.push("b".into());
         }
+        let k = wire.text.clone();
         let r = self
-            .meta("mark stale", wire, move |c| {
+            .meta(operation, wire, move |c| {
                 let (k, flags) = (k.clone(), flags.clone());
                 Box::pin(async move {
                     let f: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -461,7 +469,6 @@ impl MemcachedStore {
                 })
             })
             .await;
-        // NF (absent) is a refusal, not a failure.
         r.map(drop)
             .or_else(|e| if e.is_transient() { Err(e) } else { Ok(()) })
     }
@@ -759,23 +766,9 @@ impl MemcachedStore {
     /// (an abandoned fill), so that waiters elect a new winner at once.
     pub(crate) async fn drop_placeholder(&self, key: &FlagKey, cas: u64) -> Result<()> {
         let wire = self.wire_key(key)?;
-        let k = wire.text.clone();
-        let mut flags = vec![format!("C{cas}")];
-        if wire.base64 {
-            flags.push("b".into());
-        }
-        let r = self
-            .meta("recache drop", &wire, move |c| {
-                let (k, flags) = (k.clone(), flags.clone());
-                Box::pin(async move {
-                    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
-                    c.meta_delete(k.as_bytes(), false, None, Some(&f)).await
-                })
-            })
-            .await;
         // Gone already, or filled meanwhile (CAS mismatch): both fine.
-        r.map(drop)
-            .or_else(|e| if e.is_transient() { Err(e) } else { Ok(()) })
+        self.delete_with("recache drop", &wire, vec![format!("C{cas}")])
+            .await
     }
 
     /// `mg <key> v` on `route`'s server.
