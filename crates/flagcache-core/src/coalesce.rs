@@ -42,6 +42,24 @@ pub trait Coalescer: Send + Sync {
     }
 }
 
+tokio::task_local! {
+    static PROVEN_REFRESH: ();
+}
+
+/// Runs `fetch` as the refresh of an entry marked stale, which provably began after
+/// the mark (the coalescer won the backend's token for it, which only exists after the
+/// mark). `FlagCache` then writes the fetched value back to L2 even when the mark's
+/// invalidation reached this process after the fill had begun — the whole fleet waits
+/// for that value — and fences only its install in L1.
+pub async fn run_as_refresh(fetch: Fetch) -> Result<Option<Entry>> {
+    PROVEN_REFRESH.scope((), fetch).await
+}
+
+/// Whether the current task runs inside [`run_as_refresh`].
+pub(crate) fn is_proven_refresh() -> bool {
+    PROVEN_REFRESH.try_with(|()| ()).is_ok()
+}
+
 /// What [`Coalescer::coalesce_or_stale`] answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Coalesced {

@@ -63,6 +63,9 @@ impl MemcachedRecache {
 impl MemcachedRecache {
     async fn run(&self, key: &FlagKey, fetch: Fetch, stale_ok: bool) -> Result<Coalesced> {
         let fresh = |r: Result<Option<Entry>>| r.map(Coalesced::Fresh);
+        // What the plain read just before this found: the entry stale (and maybe the
+        // token, which memcached gives to a stale item's first reader of any kind).
+        let noted = self.store.take_stale_read(key);
         let ttl_secs = self.ttl.as_secs().max(1);
         let first = match self.store.recache_read(key, ttl_secs).await {
             Ok(Some(v)) => v,
@@ -75,16 +78,15 @@ impl MemcachedRecache {
         let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
         let stale = first.is_stale == Some(true);
         if has_data && stale {
-            // Memcached gives a stale item's token to its first reader: this one, or
-            // the plain read this process made just before.
-            if first.is_recache_winner == Some(true) || self.store.take_won(key) {
-                // Marked stale, and ours to refresh. If we store nothing, hand the
-                // token back so that another process tries.
-                let result = fetch.await;
-                if !matches!(result, Ok(Some(_))) {
-                    let _ = self.store.rearm_key(key).await;
-                }
-                return fresh(result);
+            let won_before = noted.filter(|n| n.won);
+            if first.is_recache_winner == Some(true) || won_before.is_some() {
+                // Marked stale, and ours to refresh.
+                let cas = if first.is_recache_winner == Some(true) {
+                    first.cas
+                } else {
+                    won_before.and_then(|n| n.cas)
+                };
+                return fresh(self.refresh_stale(key, cas, fetch).await);
             }
             // Someone else is refreshing it: serve the stale value meanwhile.
             if stale_ok {
@@ -93,6 +95,14 @@ impl MemcachedRecache {
                 }
             }
             return fresh(self.wait(key, ttl_secs, fetch).await);
+        }
+        if has_data && noted.is_some() {
+            // The plain read found it stale a moment ago and it no longer is: the
+            // refresh landed in between, and its value is the answer — not a reason to
+            // load again.
+            if let Ok(Some(entry)) = self.store.get(key).await {
+                return Ok(Coalesced::Fresh(Some(entry)));
+            }
         }
         if has_data || first.is_recache_winner != Some(false) {
             // Either we won the right to fill it, or it holds a value — which the
@@ -111,6 +121,26 @@ impl MemcachedRecache {
         fresh(self.wait(key, ttl_secs, fetch).await)
     }
 
+    /// Reloads an entry marked stale whose token this process holds. The source no
+    /// longer having the flag removes the stale entry (so the fleet stops serving
+    /// it); a failed load hands the token on.
+    async fn refresh_stale(
+        &self,
+        key: &FlagKey,
+        cas: Option<u64>,
+        fetch: Fetch,
+    ) -> Result<Option<Entry>> {
+        let result = flagcache_core::run_as_refresh(fetch).await;
+        match (&result, cas) {
+            (Ok(Some(_)), _) => {}
+            (Ok(None), Some(cas)) => {
+                let _ = self.store.drop_placeholder(key, cas).await;
+            }
+            _ => self.store.rearm(key, cas).await,
+        }
+        result
+    }
+
     /// Someone else is filling `key`: waits for their value, or for the win to pass
     /// to us, or for the placeholder's TTL — then loads.
     async fn wait(&self, key: &FlagKey, ttl_secs: u64, fetch: Fetch) -> Result<Option<Entry>> {
@@ -121,19 +151,20 @@ impl MemcachedRecache {
                 continue;
             };
             let has_data = now.data.as_ref().is_some_and(|d| !d.is_empty());
-            if has_data && now.is_stale != Some(true) {
+            let stale = now.is_stale == Some(true);
+            if has_data && !stale {
                 // Their value (a chunked one is assembled by `get`).
                 if let Ok(Some(entry)) = self.store.get(key).await {
                     return Ok(Some(entry));
                 }
-            } else if now.is_recache_winner == Some(true) || (has_data && self.store.take_won(key))
-            {
+            } else if now.is_recache_winner == Some(true) {
                 // The previous winner gave up: our turn.
+                if stale {
+                    return self.refresh_stale(key, now.cas, fetch).await;
+                }
                 let result = fetch.await;
                 if !matches!(result, Ok(Some(_))) {
-                    if has_data {
-                        let _ = self.store.rearm_key(key).await;
-                    } else if let Some(cas) = now.cas {
+                    if let Some(cas) = now.cas {
                         let _ = self.store.drop_placeholder(key, cas).await;
                     }
                 }

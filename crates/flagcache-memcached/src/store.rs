@@ -122,8 +122,19 @@ fn backend_error(operation: &'static str, e: async_memcached::Error) -> Error {
     Error::backend(BACKEND, operation, transient, Wrapped(e.to_string()))
 }
 
-/// How long a recache token won by a plain read is remembered for the recache path.
-const WON_KEPT_FOR: Duration = Duration::from_secs(10);
+/// How long a plain read's finding (stale, token won) waits for the recache path,
+/// which in `FlagCache` runs right after it.
+const STALE_READ_KEPT_FOR: Duration = Duration::from_secs(2);
+
+/// A plain read found an entry stale.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StaleRead {
+    at: std::time::Instant,
+    /// It won the entry's recache token.
+    pub won: bool,
+    /// The stale entry's CAS.
+    pub cas: Option<u64>,
+}
 
 /// The operation name of `ma`, which is never retried.
 const RAW_INCR: &str = "raw incr";
@@ -319,7 +330,7 @@ impl MemcachedStoreBuilder {
                 cas_retries: AtomicU64::new(0),
                 timeout: self.timeout,
                 max_chunks: self.max_chunks,
-                won: std::sync::Mutex::default(),
+                stale_reads: std::sync::Mutex::default(),
             }),
         })
     }
@@ -343,7 +354,8 @@ async fn item_size_max(url: &str, limit: Duration) -> Option<usize> {
         conn.write_all(b"stats settings\r\n").await.ok()?;
         let mut reply = Vec::new();
         let mut chunk = [0u8; 4096];
-        while !reply.ends_with(b"END\r\n") {
+        // END closes the listing; a proxy that does not know the command says ERROR.
+        while !reply.ends_with(b"END\r\n") && !reply.ends_with(b"ERROR\r\n") {
             let n = conn.read(&mut chunk).await.ok()?;
             if n == 0 || reply.len() > 64 << 10 {
                 return None;
@@ -374,10 +386,10 @@ struct Inner {
     cas_retries: AtomicU64,
     timeout: Duration,
     max_chunks: usize,
-    /// Stale entries whose recache token a plain read of this process won (memcached
-    /// hands it to the first reader of a stale item, whatever the command): the
-    /// recache path of this process then refreshes them. Wire key → when won.
-    won: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Entries a plain read of this process just found stale — and whether it won
+    /// their recache token (memcached hands it to the first reader of a stale item,
+    /// whatever the command) — for this process's recache path, which runs next.
+    stale_reads: std::sync::Mutex<std::collections::HashMap<String, StaleRead>>,
 }
 
 /// A [`FlagStore`] on memcached's meta protocol. See the [crate docs](crate).
@@ -418,9 +430,7 @@ impl MemcachedStore {
             return Ok(None);
         };
         if found.is_stale == Some(true) {
-            if found.is_recache_winner == Some(true) {
-                self.note_won(&wire);
-            }
+            self.note_stale_read(&wire, &found);
             if !stale_ok {
                 return Ok(None);
             }
@@ -473,47 +483,54 @@ impl MemcachedStore {
             .or_else(|e| if e.is_transient() { Err(e) } else { Ok(()) })
     }
 
-    fn won(
+    fn stale_reads(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, std::time::Instant>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, StaleRead>> {
         self.inner
-            .won
+            .stale_reads
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn note_won(&self, wire: &WireKey) {
-        let mut won = self.won();
-        if won.len() >= 1024 {
-            // Tokens nobody acted on pass with their entry's grace anyway.
-            won.retain(|_, at| at.elapsed() < WON_KEPT_FOR);
+    fn note_stale_read(&self, wire: &WireKey, found: &MetaValue) {
+        let mut reads = self.stale_reads();
+        if reads.len() >= 1024 {
+            reads.retain(|_, r| r.at.elapsed() < STALE_READ_KEPT_FOR);
+            if reads.len() >= 1024 {
+                // Tokens nobody acted on pass with their entry's grace anyway.
+                reads.clear();
+            }
         }
-        won.insert(wire.text.clone(), std::time::Instant::now());
+        reads.insert(
+            wire.text.clone(),
+            StaleRead {
+                at: std::time::Instant::now(),
+                won: found.is_recache_winner == Some(true),
+                cas: found.cas,
+            },
+        );
     }
 
-    /// Whether a plain read of this process won `key`'s recache token (recently);
-    /// forgets it.
-    pub(crate) fn take_won(&self, key: &FlagKey) -> bool {
-        let Ok(wire) = self.wire_key(key) else {
-            return false;
-        };
-        self.won()
+    /// What a plain read of this process found a moment ago: `key` stale, and maybe
+    /// its token won. Forgets it.
+    pub(crate) fn take_stale_read(&self, key: &FlagKey) -> Option<StaleRead> {
+        let wire = self.wire_key(key).ok()?;
+        self.stale_reads()
             .remove(&wire.text)
-            .is_some_and(|at| at.elapsed() < WON_KEPT_FOR)
+            .filter(|r| r.at.elapsed() < STALE_READ_KEPT_FOR)
     }
 
-    /// [`MemcachedStore::rearm`] by flag key.
-    pub(crate) async fn rearm_key(&self, key: &FlagKey) -> Result<()> {
-        let wire = self.wire_key(key)?;
-        self.rearm(&wire).await;
-        Ok(())
-    }
-
-    /// Hands back a stale entry's recache token won by a plain read, so that the
-    /// recache path elects the process that refreshes it.
-    async fn rearm(&self, wire: &WireKey) {
-        if let Err(e) = self.invalidate_in_place(wire, None).await {
-            tracing::debug!(error = %e, "could not hand back a recache token; it passes with the entry's TTL");
+    /// Hands back a stale entry's recache token (`md <key> I C<cas>`), so that
+    /// another reader of the fleet refreshes it. The CAS keeps it from marking a value
+    /// stored meanwhile.
+    pub(crate) async fn rearm(&self, key: &FlagKey, cas: Option<u64>) {
+        let Ok(wire) = self.wire_key(key) else {
+            return;
+        };
+        let mut flags = vec!["I".to_string()];
+        flags.extend(cas.map(|c| format!("C{c}")));
+        if let Err(e) = self.delete_with("rearm", &wire, flags).await {
+            tracing::debug!(error = %e, "could not hand back a recache token; it passes with the entry's grace");
         }
     }
 
@@ -660,14 +677,21 @@ impl MemcachedStore {
             return Err(too_large());
         }
         // Only write chunks that a manifest may come to name: not when the stored
-        // version already supersedes this one.
+        // version already supersedes this one — unless it is this very version marked
+        // stale, which this write revalidates (`put` stores the manifest again).
         if let Some(v) = self.read(wire).await? {
+            let stale = v.is_stale == Some(true);
+            if stale {
+                self.note_stale_read(wire, &v);
+            }
             let held = v
                 .data
                 .as_deref()
                 .and_then(|d| self.inner.codec.peek_version(d).ok());
             if let Some(held) = held.filter(|h| *h >= entry.version) {
-                return Err(Superseded(held).into_error());
+                if !(stale && held == entry.version) {
+                    return Err(Superseded(held).into_error());
+                }
             }
         }
         let pieces: Vec<&[u8]> = bytes.chunks(self.chunk_capacity()).collect();
@@ -1074,7 +1098,11 @@ impl FlagStore for MemcachedStore {
         for ((_, base64), idx) in groups {
             let batch: Vec<String> = idx.iter().map(|&i| wires[i].text.clone()).collect();
             let route = &wires[idx[0]];
-            let flags: &'static [&'static str] = if base64 { &["v", "b"] } else { &["v"] };
+            let flags: &'static [&'static str] = if base64 {
+                &["v", "c", "b"]
+            } else {
+                &["v", "c"]
+            };
             let found = match self
                 .meta("get_many", route, move |c| {
                     let batch = batch.clone();
@@ -1092,18 +1120,17 @@ impl FlagStore for MemcachedStore {
             };
             let mut by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> =
                 std::collections::HashMap::new();
-            for v in found {
-                let Some(k) = v.key else { continue };
+            for mut v in found {
+                let Some(k) = v.key.take() else { continue };
                 if v.is_stale == Some(true) {
-                    // Stale reads as a miss; a won recache token is noted.
-                    if v.is_recache_winner == Some(true) {
-                        if let Some(w) = idx
-                            .iter()
-                            .map(|&i| &wires[i])
-                            .find(|w| w.text.as_bytes() == k)
-                        {
-                            self.note_won(w);
-                        }
+                    // Stale reads as a miss, noted (with a won token) for the recache
+                    // path.
+                    if let Some(w) = idx
+                        .iter()
+                        .map(|&i| &wires[i])
+                        .find(|w| w.text.as_bytes() == k)
+                    {
+                        self.note_stale_read(w, &v);
                     }
                     continue;
                 }
@@ -1197,7 +1224,7 @@ impl FlagStore for MemcachedStore {
                                     let _ = self.write(&wire, &bytes, exptime, Some(c)).await;
                                 }
                             } else if v.is_recache_winner == Some(true) {
-                                self.rearm(&wire).await;
+                                self.rearm(key, v.cas).await;
                             }
                         }
                         return Ok(PutOutcome::Superseded { current: held });

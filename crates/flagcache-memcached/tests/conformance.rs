@@ -426,3 +426,35 @@ async fn a_store_starts_with_a_server_of_its_ring_down() {
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_value_marked_stale_is_revalidated_by_its_own_version() {
+    let server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::builder()
+        .server(server.url())
+        .item_size_limit(32 * 1024)
+        .build()
+        .await
+        .unwrap();
+    let key = FlagKey::new("big").unwrap();
+    let payload: Vec<u8> = (0..100_000).map(|_| fastrand::u8(..)).collect();
+    let entry = Entry::new(Version::new(3), payload);
+    assert_eq!(
+        store
+            .put(&key, &entry, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    store
+        .mark_stale(&key, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    // The source confirms version 3: readable again, whole.
+    store
+        .put(&key, &entry, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), Some(entry));
+}

@@ -306,6 +306,19 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
         2,
         "exactly one process reloads"
     );
+    // Every replica keeps reading while the refresh lands: holding the stale value,
+    // each revalidates on every read, and none may load again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut pollers = Vec::new();
+    for cache in &replicas {
+        let (c, k, stop) = (cache.clone(), k.clone(), stop.clone());
+        pollers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = c.lookup(&k).await;
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
     release.notify_one();
     let mut stale = 0;
     for r in reads {
@@ -332,5 +345,72 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
         }
         assert_eq!(got, "rules@2");
     }
+    stop.store(true, Ordering::SeqCst);
+    for p in pollers {
+        p.await.unwrap();
+    }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "convergence cost a load");
+}
+
+/// The refresher's own fill is fenced by the refresh's own notice when that notice
+/// arrives during the load (here: a 150 ms load, a 20 ms poll). Its value must still
+/// reach L2, where the fleet waits for it, without a second load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_fenced_by_its_own_notice_still_reaches_the_fleet() {
+    use std::sync::atomic::AtomicU64;
+    let server = MemcachedServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let version = Arc::new(AtomicU64::new(1));
+    let load = {
+        let (calls, version) = (calls.clone(), version.clone());
+        Arc::new(move |k: FlagKey| {
+            let (calls, version) = (calls.clone(), version.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let v = version.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Ok(Some((format!("{k}@{v}"), Version::new(v))))
+            }
+        })
+    };
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let store = MemcachedStore::connect(&server.url()).await.unwrap();
+        let log = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(20));
+        let load = load.clone();
+        replicas.push(
+            FlagCache::<String>::builder(store.clone(), move |k| load(k))
+                .invalidator(log)
+                .cross_process(MemcachedRecache::new(&store))
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let k = FlagKey::new("fenced").unwrap();
+    for cache in &replicas {
+        assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@1");
+    }
+    version.store(2, Ordering::SeqCst);
+    replicas[0].refresh(&k).await.unwrap();
+    // Replica 0 reads at once: it wins the refresh, and its own notice lands while it
+    // loads.
+    let got = replicas[0].get(&k).await.unwrap().unwrap();
+    assert_eq!(got.as_str(), "fenced@2");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The other replica finds the refreshed value in L2: no second load.
+    let mut seen = String::new();
+    for _ in 0..200 {
+        seen = replicas[1].get(&k).await.unwrap().unwrap().to_string();
+        if seen == "fenced@2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen, "fenced@2");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the refresh was loaded twice"
+    );
 }

@@ -288,8 +288,9 @@ where
     }
 
     /// Answers `key` from L1 alone, without awaiting: `Some(value)` when L1 holds it
-    /// fresh (or stale while one background refresh runs) — `Some(None)` being a flag
-    /// the source does not have — and `None` when only [`FlagCache::get`] can answer.
+    /// fresh, or stale while one background refresh runs, or as a fail-safe answer
+    /// within `fail_safe_throttle` — `Some(None)` being a flag the source does not
+    /// have — and `None` when only [`FlagCache::get`] can answer.
     /// For evaluating flags in synchronous code; the evaluation hook and the counters
     /// see it as an L1 read.
     ///
@@ -843,10 +844,21 @@ where
         };
         let slot = self.make_slot(Some(Arc::new(value)), version, began.elapsed());
         if !self.fences.lock().admits(key, start, Some(version)) {
-            // Invalidated while loading: answer this read, but neither write the value
-            // back to L2 (it might outlive the invalidation there) nor install it.
             self.tel.bump(Ev::FencedFill);
-            return Ok(((slot, Tier::Loader), None));
+            if !crate::coalesce::is_proven_refresh() {
+                // Invalidated while loading: answer this read, but neither write the
+                // value back to L2 (it might outlive the invalidation there) nor
+                // install it.
+                return Ok(((slot, Tier::Loader), None));
+            }
+            // A refresh of an entry marked stale, which began after the mark: the
+            // invalidation that fenced it is the mark's own notice, arriving late.
+            // The fleet waits for this value in L2 (version-guarded there); only the
+            // L1 install stays fenced.
+            return match self.write_l2(key, &entry).await {
+                Some(_) => Ok(((slot, Tier::Loader), Some(entry))),
+                None => Ok(((slot, Tier::Loader), None)),
+            };
         }
         match self.write_l2(key, &entry).await {
             // L2 knows a newer version than the source just gave us (a lagging read

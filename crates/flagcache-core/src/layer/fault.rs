@@ -225,4 +225,8 @@ impl<S: FlagStore> FlagStore for FaultyStore<S> {
         self.enter(Op::Delete, "delete").await?;
         self.inner.delete(key).await
     }
+    async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
+        self.enter(Op::Delete, "mark_stale").await?;
+        self.inner.mark_stale(key, grace).await
+    }
 }
