@@ -1448,3 +1448,23 @@ async fn a_lost_subscription_makes_l1_untrusted_until_resubscribed() {
     assert_ne!(cache.lookup(&k).await.unwrap().status, CacheStatus::HitL1);
     assert_eq!(cache.lookup(&k).await.unwrap().status, CacheStatus::HitL1);
 }
+
+#[tokio::test]
+async fn a_get_polled_after_it_answered_is_an_error_not_a_panic() {
+    use futures_util::FutureExt;
+    use std::task::{Context, Poll};
+    let src = Source::new(1);
+    let cache = FlagCache::builder(MemoryStore::new(), src.loader())
+        .build()
+        .await
+        .unwrap();
+    let k = key("a");
+    cache.get(&k).await.unwrap();
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    let mut hit = cache.get(&k);
+    assert!(matches!(hit.poll_unpin(&mut cx), Poll::Ready(Ok(Some(_)))));
+    assert!(matches!(
+        hit.poll_unpin(&mut cx),
+        Poll::Ready(Err(Error::Closed(_)))
+    ));
+}

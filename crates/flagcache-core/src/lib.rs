@@ -16,8 +16,8 @@ pub mod conformance;
 pub mod layer;
 
 pub use cache::{
-    CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Hook, Loader, Lookup, StaleReason, Stats,
-    VersionSource, WarmReport,
+    CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Get, Hook, Loader, Lookup, StaleReason,
+    Stats, VersionSource, WarmReport,
 };
 pub use coalesce::{run_as_refresh, Coalesced, Coalescer, Fetch, LocalCoalescer};
 pub use codec::{

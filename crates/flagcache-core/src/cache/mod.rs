@@ -7,6 +7,7 @@ mod loader;
 mod stats;
 
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -84,6 +85,58 @@ impl<T> Lookup<T> {
             version: slot.value.as_ref().map(|_| slot.version),
             value: slot.value,
             status,
+        }
+    }
+}
+
+/// The future of [`FlagCache::get`]: ready at once on an L1 hit (it then holds only
+/// the answer), a boxed fill otherwise.
+#[must_use = "futures do nothing unless awaited"]
+pub struct Get<'a, T>(GetState<'a, T>);
+
+type MissFuture<'a, T> =
+    Pin<Box<dyn std::future::Future<Output = Result<Option<Arc<T>>>> + Send + 'a>>;
+
+enum GetState<'a, T> {
+    Hit(Option<Arc<T>>),
+    Miss(MissFuture<'a, T>),
+    Done,
+}
+
+impl<T> fmt::Debug for Get<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.0 {
+            GetState::Hit(_) => "hit",
+            GetState::Miss(_) => "miss",
+            GetState::Done => "done",
+        };
+        f.debug_tuple("Get").field(&state).finish()
+    }
+}
+
+impl<T> std::future::Future for Get<'_, T> {
+    type Output = Result<Option<Arc<T>>>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            GetState::Hit(value) => {
+                let value = value.take();
+                self.0 = GetState::Done;
+                std::task::Poll::Ready(Ok(value))
+            }
+            GetState::Miss(fill) => {
+                let answer = fill.as_mut().poll(cx);
+                if answer.is_ready() {
+                    self.0 = GetState::Done;
+                }
+                answer
+            }
+            GetState::Done => {
+                std::task::Poll::Ready(Err(Error::Closed("a FlagCache::get already answered")))
+            }
         }
     }
 }
@@ -264,10 +317,7 @@ where
     /// When neither L2 nor the loader produced a value and no last known value within
     /// the maximum staleness exists: the loader's error, [`Error::Timeout`], or a codec
     /// error.
-    pub fn get<'a>(
-        &'a self,
-        key: &'a FlagKey,
-    ) -> impl std::future::Future<Output = Result<Option<Arc<T>>>> + Send + 'a {
+    pub fn get<'a>(&'a self, key: &'a FlagKey) -> Get<'a, T> {
         let inner = &self.inner;
         // The L1 part runs now, when the future is made: a hit is a ready future that
         // holds only its answer, and the miss path is boxed.
@@ -277,13 +327,13 @@ where
             inner.lookup_l1(key, |slot, _| slot.value)
         };
         match hit {
-            Ok(value) => futures_util::future::Either::Left(std::future::ready(Ok(value))),
-            Err(fallback) => futures_util::future::Either::Right(Box::pin(async move {
+            Ok(value) => Get(GetState::Hit(value)),
+            Err(fallback) => Get(GetState::Miss(Box::pin(async move {
                 if inner.hook.is_some() {
                     return self.lookup(key).await.map(|l| l.value);
                 }
                 inner.lookup_miss(key, fallback).await.map(|l| l.value)
-            })),
+            }))),
         }
     }
 
