@@ -1468,3 +1468,33 @@ async fn a_get_polled_after_it_answered_is_an_error_not_a_panic() {
         Poll::Ready(Err(Error::Closed(_)))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_reader_outside_the_runtime_still_starts_the_refresh() {
+    let src = Source::new(1);
+    let cache = FlagCache::builder(MemoryStore::new(), src.loader())
+        .fresh_for(Duration::from_millis(20))
+        .stale_for(Duration::from_secs(30))
+        .l2_ttl(Duration::from_millis(25))
+        .ttl_jitter(0.0)
+        .build()
+        .await
+        .unwrap();
+    let k = key("a");
+    cache.get(&k).await.unwrap();
+    // Past freshness in L1, gone from L2: the refresh has to load.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    // A plain thread, no runtime: served stale, and the refresh runs on the cache's.
+    let (c, k2) = (cache.clone(), k.clone());
+    let served = std::thread::spawn(move || c.get_cached(&k2))
+        .join()
+        .unwrap();
+    assert!(served.flatten().is_some());
+    for _ in 0..200 {
+        if src.calls() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(src.calls(), 2, "the background refresh never started");
+}

@@ -42,22 +42,57 @@ pub trait Coalescer: Send + Sync {
     }
 }
 
+/// How a refresh run through [`run_as_refresh`] ended, as `FlagCache` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefreshOutcome {
+    /// The fetched value was written to the shared tier.
+    Stored,
+    /// The source no longer has the flag.
+    Absent,
+    /// A value was fetched but not written: an invalidation fenced it, or the shared
+    /// tier failed. Someone else should try.
+    NotStored,
+}
+
+struct RefreshScope {
+    key: FlagKey,
+    outcome: std::cell::Cell<Option<RefreshOutcome>>,
+}
+
 tokio::task_local! {
-    static PROVEN_REFRESH: ();
+    static REFRESH: RefreshScope;
 }
 
-/// Runs `fetch` as the refresh of an entry marked stale, which provably began after
-/// the mark (the coalescer won the backend's token for it, which only exists after the
-/// mark). `FlagCache` then writes the fetched value back to L2 even when the mark's
-/// invalidation reached this process after the fill had begun — the whole fleet waits
-/// for that value — and fences only its install in L1.
-pub async fn run_as_refresh(fetch: Fetch) -> Result<Option<Entry>> {
-    PROVEN_REFRESH.scope((), fetch).await
+/// Runs `fetch` — the refresh of `key`'s entry marked stale, whose token the caller won
+/// — and says how it ended: stored, absent at the source, or not stored (so that the
+/// caller hands the token on). `None` when the fetch did not report (it is not a
+/// `FlagCache` fill, or it failed).
+pub async fn run_as_refresh(
+    key: &FlagKey,
+    fetch: Fetch,
+) -> (Result<Option<Entry>>, Option<RefreshOutcome>) {
+    let scope = RefreshScope {
+        key: key.clone(),
+        outcome: std::cell::Cell::new(None),
+    };
+    REFRESH
+        .scope(scope, async move {
+            let result = fetch.await;
+            let outcome = REFRESH.with(|s| s.outcome.get());
+            (result, outcome)
+        })
+        .await
 }
 
-/// Whether the current task runs inside [`run_as_refresh`].
-pub(crate) fn is_proven_refresh() -> bool {
-    PROVEN_REFRESH.try_with(|()| ()).is_ok()
+/// Reports how the refresh of `key` ended, when the current task runs one for that
+/// key (fills of other keys nested in it are not reported).
+pub(crate) fn report_refresh(key: &FlagKey, outcome: RefreshOutcome) {
+    let _ = REFRESH.try_with(|s| {
+        if &s.key == key {
+            s.outcome.set(Some(outcome));
+        }
+    });
 }
 
 /// What [`Coalescer::coalesce_or_stale`] answers.
@@ -72,6 +107,8 @@ pub enum Coalesced {
 type Slot<V> = watch::Receiver<Option<Result<V>>>;
 
 struct Inner<V> {
+    /// The runtime to start fetches on when the caller is not inside one.
+    runtime: Option<tokio::runtime::Handle>,
     in_flight: Mutex<HashMap<FlagKey, (u64, Slot<V>), foldhash::fast::RandomState>>,
     next_id: AtomicU64,
     fetches: AtomicU64,
@@ -142,6 +179,7 @@ impl<V> Default for LocalCoalescer<V> {
     fn default() -> Self {
         LocalCoalescer {
             inner: Arc::new(Inner {
+                runtime: None,
                 in_flight: Mutex::new(HashMap::default()),
                 next_id: AtomicU64::new(0),
                 fetches: AtomicU64::new(0),
@@ -186,6 +224,16 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
     /// An empty coalescer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty coalescer that starts fetches on `runtime` when its caller runs
+    /// outside any Tokio runtime (a synchronous caller of a cache built inside one).
+    pub fn with_runtime(runtime: tokio::runtime::Handle) -> Self {
+        let mut c = Self::default();
+        if let Some(inner) = Arc::get_mut(&mut c.inner) {
+            inner.runtime = Some(runtime);
+        }
+        c
     }
 
     /// Returns the result of `fetch` for `key`, sharing one run of it among all
@@ -236,7 +284,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
             return Ok(Turn::Join(slot.clone()));
         }
         let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::Closed("tokio runtime (coalescing needs one)"))?;
+            .ok()
+            .or_else(|| self.inner.runtime.clone())
+            .ok_or(Error::Closed("tokio runtime (coalescing needs one)"))?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         map.insert(key.clone(), (id, rx));

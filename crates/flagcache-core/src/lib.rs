@@ -19,7 +19,7 @@ pub use cache::{
     CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Get, Hook, Loader, Lookup, StaleReason,
     Stats, VersionSource, WarmReport,
 };
-pub use coalesce::{run_as_refresh, Coalesced, Coalescer, Fetch, LocalCoalescer};
+pub use coalesce::{run_as_refresh, Coalesced, Coalescer, Fetch, LocalCoalescer, RefreshOutcome};
 pub use codec::{
     Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, HEADER_LEN,
     JSON_MAX_VERSION, MAGIC, VERSION_OFFSET,

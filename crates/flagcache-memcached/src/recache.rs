@@ -4,7 +4,9 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use flagcache_core::{Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, Result};
+use flagcache_core::{
+    Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, RefreshOutcome, Result,
+};
 
 use crate::MemcachedStore;
 
@@ -78,7 +80,9 @@ impl MemcachedRecache {
         let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
         let stale = first.is_stale == Some(true);
         if has_data && stale {
-            let won_before = noted.filter(|n| n.won);
+            // A token won by the plain read, if the entry is still the one it saw (a
+            // later mark changes the CAS).
+            let won_before = noted.filter(|n| n.won && n.cas.is_some() && n.cas == first.cas);
             if first.is_recache_winner == Some(true) || won_before.is_some() {
                 // Marked stale, and ours to refresh.
                 let cas = if first.is_recache_winner == Some(true) {
@@ -130,12 +134,16 @@ impl MemcachedRecache {
         cas: Option<u64>,
         fetch: Fetch,
     ) -> Result<Option<Entry>> {
-        let result = flagcache_core::run_as_refresh(fetch).await;
-        match (&result, cas) {
-            (Ok(Some(_)), _) => {}
-            (Ok(None), Some(cas)) => {
+        let (result, outcome) = flagcache_core::run_as_refresh(key, fetch).await;
+        match (outcome, cas) {
+            (Some(RefreshOutcome::Stored), _) => {}
+            // Gone at the source: remove the stale entry, so the fleet stops serving
+            // it (unless it changed meanwhile).
+            (Some(RefreshOutcome::Absent), Some(cas)) => {
                 let _ = self.store.drop_placeholder(key, cas).await;
             }
+            // Not stored (fenced, or L2 failed), failed, or not reported: hand the
+            // token on, so that another process tries.
             _ => self.store.rearm(key, cas).await,
         }
         result

@@ -681,15 +681,16 @@ impl MemcachedStore {
         // stale, which this write revalidates (`put` stores the manifest again).
         if let Some(v) = self.read(wire).await? {
             let stale = v.is_stale == Some(true);
-            if stale {
-                self.note_stale_read(wire, &v);
-            }
             let held = v
                 .data
                 .as_deref()
                 .and_then(|d| self.inner.codec.peek_version(d).ok());
             if let Some(held) = held.filter(|h| *h >= entry.version) {
                 if !(stale && held == entry.version) {
+                    if stale && v.is_recache_winner == Some(true) {
+                        // Won a newer stale entry's token without refreshing it.
+                        self.rearm(key, v.cas).await;
+                    }
                     return Err(Superseded(held).into_error());
                 }
             }

@@ -353,10 +353,11 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
 }
 
 /// The refresher's own fill is fenced by the refresh's own notice when that notice
-/// arrives during the load (here: a 150 ms load, a 20 ms poll). Its value must still
-/// reach L2, where the fleet waits for it, without a second load.
+/// arrives during the load (here: a 150 ms load, a 20 ms poll). A fenced fill never
+/// writes back — a hard `invalidate` could be what fenced it — so the refresher hands
+/// the token on and the next reader reloads: one extra load, and the fleet converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refresh_fenced_by_its_own_notice_still_reaches_the_fleet() {
+async fn a_refresh_fenced_by_its_own_notice_hands_the_token_on() {
     use std::sync::atomic::AtomicU64;
     let server = MemcachedServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -398,7 +399,7 @@ async fn a_refresh_fenced_by_its_own_notice_still_reaches_the_fleet() {
     let got = replicas[0].get(&k).await.unwrap().unwrap();
     assert_eq!(got.as_str(), "fenced@2");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    // The other replica finds the refreshed value in L2: no second load.
+    // The other replica takes the token over and stores the value; then no more loads.
     let mut seen = String::new();
     for _ in 0..200 {
         seen = replicas[1].get(&k).await.unwrap().unwrap().to_string();
@@ -408,9 +409,64 @@ async fn a_refresh_fenced_by_its_own_notice_still_reaches_the_fleet() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(seen, "fenced@2");
+    for cache in &replicas {
+        assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@2");
+    }
     assert_eq!(
         calls.load(Ordering::SeqCst),
-        2,
-        "the refresh was loaded twice"
+        3,
+        "one load more than the token hand-over"
+    );
+}
+
+/// A hard `invalidate` during a refresh's load (the flag was deleted at the source)
+/// must not be undone by the refresh writing its value back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
+    use std::sync::atomic::AtomicBool;
+    let server = MemcachedServer::start().unwrap();
+    let present = Arc::new(AtomicBool::new(true));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (present, release, hold) = (present.clone(), release.clone(), hold.clone());
+        move |k: FlagKey| {
+            let (present, release, hold) = (present.clone(), release.clone(), hold.clone());
+            async move {
+                let answer = present
+                    .load(Ordering::SeqCst)
+                    .then(|| (format!("{k}@1"), Version::new(1)));
+                if hold.load(Ordering::SeqCst) {
+                    release.notified().await;
+                }
+                Ok(answer)
+            }
+        }
+    };
+    let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    let cache = FlagCache::<String>::builder(store.clone(), load)
+        .cross_process(MemcachedRecache::new(&store))
+        .build()
+        .await
+        .unwrap();
+    let k = FlagKey::new("doomed").unwrap();
+    cache.get(&k).await.unwrap();
+    hold.store(true, Ordering::SeqCst);
+    cache.refresh(&k).await.unwrap();
+    // The refresh's load reads the source while the flag is still there…
+    let reading = {
+        let (c, k) = (cache.clone(), k.clone());
+        tokio::spawn(async move { c.get(&k).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // …and then the flag is deleted and invalidated everywhere.
+    present.store(false, Ordering::SeqCst);
+    cache.invalidate(&k).await.unwrap();
+    release.notify_one();
+    let _ = reading.await.unwrap();
+    assert_eq!(
+        store.get(&k).await.unwrap(),
+        None,
+        "the refresh wrote a deleted flag back"
     );
 }

@@ -316,7 +316,10 @@ where
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
             fences: Fences::new(keep_fences_for),
-            fills: LocalCoalescer::new(),
+            // The runtime building the cache also runs the background refreshes that
+            // synchronous readers (`get_cached`, `block_on(get)`) start.
+            fills: tokio::runtime::Handle::try_current()
+                .map_or_else(|_| LocalCoalescer::new(), LocalCoalescer::with_runtime),
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff),
             tel: Telemetry::new(&cfg.name),
             store: self.store,

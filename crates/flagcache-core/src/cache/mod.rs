@@ -21,7 +21,7 @@ pub use builder::{FlagCacheBuilder, VersionSource};
 pub use loader::Loader;
 pub use stats::Stats;
 
-use crate::Coalesced;
+use crate::{Coalesced, RefreshOutcome};
 use breaker::{Breaker, Permit};
 use l1::{Fences, Refreshing, Slot};
 use stats::{seconds, Ev, Telemetry};
@@ -840,7 +840,13 @@ where
                 None
             }
         };
-        // Another process loaded it and stored it in L2.
+        // Another process loaded it and stored it in L2 — used only if it passes the
+        // checks an L2 read passes: no announced newer version, and the version
+        // source's version when there is one.
+        let entry = match entry {
+            Some(e) if self.acceptable_from_l2(key, &e).await => Some(e),
+            _ => None,
+        };
         if let Some(entry) = entry {
             if let Ok(v) = self.store.codec().decode_value::<T>(&entry.payload) {
                 let slot = self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
@@ -851,6 +857,26 @@ where
         self.load_from_source(key, start, began)
             .await
             .map(|(f, _)| f)
+    }
+
+    /// Whether an entry another process put in L2 may answer this read: what
+    /// [`Inner::fill`] checks of its own L2 reads.
+    async fn acceptable_from_l2(&self, key: &FlagKey, entry: &Entry) -> bool {
+        if self
+            .fences
+            .lock()
+            .announced(key)
+            .is_some_and(|min| entry.version < min)
+        {
+            return false;
+        }
+        match &self.expected {
+            None => true,
+            Some(source) => match source.current_version(key).await {
+                Ok(Some(v)) => v == entry.version,
+                Ok(None) | Err(_) => true,
+            },
+        }
     }
 
     /// Calls the loader, writes its value to L2 and installs it; returns the stored
@@ -881,6 +907,7 @@ where
         };
         let Some((value, version)) = loaded else {
             self.tel.bump(Ev::LoadAbsent);
+            crate::coalesce::report_refresh(key, RefreshOutcome::Absent);
             let slot = self.make_slot(None, Version::default(), began.elapsed());
             self.install(key, &slot, start);
             return Ok(((slot, Tier::Loader), None));
@@ -894,23 +921,22 @@ where
         };
         let slot = self.make_slot(Some(Arc::new(value)), version, began.elapsed());
         if !self.fences.lock().admits(key, start, Some(version)) {
+            // Invalidated while loading: answer this read, but neither write the value
+            // back to L2 (it might outlive the invalidation there) nor install it.
             self.tel.bump(Ev::FencedFill);
-            if !crate::coalesce::is_proven_refresh() {
-                // Invalidated while loading: answer this read, but neither write the
-                // value back to L2 (it might outlive the invalidation there) nor
-                // install it.
-                return Ok(((slot, Tier::Loader), None));
-            }
-            // A refresh of an entry marked stale, which began after the mark: the
-            // invalidation that fenced it is the mark's own notice, arriving late.
-            // The fleet waits for this value in L2 (version-guarded there); only the
-            // L1 install stays fenced.
-            return match self.write_l2(key, &entry).await {
-                Some(_) => Ok(((slot, Tier::Loader), Some(entry))),
-                None => Ok(((slot, Tier::Loader), None)),
-            };
+            crate::coalesce::report_refresh(key, RefreshOutcome::NotStored);
+            return Ok(((slot, Tier::Loader), None));
         }
-        match self.write_l2(key, &entry).await {
+        let written = self.write_l2(key, &entry).await;
+        crate::coalesce::report_refresh(
+            key,
+            if written.is_some() {
+                RefreshOutcome::Stored
+            } else {
+                RefreshOutcome::NotStored
+            },
+        );
+        match written {
             // L2 knows a newer version than the source just gave us (a lagging read
             // replica of the source): answer this read, but do not pin it in L1.
             Some(PutOutcome::Superseded { current }) if current > version => {
