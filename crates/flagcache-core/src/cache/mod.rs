@@ -466,10 +466,13 @@ where
     ///
     /// L2 marks the entry stale ([`FlagStore::mark_stale`]) and every replica drops its
     /// L1 copy. With a backend that keeps stale values (memcached, with
-    /// `MemcachedRecache` as the cross-process coalescer), exactly one process of the
-    /// fleet reloads from the source while the others serve the stale value, marked
-    /// [`StaleReason::Revalidating`], for at most twice the loader timeout; other
-    /// backends delete, and the next reads load (coalesced) as after `invalidate`.
+    /// `MemcachedRecache` as the cross-process coalescer), one process of the fleet
+    /// reloads from the source while the others serve the stale value, marked
+    /// [`StaleReason::Revalidating`], for at most twice the loader timeout. A reload
+    /// that an invalidation fenced is never written back (a hard `invalidate` may be
+    /// what fenced it): the reloader hands its turn on and the next reader reloads.
+    /// Other backends delete, and the next reads load (coalesced) as after
+    /// `invalidate`.
     ///
     /// # Errors
     /// An L2 or publish error (this replica's L1 is dropped regardless).
