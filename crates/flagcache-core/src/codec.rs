@@ -51,7 +51,7 @@ pub const JSON_MAX_VERSION: u64 = (1 << 53) - 1;
 
 const EVENT_MAGIC: [u8; 2] = [0xF1, 0xA7];
 
-/// How a store lays out what it writes. See the [module docs](self).
+/// How a store lays out what it writes (the layout: [`HEADER_LEN`], [`VERSION_OFFSET`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Codec {
@@ -184,7 +184,7 @@ impl Codec {
     }
 }
 
-/// The binary envelope layout (see the [module docs](self)).
+/// The binary envelope layout: a [`HEADER_LEN`]-byte header (the version big-endian at [`VERSION_OFFSET`]), then the payload.
 ///
 /// ```
 /// use flagcache_core::{Codec, EnvelopeCodec, Entry, Version};

@@ -31,8 +31,8 @@ use tokio::sync::mpsc;
 use crate::store::{parse_number, Route, WireKey};
 use crate::MemcachedStore;
 
-/// An [`Invalidator`] over an invalidation log kept in memcached (see the
-/// [module docs](self) for how it works and when it signals `Resync`).
+/// An [`Invalidator`] over an invalidation log kept in memcached: see the
+/// [crate docs](crate) for how it works and when it signals `Resync`.
 #[derive(Clone)]
 pub struct MemcachedInvalidator {
     inner: Arc<Inner>,
