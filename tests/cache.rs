@@ -1498,3 +1498,38 @@ async fn a_synchronous_reader_outside_the_runtime_still_starts_the_refresh() {
     }
     assert_eq!(src.calls(), 2, "the background refresh never started");
 }
+
+/// Over a store that keeps no stale values (the default `mark_stale` deletes), a
+/// refresh acts as an invalidation: every replica drops its copy and the next reads
+/// load the source's current value, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_without_stale_support_reloads_everywhere() {
+    let r = replicas().await;
+    let k = key("rules");
+    r.a.get(&k).await.unwrap();
+    r.b.get(&k).await.unwrap();
+    assert_eq!(r.src.calls(), 1);
+    r.src.set_version(2);
+    r.a.refresh(&k).await.unwrap();
+    assert_eq!(
+        r.store.get(&k).await.unwrap(),
+        None,
+        "L2 still holds the old entry"
+    );
+    for cache in [&r.a, &r.b] {
+        let mut got = String::new();
+        for _ in 0..200 {
+            got = value(&cache.lookup(&k).await.unwrap()).to_string();
+            if got == "rules@2" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(got, "rules@2");
+    }
+    assert_eq!(
+        r.src.calls(),
+        2,
+        "both replicas share one reload through L2"
+    );
+}

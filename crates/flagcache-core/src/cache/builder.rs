@@ -313,6 +313,7 @@ where
             l1: quick_cache::sync::Cache::new(cfg.l1_capacity.max(1)),
             clock: super::l1::clock(),
             refreshing: super::l1::Refreshing::new(),
+            own_echoes: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
             fences: Fences::new(keep_fences_for),

@@ -89,6 +89,10 @@ impl<T> Lookup<T> {
     }
 }
 
+/// How long an own invalidation's echo is waited for (after that, it is applied like
+/// any event).
+const OWN_ECHO_WAIT: Duration = Duration::from_secs(30);
+
 /// The future of [`FlagCache::get`]: ready at once on an L1 hit (it then holds only
 /// the answer), a boxed fill otherwise.
 #[must_use = "futures do nothing unless awaited"]
@@ -231,6 +235,10 @@ struct Inner<T> {
     l1: quick_cache::sync::Cache<FlagKey, Slot<T>>,
     /// Which keys have a background refresh running.
     refreshing: Refreshing,
+    /// Versionless key invalidations this cache published and already applied, whose
+    /// echo from the invalidator is still to come: the echo must not fence the fills
+    /// that began after the invalidation itself. Key → (echoes due, when).
+    own_echoes: std::sync::Mutex<std::collections::HashMap<FlagKey, (u32, Instant)>>,
     /// The clock of L1 deadlines (see [`l1::clock`]).
     clock: quanta::Clock,
     /// Bumped by every `Resync`: entries of an older epoch are unverified.
@@ -455,7 +463,7 @@ where
         let deleted = inner.delete_l2(key).await;
         // A read in the meantime may have refilled L1 from the entry just deleted.
         inner.drop_local(key, None);
-        let published = inner.publish(Invalidation::key(key.clone())).await;
+        let published = inner.publish_applied(key).await;
         deleted.and(published)
     }
 
@@ -485,7 +493,7 @@ where
             .await;
         // A read in the meantime may have refilled L1 from the entry just marked.
         inner.drop_local(key, None);
-        let published = inner.publish(Invalidation::key(key.clone())).await;
+        let published = inner.publish_applied(key).await;
         marked.and(published)
     }
 
@@ -1130,6 +1138,49 @@ where
         }
     }
 
+    /// Publishes a versionless invalidation of `key` that this cache has applied
+    /// already, so that its own echo does not fence fills begun since.
+    async fn publish_applied(&self, key: &FlagKey) -> Result<()> {
+        if self.invalidator.is_none() {
+            return Ok(());
+        }
+        self.own_echoes_map()
+            .entry(key.clone())
+            .and_modify(|(n, at)| {
+                *n += 1;
+                *at = Instant::now();
+            })
+            .or_insert((1, Instant::now()));
+        let published = self.publish(Invalidation::key(key.clone())).await;
+        if published.is_err() {
+            self.take_own_echo(key);
+        }
+        published
+    }
+
+    fn own_echoes_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<FlagKey, (u32, Instant)>> {
+        self.own_echoes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether an echo of this cache's own, already applied invalidation of `key` was
+    /// due (recently); consumes it.
+    fn take_own_echo(&self, key: &FlagKey) -> bool {
+        let mut echoes = self.own_echoes_map();
+        let Some((n, at)) = echoes.get_mut(key) else {
+            return false;
+        };
+        let due = *n > 0 && at.elapsed() < OWN_ECHO_WAIT;
+        *n = n.saturating_sub(1);
+        if *n == 0 || !due {
+            echoes.remove(key);
+        }
+        due
+    }
+
     /// Applies one event received from the invalidator.
     async fn apply(self: &Arc<Self>, ev: &Invalidation) {
         // This node's own events are applied too: the version they carry keeps the
@@ -1137,6 +1188,10 @@ where
         // another cache sharing this node's invalidator must not miss them.
         let own = ev.origin != NodeId::UNKNOWN && ev.origin == self.node;
         match &ev.target {
+            // The echo of an invalidation this cache applied when it published it:
+            // applying it again would only fence the fills begun since.
+            Target::Key(key)
+                if own && ev.version.is_none() && !ev.purge_shared && self.take_own_echo(key) => {}
             Target::Key(key) => {
                 self.drop_local(key, ev.version);
                 if ev.purge_shared {
