@@ -306,6 +306,13 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
         2,
         "exactly one process reloads"
     );
+    // A replica that is not the reloader (all its reads answered) reports a warm-up
+    // of the key as stale, not as loaded.
+    let bystander = (0..replicas.len())
+        .find(|r| reads[r * 10..r * 10 + 10].iter().all(|t| t.is_finished()))
+        .expect("a replica other than the reloader");
+    let report = replicas[bystander].warm(std::slice::from_ref(&k)).await;
+    assert_eq!((report.stale, report.loaded), (1, 0), "{report:?}");
     // Every replica keeps reading while the refresh lands: holding the stale value,
     // each revalidates on every read, and none may load again.
     let stop = Arc::new(AtomicBool::new(false));

@@ -174,6 +174,9 @@ pub struct WarmReport {
     pub loaded: usize,
     /// Keys the source does not have.
     pub absent: usize,
+    /// Keys answered with a value marked stale, which another process is reloading
+    /// (see [`FlagCache::refresh`]); held in L1 as stale, not fresh.
+    pub stale: usize,
     /// Keys that could not be filled, with why.
     pub failed: Vec<(FlagKey, Error)>,
 }
@@ -1298,6 +1301,7 @@ where
         for (key, r) in results {
             match r {
                 Ok((slot, Tier::L2)) if slot.value.is_some() => report.from_l2 += 1,
+                Ok((_, Tier::StaleL2)) => report.stale += 1,
                 Ok((slot, _)) if slot.value.is_none() => report.absent += 1,
                 Ok(_) => report.loaded += 1,
                 Err(e) => report.failed.push((key, e)),
