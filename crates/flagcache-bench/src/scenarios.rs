@@ -627,6 +627,27 @@ impl Flips {
     }
 }
 
+/// A replica's Redis store (under `namespace`) and invalidator (on `channel`).
+async fn redis_pair(
+    url: &str,
+    namespace: &str,
+    channel: &str,
+) -> Res<(RedisStore, RedisInvalidator)> {
+    let store = RedisStore::builder()
+        .url(url)
+        .namespace(namespace)
+        .build()
+        .await
+        .map_err(err)?;
+    let inv = RedisInvalidator::builder()
+        .url(url)
+        .channel(channel)
+        .build()
+        .await
+        .map_err(err)?;
+    Ok((store, inv))
+}
+
 /// Rollout storm: 8 replicas × 64 tasks evaluating 200 flags (L1 + Redis) while a
 /// publisher flips one flag every 100 ms; against a raw GET per evaluation.
 pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
@@ -649,25 +670,8 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
     let channel = format!("bench-rollout-{prefix}");
     let mut caches = Vec::new();
     for i in 0..=REPLICAS {
-        let store = RedisStore::builder()
-            .url(&url)
-            .namespace("bench-rollout")
-            .build()
-            .await
-            .map_err(err)?;
-        let inv = RedisInvalidator::builder()
-            .url(&url)
-            .channel(&channel)
-            .build()
-            .await
-            .map_err(err)?;
-        let cache = FlagCache::<String>::builder(store, source.loader())
-            .name(format!("rollout-{i}"))
-            .invalidator(inv)
-            .fresh_for(Duration::from_secs(300))
-            .build()
-            .await
-            .map_err(err)?;
+        let (store, inv) = redis_pair(&url, "bench-rollout", &channel).await?;
+        let cache = replica(format!("rollout-{i}"), &source, store, inv).await?;
         cache.warm(&keys).await;
         caches.push(cache);
     }
@@ -960,18 +964,7 @@ pub async fn propagation_both(servers: &mut Servers, plan: Plan) -> Res<Section>
     let channel = format!("bench-propagation-{:x}", fastrand::u32(..));
     let mut caches = Vec::new();
     for i in 0..=READERS {
-        let store = RedisStore::builder()
-            .url(&url)
-            .namespace("bench-prop")
-            .build()
-            .await
-            .map_err(err)?;
-        let inv = RedisInvalidator::builder()
-            .url(&url)
-            .channel(&channel)
-            .build()
-            .await
-            .map_err(err)?;
+        let (store, inv) = redis_pair(&url, "bench-prop", &channel).await?;
         caches.push(replica(format!("prop-redis-{i}"), &source, store, inv).await?);
     }
     propagation_section(&mut section, &caches, flips, "Redis pub/sub", 5_000.0).await?;
@@ -1025,18 +1018,7 @@ pub async fn cache_down(plan: Plan) -> Res<Section> {
     }
     let mut caches = Vec::new();
     for i in 0..REPLICAS {
-        let store = RedisStore::builder()
-            .url(&url)
-            .namespace("bench-down")
-            .build()
-            .await
-            .map_err(err)?;
-        let inv = RedisInvalidator::builder()
-            .url(&url)
-            .channel("bench-down")
-            .build()
-            .await
-            .map_err(err)?;
+        let (store, inv) = redis_pair(&url, "bench-down", "bench-down").await?;
         let cache = FlagCache::<String>::builder(store, source.loader())
             .name(format!("down-{i}"))
             .invalidator(inv)

@@ -736,18 +736,12 @@ where
                 }
             }
             if let Some(entry) = read {
-                {
-                    match self.store.codec().decode_value::<T>(&entry.payload) {
-                        Ok(v) => {
-                            let slot = self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
-                            self.install(key, &slot, start);
-                            return Ok((slot, Tier::L2));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
-                            self.tel.bump(Ev::Corrupt);
-                            let _ = self.delete_l2(key).await;
-                        }
+                match self.install_entry(key, &entry, start, began, false) {
+                    Ok(slot) => return Ok((slot, Tier::L2)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
+                        self.tel.bump(Ev::Corrupt);
+                        let _ = self.delete_l2(key).await;
                     }
                 }
             }
@@ -842,13 +836,7 @@ where
                 // Another process is refreshing it: serve the stale value, held in L1
                 // as stale (never as fresh), so that reads keep revalidating until the
                 // new value lands.
-                if let Ok(v) = self.store.codec().decode_value::<T>(&entry.payload) {
-                    let mut slot =
-                        self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
-                    let now = self.clock.now();
-                    slot.fresh_until = now;
-                    slot.stale_until = now + self.cfg.stale_for.max(Duration::from_secs(1));
-                    self.install(key, &slot, start);
+                if let Ok(slot) = self.install_entry(key, &entry, start, began, true) {
                     return Ok((slot, Tier::StaleL2));
                 }
                 None
@@ -862,15 +850,37 @@ where
             _ => None,
         };
         if let Some(entry) = entry {
-            if let Ok(v) = self.store.codec().decode_value::<T>(&entry.payload) {
-                let slot = self.make_slot(Some(Arc::new(v)), entry.version, began.elapsed());
-                self.install(key, &slot, start);
+            if let Ok(slot) = self.install_entry(key, &entry, start, began, false) {
                 return Ok((slot, Tier::L2));
             }
         }
         self.load_from_source(key, start, began)
             .await
             .map(|(f, _)| f)
+    }
+
+    /// Decodes an L2 entry into an L1 slot and installs it, unless a fence refuses it.
+    /// `stale`: a value another process is reloading — held as stale, never fresh.
+    ///
+    /// # Errors
+    /// The codec's, when the payload does not decode.
+    fn install_entry(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        start: u64,
+        began: Instant,
+        stale: bool,
+    ) -> Result<Slot<T>> {
+        let value = self.store.codec().decode_value::<T>(&entry.payload)?;
+        let mut slot = self.make_slot(Some(Arc::new(value)), entry.version, began.elapsed());
+        if stale {
+            let now = self.clock.now();
+            slot.fresh_until = now;
+            slot.stale_until = now + self.cfg.stale_for.max(Duration::from_secs(1));
+        }
+        self.install(key, &slot, start);
+        Ok(slot)
     }
 
     /// Whether an entry another process put in L2 may answer this read: what
@@ -1271,19 +1281,10 @@ where
         match batch {
             Some(found) => {
                 for (key, entry) in cold.into_iter().zip(found) {
-                    let decoded = entry.and_then(|e| {
-                        self.store
-                            .codec()
-                            .decode_value::<T>(&e.payload)
-                            .ok()
-                            .map(|v| (v, e.version))
-                    });
-                    match decoded {
-                        Some((v, version)) => {
-                            let slot = self.make_slot(Some(Arc::new(v)), version, began.elapsed());
-                            self.install(&key, &slot, start);
-                            report.from_l2 += 1;
-                        }
+                    let filled =
+                        entry.and_then(|e| self.install_entry(&key, &e, start, began, false).ok());
+                    match filled {
+                        Some(_) => report.from_l2 += 1,
                         None => misses.push(key),
                     }
                 }
