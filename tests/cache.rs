@@ -157,6 +157,50 @@ async fn a_cold_burst_of_1000_reads_costs_one_l2_read_and_one_load() {
     assert_eq!((st.misses, st.hits_l1, st.loads), (1000, 1, 1));
 }
 
+/// L1 hits are counted on per-thread stripes, leased without a locked add while one is
+/// free and shared (atomically) past that: with more threads alive than stripes, and
+/// threads exiting and new ones taking their stripes, no hit may be lost — in either of
+/// two caches read from the same threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_l1_hit_is_counted_from_many_threads_at_once() {
+    let src = Source::new(1);
+    let (a, b) = (
+        FlagCache::<Config>::builder(MemoryStore::new(), src.loader())
+            .build()
+            .await
+            .unwrap(),
+        FlagCache::<Config>::builder(MemoryStore::new(), src.loader())
+            .build()
+            .await
+            .unwrap(),
+    );
+    let k = key("hot");
+    a.get(&k).await.unwrap();
+    b.get(&k).await.unwrap();
+    const WAVES: u64 = 3;
+    const THREADS: u64 = 40;
+    const HITS: u64 = 50_000;
+    for _ in 0..WAVES {
+        // All of a wave's threads alive and counting at once.
+        let start = std::sync::Barrier::new(THREADS as usize);
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (a, b, k, start) = (&a, &b, &k, &start);
+                s.spawn(move || {
+                    start.wait();
+                    for i in 0..HITS {
+                        let cache = if (i + t) % 2 == 0 { a } else { b };
+                        assert!(cache.get_cached(k).is_some(), "a fresh L1 hit");
+                    }
+                });
+            }
+        });
+    }
+    let total = a.stats().hits_l1 + b.stats().hits_l1;
+    assert_eq!(total, WAVES * THREADS * HITS);
+    assert_eq!(a.stats().hits_l1, WAVES * THREADS * HITS / 2);
+}
+
 #[tokio::test]
 async fn l2_hits_come_back_into_l1_and_never_call_the_loader() {
     let mem = MemoryStore::new();

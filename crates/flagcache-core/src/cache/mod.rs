@@ -121,6 +121,7 @@ impl<T> fmt::Debug for Get<'_, T> {
 impl<T> std::future::Future for Get<'_, T> {
     type Output = Result<Option<Arc<T>>>;
 
+    #[inline]
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -328,10 +329,21 @@ where
     /// When neither L2 nor the loader produced a value and no last known value within
     /// the maximum staleness exists: the loader's error, [`Error::Timeout`], or a codec
     /// error.
+    #[inline]
     pub fn get<'a>(&'a self, key: &'a FlagKey) -> Get<'a, T> {
+        // The L1 part runs now, when the future is made: a fresh hit is a ready future
+        // that holds only its answer; everything else takes the out-of-line path.
+        match self.inner.fresh_hit(key) {
+            Some(value) => Get(GetState::Hit(value)),
+            None => self.get_slow(key),
+        }
+    }
+
+    /// [`FlagCache::get`] past a fresh L1 hit: the evaluation hook, a stale or
+    /// fail-safe L1 answer, or a boxed fill.
+    #[inline(never)]
+    fn get_slow<'a>(&'a self, key: &'a FlagKey) -> Get<'a, T> {
         let inner = &self.inner;
-        // The L1 part runs now, when the future is made: a hit is a ready future that
-        // holds only its answer, and the miss path is boxed.
         let hit = if inner.hook.is_some() {
             Err(None)
         } else {
@@ -367,8 +379,12 @@ where
     /// assert_eq!(cache.get_cached(&key).flatten().as_deref(), Some(&true));
     /// # Ok(()) }
     /// ```
+    #[inline]
     pub fn get_cached(&self, key: &FlagKey) -> Option<Option<Arc<T>>> {
         let inner = &self.inner;
+        if let Some(value) = inner.fresh_hit(key) {
+            return Some(value);
+        }
         let Some(hook) = &inner.hook else {
             return inner.lookup_l1(key, |slot, _| slot.value).ok();
         };
@@ -552,6 +568,27 @@ where
             Ok(hit) => Ok(hit),
             Err(fallback) => Box::pin(self.lookup_miss(key, fallback)).await,
         }
+    }
+
+    /// The common case of [`Self::lookup_l1`] alone, for inlining: a fresh L1 entry,
+    /// no evaluation hook and no early refresh due. `None` means "ask
+    /// [`Self::lookup_l1`]", not "absent".
+    #[inline]
+    fn fresh_hit(&self, key: &FlagKey) -> Option<Option<Arc<T>>> {
+        if self.hook.is_some()
+            || !self.cfg.l1_enabled
+            || self.cfg.xfetch_beta > 0.0
+            || self.deaf.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let slot = self.l1.get(key)?;
+        if slot.epoch != self.epoch.load(Ordering::Relaxed) || self.clock.now() >= slot.fresh_until
+        {
+            return None;
+        }
+        self.tel.bump(Ev::HitL1);
+        Some(slot.value)
     }
 
     /// The L1 part of a read: `Ok(answer(slot, status))` when L1 answers (fresh, or

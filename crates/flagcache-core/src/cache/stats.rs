@@ -84,32 +84,82 @@ impl Ev {
 }
 
 /// L1 hits — the one event every read of a hot key records — are counted on
-/// per-thread stripes, each on its own cache line, so threads hitting L1 at once do
-/// not contend on one counter.
-const STRIPES: usize = 8;
+/// per-thread stripes, each on its own cache line. A thread leases a stripe of its own
+/// while one is free and adds to it without a locked instruction; threads beyond
+/// `STRIPES` alive at once share stripes and add atomically. Leases are returned when
+/// their thread exits, so a churning thread pool does not run out of them.
+const STRIPES: usize = 16;
+
+/// The flag in an encoded stripe index for a stripe shared with other threads.
+const SHARED: usize = 1 << (usize::BITS - 1);
+/// No stripe chosen yet.
+const UNSET: usize = usize::MAX;
 
 #[repr(align(128))]
 #[derive(Default)]
 struct Stripe(AtomicU64);
 
-/// This thread's stripe: threads take stripes in turn as they first count a hit.
-fn stripe() -> usize {
+mod lease {
     use std::cell::Cell;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, PoisonError};
+
+    use super::{SHARED, STRIPES, UNSET};
+
+    /// Stripes never leased yet are `NEXT..STRIPES`; returned ones wait in `FREE`.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    /// Round-robin over the stripes for threads that found none free.
+    static SPILL: AtomicUsize = AtomicUsize::new(0);
+
     thread_local! {
-        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+        static MINE: Cell<usize> = const { Cell::new(UNSET) };
+        static LEASE: Lease = Lease(take());
     }
-    MINE.with(|m| {
-        let mut i = m.get();
-        if i == usize::MAX {
-            // The modulo keeps the value below STRIPES, so the cast cannot truncate.
-            #[allow(clippy::cast_possible_truncation)]
-            let next = (NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize;
-            i = next;
-            m.set(i);
+
+    /// Returns its stripe when the thread exits.
+    struct Lease(usize);
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            if self.0 & SHARED != 0 {
+                return;
+            }
+            // Counting on after this (from another thread-local's destructor) must
+            // not write to a stripe another thread may lease next.
+            let _ = MINE.try_with(|m| m.set(SHARED));
+            FREE.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(self.0);
         }
+    }
+
+    fn take() -> usize {
+        let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = free.pop() {
+            return i;
+        }
+        drop(free);
+        let fresh = NEXT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < STRIPES).then_some(n + 1)
+        });
+        match fresh {
+            Ok(i) => i,
+            Err(_) => SHARED | (SPILL.fetch_add(1, Ordering::Relaxed) % STRIPES),
+        }
+    }
+
+    /// This thread's stripe, with [`SHARED`] set when other threads add to it too.
+    #[inline]
+    pub(super) fn stripe() -> usize {
+        let i = MINE.with(Cell::get);
+        if i != UNSET {
+            return i;
+        }
+        let i = LEASE.try_with(|l| l.0).unwrap_or(SHARED);
+        MINE.with(|m| m.set(i));
         i
-    })
+    }
 }
 
 pub(crate) struct Telemetry {
@@ -143,7 +193,18 @@ impl Telemetry {
     #[inline]
     pub fn bump(&self, ev: Ev) {
         if ev == Ev::HitL1 {
-            self.hits[stripe()].0.fetch_add(1, Ordering::Relaxed);
+            let s = lease::stripe();
+            let hits = &self.hits[s & !SHARED].0;
+            if s & SHARED == 0 {
+                // Only this thread writes this stripe: a plain add, no locked
+                // instruction. Readers sum the stripes with loads.
+                hits.store(
+                    hits.load(Ordering::Relaxed).wrapping_add(1),
+                    Ordering::Relaxed,
+                );
+            } else {
+                hits.fetch_add(1, Ordering::Relaxed);
+            }
         } else {
             self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
         }
