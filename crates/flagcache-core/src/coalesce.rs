@@ -5,12 +5,12 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use async_trait::async_trait;
 use futures_util::FutureExt;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::{Entry, Error, FlagKey, Result};
 
@@ -104,7 +104,49 @@ pub enum Coalesced {
     Stale(Entry),
 }
 
-type Slot<V> = watch::Receiver<Option<Result<V>>>;
+/// One fetch's outcome, shared by the callers waiting on it.
+struct Flight<V> {
+    /// Set once, by the fetch's end.
+    result: OnceLock<Result<V>>,
+    /// The fetch ended without a result (its task was dropped with its runtime).
+    abandoned: AtomicBool,
+    /// Wakes the waiters when either of the above is set.
+    landed: Notify,
+}
+
+type Slot<V> = Arc<Flight<V>>;
+
+/// The fetch's side of its [`Flight`]: publishes the result once, or — dropped
+/// without one — tells the waiters the fetch is gone.
+struct Publish<V>(Option<Slot<V>>);
+
+impl<V: Clone> Publish<V> {
+    /// Hands `result` to the waiters, if any, and returns it. Called once the fetch
+    /// left the in-flight map, so no caller can join from now on.
+    fn finish(mut self, result: Result<V>) -> Result<V> {
+        let Some(flight) = self.0.take() else {
+            return result;
+        };
+        // Joiners clone the flight under the map's lock, which the fetch took since
+        // to leave the map: a count of one means nobody waits, and the result need
+        // not be cloned.
+        if Arc::strong_count(&flight) > 1 {
+            // Only this value ever sets it, so it cannot be set already.
+            let _ = flight.result.set(result.clone());
+            flight.landed.notify_waiters();
+        }
+        result
+    }
+}
+
+impl<V> Drop for Publish<V> {
+    fn drop(&mut self) {
+        if let Some(flight) = self.0.take() {
+            flight.abandoned.store(true, Ordering::Release);
+            flight.landed.notify_waiters();
+        }
+    }
+}
 
 struct Inner<V> {
     /// The runtime to start fetches on when the caller is not inside one.
@@ -288,8 +330,12 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
             .or_else(|| self.inner.runtime.clone())
             .ok_or(Error::Closed("tokio runtime (coalescing needs one)"))?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), (id, rx));
+        let flight = Arc::new(Flight {
+            result: OnceLock::new(),
+            abandoned: AtomicBool::new(false),
+            landed: Notify::new(),
+        });
+        map.insert(key.clone(), (id, flight.clone()));
         drop(map);
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
         let panicking_key = key.clone();
@@ -301,7 +347,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
                     Err(panic) => Err(Error::loader(&panicking_key, Panicked(panic_text(&*panic)))),
                 }
             })),
-            tx: Some(tx),
+            tx: Some(Publish(Some(flight))),
             leave: Some(Leave {
                 inner: self.inner.clone(),
                 key: key.clone(),
@@ -336,14 +382,20 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         }
     }
 
-    async fn wait(mut slot: Slot<V>) -> Result<V> {
-        let done = slot
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Error::Closed("coalesced fetch (its runtime shut down)"))?;
-        match &*done {
-            Some(result) => result.clone(),
-            None => Err(Error::Closed("coalesced fetch")),
+    async fn wait(slot: Slot<V>) -> Result<V> {
+        loop {
+            // Registered before the checks, so a result landing in between still
+            // wakes this waiter.
+            let landed = slot.landed.notified();
+            let mut landed = std::pin::pin!(landed);
+            landed.as_mut().enable();
+            if let Some(result) = slot.result.get() {
+                return result.clone();
+            }
+            if slot.abandoned.load(Ordering::Acquire) {
+                return Err(Error::Closed("coalesced fetch (its runtime shut down)"));
+            }
+            landed.await;
         }
     }
 }
@@ -390,7 +442,7 @@ type BoxedFetch<V> = Pin<Box<dyn Future<Output = Result<V>> + Send + 'static>>;
 /// their result and the in-flight entry is still cleared when it ends.
 struct Leader<V: Clone + Send + Sync + 'static> {
     fetch: Option<BoxedFetch<V>>,
-    tx: Option<watch::Sender<Option<Result<V>>>>,
+    tx: Option<Publish<V>>,
     leave: Option<Leave<V>>,
     runtime: tokio::runtime::Handle,
 }
@@ -405,11 +457,10 @@ impl<V: Clone + Send + Sync + 'static> Leader<V> {
         // Leave the map first: a caller arriving from now on starts afresh rather than
         // receiving a result its request may postdate.
         drop(self.leave.take());
-        if let Some(tx) = self.tx.take() {
-            // No receivers left is fine: nobody else was waiting.
-            let _ = tx.send(Some(result.clone()));
+        match self.tx.take() {
+            Some(tx) => tx.finish(result),
+            None => result,
         }
-        result
     }
 }
 
@@ -424,7 +475,8 @@ impl<V: Clone + Send + Sync + 'static> Drop for Leader<V> {
         self.runtime.spawn(async move {
             let result = fetch.await;
             drop(leave);
-            let _ = tx.send(Some(result));
+            // The caller that started the fetch is gone: the waiters take it all.
+            let _ = tx.finish(result);
         });
     }
 }

@@ -304,6 +304,17 @@ pub async fn get_many_keeps_order_and_misses(store: &dyn FlagStore) {
         ],
         "get_many: wrong order or content"
     );
+    assert!(
+        store.get_each(&[]).await.is_empty(),
+        "get_each: empty request"
+    );
+    let each: Vec<Option<Entry>> = store
+        .get_each(&keys)
+        .await
+        .into_iter()
+        .map(|r| r.expect("get_each: a readable key failed"))
+        .collect();
+    assert_eq!(each, got, "get_each: wrong order or content");
     // Enough keys to span shards / slots / servers.
     let many: Vec<FlagKey> = (0..64).map(|i| fresh_key(&format!("many{i}"))).collect();
     for (i, k) in many.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
@@ -316,6 +327,12 @@ pub async fn get_many_keeps_order_and_misses(store: &dyn FlagStore) {
     for (i, slot) in got.iter().enumerate() {
         let want = (i % 3 != 0).then(|| entry(store, i as u64 + 1, &i.to_string()));
         assert_eq!(slot, &want, "get_many: slot {i} of 64");
+    }
+    let each = store.get_each(&many).await;
+    assert_eq!(each.len(), many.len(), "get_each: one answer per key");
+    for (i, slot) in each.into_iter().enumerate() {
+        let want = (i % 3 != 0).then(|| entry(store, i as u64 + 1, &i.to_string()));
+        assert_eq!(slot.ok(), Some(want), "get_each: slot {i} of 64");
     }
 }
 
@@ -494,6 +511,12 @@ pub async fn corrupt_bytes_are_a_miss_not_a_panic(store: &dyn FlagStore, raw: &d
             vec![Some(entry(store, 1, "fine")), None],
             "corrupt: get_many"
         );
+        // Each key answered on its own: the neighbour of a corrupt entry still reads.
+        match &store.get_each(&[good.clone(), key.clone()]).await[..] {
+            [Ok(Some(fine)), Ok(None) | Err(Error::Corrupt { .. })]
+                if *fine == entry(store, 1, "fine") => {}
+            other => panic!("corrupt: get_each of {bytes:?} gave {other:?}"),
+        }
         assert_eq!(
             store
                 .put(&key, &entry(store, 1, "repaired"), TTL)

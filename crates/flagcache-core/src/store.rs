@@ -69,6 +69,18 @@ pub trait FlagStore: Send + Sync {
         futures_util::future::try_join_all(keys.iter().map(|k| self.get(k))).await
     }
 
+    /// Reads several entries and answers each key as [`FlagStore::get`] would: its
+    /// entry, its miss, or its own error (one corrupt entry or one server down fails
+    /// only its own keys). One slot per requested key, in order.
+    ///
+    /// [`FlagCache`](crate::FlagCache) gathers the L2 reads of concurrent misses of a
+    /// shared store with [`Capabilities::batch_get`] into one call of this, so an
+    /// adapter that sets that flag answers it in one round trip too. The default
+    /// issues the gets concurrently.
+    async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        futures_util::future::join_all(keys.iter().map(|k| self.get(k))).await
+    }
+
     /// Reads one entry only if its version is exactly `expected`.
     ///
     /// # Errors
@@ -139,7 +151,8 @@ pub trait Invalidator: Send + Sync {
 /// so the forwarding impls cannot drift apart.
 macro_rules! forward_impls {
     ($($ptr:ty),+ $(,)?) => {$(
-        #[async_trait]
+        // The async methods hand on the pointee's boxed future as it is: no second
+        // box and no second state machine per call.
         impl<T: FlagStore + ?Sized> FlagStore for $ptr {
             fn name(&self) -> &'static str {
                 (**self).name()
@@ -150,40 +163,109 @@ macro_rules! forward_impls {
             fn codec(&self) -> &Codec {
                 (**self).codec()
             }
-            async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
-                (**self).get(key).await
+            fn get<'s, 'k, 'f>(&'s self, key: &'k FlagKey) -> BoxFuture<'f, Result<Option<Entry>>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get(key)
             }
-            async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-                (**self).get_many(keys).await
+            fn get_many<'s, 'k, 'f>(
+                &'s self,
+                keys: &'k [FlagKey],
+            ) -> BoxFuture<'f, Result<Vec<Option<Entry>>>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get_many(keys)
             }
-            async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
-                (**self).get_checked(key, expected).await
+            fn get_each<'s, 'k, 'f>(
+                &'s self,
+                keys: &'k [FlagKey],
+            ) -> BoxFuture<'f, Vec<Result<Option<Entry>>>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get_each(keys)
             }
-            async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
-                (**self).put(key, entry, ttl).await
+            fn get_checked<'s, 'k, 'f>(
+                &'s self,
+                key: &'k FlagKey,
+                expected: Version,
+            ) -> BoxFuture<'f, Result<Checked>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get_checked(key, expected)
             }
-            async fn delete(&self, key: &FlagKey) -> Result<()> {
-                (**self).delete(key).await
+            fn put<'s, 'k, 'e, 'f>(
+                &'s self,
+                key: &'k FlagKey,
+                entry: &'e Entry,
+                ttl: Duration,
+            ) -> BoxFuture<'f, Result<PutOutcome>>
+            where
+                's: 'f,
+                'k: 'f,
+                'e: 'f,
+                Self: 'f,
+            {
+                (**self).put(key, entry, ttl)
             }
-            async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
-                (**self).mark_stale(key, grace).await
+            fn delete<'s, 'k, 'f>(&'s self, key: &'k FlagKey) -> BoxFuture<'f, Result<()>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).delete(key)
+            }
+            fn mark_stale<'s, 'k, 'f>(
+                &'s self,
+                key: &'k FlagKey,
+                grace: Duration,
+            ) -> BoxFuture<'f, Result<()>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).mark_stale(key, grace)
             }
         }
 
-        #[async_trait]
         impl<T: Invalidator + ?Sized> Invalidator for $ptr {
             fn node_id(&self) -> NodeId {
                 (**self).node_id()
             }
-            async fn publish(&self, event: &Invalidation) -> Result<()> {
-                (**self).publish(event).await
+            fn publish<'s, 'e, 'f>(&'s self, event: &'e Invalidation) -> BoxFuture<'f, Result<()>>
+            where
+                's: 'f,
+                'e: 'f,
+                Self: 'f,
+            {
+                (**self).publish(event)
             }
-            async fn subscribe(&self) -> Result<Subscription> {
-                (**self).subscribe().await
+            fn subscribe<'s, 'f>(&'s self) -> BoxFuture<'f, Result<Subscription>>
+            where
+                's: 'f,
+                Self: 'f,
+            {
+                (**self).subscribe()
             }
         }
     )+};
 }
+
+/// The future type `#[async_trait]` gives the traits' async methods.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 forward_impls!(Arc<T>, Box<T>, &T);
 

@@ -435,7 +435,17 @@ impl MemcachedStore {
                 return Ok(None);
             }
         }
-        let data = found.data.unwrap_or_default();
+        self.entry_from(key, &wire, Bytes::from(found.data.unwrap_or_default()))
+            .await
+    }
+
+    /// Decodes the bytes read for `key` (assembling a chunked value).
+    async fn entry_from(
+        &self,
+        key: &FlagKey,
+        wire: &WireKey,
+        data: Bytes,
+    ) -> Result<Option<Entry>> {
         if data.is_empty() {
             // A placeholder vivified by a recache (`N`) read: no value yet.
             return Ok(None);
@@ -443,12 +453,89 @@ impl MemcachedStore {
         let entry = self
             .inner
             .codec
-            .decode_entry(Bytes::from(data))
+            .decode_entry(data)
             .map_err(|e| e.with_key(key))?;
         match Manifest::parse(&entry.payload) {
-            Some(m) => self.read_chunks(key, &wire, entry.version, m).await,
+            Some(m) => self.read_chunks(key, wire, entry.version, m).await,
             None => Ok(Some(entry)),
         }
+    }
+
+    /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
+    /// encoding), answering each key as `get` would: its entry, its miss (a stale
+    /// entry included), or its own error.
+    async fn read_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        let mut out: Vec<Result<Option<Entry>>> = Vec::with_capacity(keys.len());
+        let mut wires: Vec<Option<WireKey>> = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.wire_key(k) {
+                Ok(w) => {
+                    out.push(Ok(None));
+                    wires.push(Some(w));
+                }
+                Err(e) => {
+                    out.push(Err(e));
+                    wires.push(None);
+                }
+            }
+        }
+        let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, w) in wires.iter().enumerate() {
+            if let Some(w) = w {
+                let server = self.inner.ring.server_for(w.text.as_bytes());
+                groups.entry((server, w.base64)).or_default().push(i);
+            }
+        }
+        for ((_, base64), idx) in groups {
+            let group: Vec<&WireKey> = idx.iter().filter_map(|&i| wires[i].as_ref()).collect();
+            let (Some(route), Some(&first)) = (group.first().copied(), idx.first()) else {
+                continue;
+            };
+            let batch: Vec<String> = group.iter().map(|w| w.text.clone()).collect();
+            let flags: &'static [&'static str] = if base64 {
+                &["v", "c", "b"]
+            } else {
+                &["v", "c"]
+            };
+            let found = match self
+                .meta("get", route, move |c| {
+                    let batch = batch.clone();
+                    Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
+                })
+                .await
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %keys[first], "a memcached server failed a batch read");
+                    for &i in &idx {
+                        out[i] = Err(e.clone().with_key(&keys[i]));
+                    }
+                    continue;
+                }
+            };
+            let mut by_key: std::collections::HashMap<Vec<u8>, Bytes> =
+                std::collections::HashMap::new();
+            for mut v in found {
+                let Some(k) = v.key.take() else { continue };
+                if v.is_stale == Some(true) {
+                    // Stale reads as a miss, noted (with a won token) for the recache
+                    // path.
+                    if let Some(w) = group.iter().find(|w| w.text.as_bytes() == k) {
+                        self.note_stale_read(w, &v);
+                    }
+                    continue;
+                }
+                by_key.insert(k, Bytes::from(v.data.unwrap_or_default()));
+            }
+            for &i in &idx {
+                let Some(w) = &wires[i] else { continue };
+                if let Some(data) = by_key.get(w.text.as_bytes()) {
+                    out[i] = self.entry_from(&keys[i], w, data.clone()).await;
+                }
+            }
+        }
+        out
     }
 
     /// `md <key> I [T<exptime>]`: marks the entry stale, keeping its value (for
@@ -1082,79 +1169,30 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        // One pipelined `mg … k q` batch per server (and per key encoding), answers put
-        // back in request order. One unreadable entry is a miss in its slot, not a
-        // failed batch.
-        let wires = keys
-            .iter()
-            .map(|k| self.wire_key(k))
-            .collect::<Result<Vec<_>>>()?;
-        let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> =
-            std::collections::BTreeMap::new();
-        for (i, w) in wires.iter().enumerate() {
-            let server = self.inner.ring.server_for(w.text.as_bytes());
-            groups.entry((server, w.base64)).or_default().push(i);
+        let each = self.read_each(keys).await;
+        // One unreadable entry is a miss in its slot, and one server down costs its own
+        // keys, not the whole batch; a refused request, or a batch no server answered,
+        // is an error.
+        let refused = each.iter().find_map(|r| match r {
+            Err(e) if !e.is_transient() && !matches!(e, Error::Corrupt { .. }) => Some(e),
+            _ => None,
+        });
+        if let Some(e) = refused {
+            return Err(e.clone());
         }
-        let mut out: Vec<Option<Entry>> = vec![None; keys.len()];
-        for ((_, base64), idx) in groups {
-            let batch: Vec<String> = idx.iter().map(|&i| wires[i].text.clone()).collect();
-            let route = &wires[idx[0]];
-            let flags: &'static [&'static str] = if base64 {
-                &["v", "c", "b"]
-            } else {
-                &["v", "c"]
-            };
-            let found = match self
-                .meta("get_many", route, move |c| {
-                    let batch = batch.clone();
-                    Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
-                })
-                .await
+        if let Some(Err(e)) = each.first() {
+            if each
+                .iter()
+                .all(|r| r.as_ref().is_err_and(Error::is_transient))
             {
-                Ok(found) => found,
-                // One server down costs its own keys, not the whole batch.
-                Err(e) if e.is_transient() && idx.len() < keys.len() => {
-                    tracing::warn!(error = %e, "a memcached server failed a batch read");
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let mut by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> =
-                std::collections::HashMap::new();
-            for mut v in found {
-                let Some(k) = v.key.take() else { continue };
-                if v.is_stale == Some(true) {
-                    // Stale reads as a miss, noted (with a won token) for the recache
-                    // path.
-                    if let Some(w) = idx
-                        .iter()
-                        .map(|&i| &wires[i])
-                        .find(|w| w.text.as_bytes() == k)
-                    {
-                        self.note_stale_read(w, &v);
-                    }
-                    continue;
-                }
-                by_key.insert(k, v.data.unwrap_or_default());
-            }
-            for &i in &idx {
-                if let Some(data) = by_key.get(wires[i].text.as_bytes()) {
-                    let entry = self
-                        .inner
-                        .codec
-                        .decode_entry(Bytes::from(data.clone()))
-                        .ok();
-                    out[i] = match entry {
-                        // A chunked value: assembled by the single-key path.
-                        Some(e) if Manifest::parse(&e.payload).is_some() => {
-                            self.get(&keys[i]).await.ok().flatten()
-                        }
-                        other => other,
-                    };
-                }
+                return Err(e.clone());
             }
         }
-        Ok(out)
+        Ok(each.into_iter().map(|r| r.ok().flatten()).collect())
+    }
+
+    async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        self.read_each(keys).await
     }
 
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {

@@ -544,6 +544,30 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
+    /// `MGET` of `keys`: one answer per key, in order.
+    async fn mget(
+        &self,
+        operation: &'static str,
+        keys: &[FlagKey],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(self.redis_key(k));
+        }
+        let raw: Vec<Option<Vec<u8>>> = self.query(operation, &cmd).await?;
+        if raw.len() != keys.len() {
+            return Err(Error::corrupt(format!(
+                "MGET of {} keys answered {} values",
+                keys.len(),
+                raw.len()
+            )));
+        }
+        Ok(raw)
+    }
+
     pub(crate) fn conn(&self) -> Conn {
         self.inner.conn.clone()
     }
@@ -603,27 +627,24 @@ impl FlagStore for RedisStore {
     }
 
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut cmd = redis::cmd("MGET");
-        for k in keys {
-            cmd.arg(self.redis_key(k));
-        }
-        let raw: Vec<Option<Vec<u8>>> = self.query("get_many", &cmd).await?;
-        if raw.len() != keys.len() {
-            return Err(Error::corrupt(format!(
-                "MGET of {} keys answered {} values",
-                keys.len(),
-                raw.len()
-            )));
-        }
+        let raw = self.mget("get_many", keys).await?;
         // One unreadable entry is a miss in its slot, not a failed batch.
         Ok(keys
             .iter()
             .zip(raw)
             .map(|(k, b)| b.and_then(|b| self.decode(k, b).ok()))
             .collect())
+    }
+
+    async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        match self.mget("get", keys).await {
+            Ok(raw) => keys
+                .iter()
+                .zip(raw)
+                .map(|(k, b)| b.map(|b| self.decode(k, b)).transpose())
+                .collect(),
+            Err(e) => keys.iter().map(|k| Err(e.clone().with_key(k))).collect(),
+        }
     }
 
     async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {

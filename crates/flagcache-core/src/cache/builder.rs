@@ -45,6 +45,7 @@ pub trait VersionSource: Send + Sync + 'static {
 /// | [`l1_capacity`](Self::l1_capacity) | 10 000 | L1 entries |
 /// | [`xfetch`](Self::xfetch) | off | probabilistic early refresh |
 /// | [`refetch_jitter`](Self::refetch_jitter) | off | re-fetch an invalidated key in the background after a random delay |
+/// | [`l2_batch_after`](Self::l2_batch_after) | 8 | L2 reads in flight before further ones are gathered into one batched read |
 pub struct FlagCacheBuilder<T> {
     store: Arc<dyn FlagStore>,
     loader: Arc<dyn Loader<T>>,
@@ -94,6 +95,7 @@ where
                 breaker_backoff: Duration::from_secs(5),
                 xfetch_beta: 0.0,
                 refetch_jitter: None,
+                l2_batch_after: 8,
             },
         }
     }
@@ -223,6 +225,33 @@ where
         self
     }
 
+    /// Gathers L2 reads into batches under load: once `inline` reads are in flight,
+    /// further reads queue, and the first read in flight to finish sends the whole
+    /// queue as one batched read ([`FlagStore::get_each`]: one `MGET`, one pipeline of
+    /// meta gets). No read waits for a batch to fill: below `inline` concurrent reads,
+    /// each goes out at once as before. Each key keeps its own answer — a corrupt
+    /// entry or a down server fails only its own keys.
+    ///
+    /// Applies to shared stores that batch ([`Capabilities::batch_get`](crate::Capabilities::batch_get)
+    /// and [`shared`](crate::Capabilities::shared): Redis, memcached), not to
+    /// version-stamped reads. Default 8; `usize::MAX` turns batching off.
+    ///
+    /// ```
+    /// # async fn f(store: flagcache_memory::MemoryStore) -> flagcache_core::Result<()> {
+    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
+    /// let cache = FlagCache::<bool>::builder(store, loader)
+    ///     .l2_batch_after(16) // more reads on their own before batching
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn l2_batch_after(mut self, inline: usize) -> Self {
+        self.cfg.l2_batch_after = inline;
+        self
+    }
+
     /// Version-stamped reads: check every L2 entry against the version `source` says
     /// the key has, and treat any mismatch — older or newer — as a miss.
     #[must_use]
@@ -263,6 +292,9 @@ where
         }
         if c.l1_enabled && c.l1_capacity == 0 {
             return bad("l1_capacity must be at least 1 (or turn L1 off with l1(false))");
+        }
+        if c.l2_batch_after == 0 {
+            return bad("l2_batch_after must be at least 1 (usize::MAX turns batching off)");
         }
         if c.xfetch_beta.is_nan() || c.xfetch_beta < 0.0 {
             return bad("xfetch beta must be 0 (off) or positive");
@@ -319,6 +351,11 @@ where
             fences: Fences::new(keep_fences_for),
             // The runtime building the cache also runs the background refreshes that
             // synchronous readers (`get_cached`, `block_on(get)`) start.
+            batcher: {
+                let caps = self.store.capabilities();
+                (caps.batch_get && caps.shared && cfg.l2_batch_after < usize::MAX)
+                    .then(|| super::batch::ReadBatcher::new(self.store.clone(), cfg.l2_batch_after))
+            },
             fills: tokio::runtime::Handle::try_current()
                 .map_or_else(|_| LocalCoalescer::new(), LocalCoalescer::with_runtime),
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff),

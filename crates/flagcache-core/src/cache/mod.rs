@@ -1,5 +1,6 @@
 //! [`FlagCache`]: the two tiers together.
 
+mod batch;
 mod breaker;
 mod builder;
 mod l1;
@@ -212,6 +213,7 @@ pub(crate) struct Config {
     pub breaker_backoff: Duration,
     pub xfetch_beta: f64,
     pub refetch_jitter: Option<Duration>,
+    pub l2_batch_after: usize,
 }
 
 impl Config {
@@ -252,6 +254,8 @@ struct Inner<T> {
     deaf: AtomicBool,
     fences: Fences,
     fills: LocalCoalescer<Filled<T>>,
+    /// Gathers concurrent L2 reads into batches (shared stores that batch).
+    batcher: Option<batch::ReadBatcher>,
     breaker: Breaker,
     tel: Telemetry,
     /// Dropped with the cache: ends the invalidation task.
@@ -543,6 +547,9 @@ where
             .snapshot(self.inner.l1.len(), self.inner.breaker.is_open());
         // Counted when a caller joins, not when the fill it joined ends.
         stats.coalesced_waits = self.inner.fills.coalesced_waits();
+        if let Some(b) = &self.inner.batcher {
+            (stats.l2_batches, stats.l2_batched_reads) = b.counts();
+        }
         stats
     }
 
@@ -808,7 +815,10 @@ where
 
     async fn read_l2_raw(&self, key: &FlagKey) -> Result<Option<Entry>> {
         let Some(source) = &self.expected else {
-            return self.store.get(key).await;
+            return match &self.batcher {
+                Some(b) => b.get(key).await,
+                None => self.store.get(key).await,
+            };
         };
         match source.current_version(key).await {
             Ok(Some(v)) => match self.store.get_checked(key, v).await? {

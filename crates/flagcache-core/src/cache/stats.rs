@@ -84,14 +84,15 @@ impl Ev {
 }
 
 /// L1 hits — the one event every read of a hot key records — are counted on
-/// per-thread stripes, each on its own cache line. A thread leases a stripe of its own
-/// while one is free and adds to it without a locked instruction; threads beyond
-/// `STRIPES` alive at once share stripes and add atomically. Leases are returned when
-/// their thread exits, so a churning thread pool does not run out of them.
-const STRIPES: usize = 16;
+/// per-thread stripes, each on its own cache line. A thread leases one of `LEASED`
+/// stripes while one is free and adds to it without a locked instruction; threads
+/// beyond that many alive at once add atomically to one of `SPILLED` shared stripes
+/// (never to a leased one, whose owner's plain add would overwrite theirs). Leases are
+/// returned when their thread exits, so a churning thread pool does not run out.
+const LEASED: usize = 16;
+const SPILLED: usize = 4;
+const STRIPES: usize = LEASED + SPILLED;
 
-/// The flag in an encoded stripe index for a stripe shared with other threads.
-const SHARED: usize = 1 << (usize::BITS - 1);
 /// No stripe chosen yet.
 const UNSET: usize = usize::MAX;
 
@@ -104,12 +105,12 @@ mod lease {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Mutex, PoisonError};
 
-    use super::{SHARED, STRIPES, UNSET};
+    use super::{LEASED, SPILLED, UNSET};
 
-    /// Stripes never leased yet are `NEXT..STRIPES`; returned ones wait in `FREE`.
+    /// Stripes never leased yet are `NEXT..LEASED`; returned ones wait in `FREE`.
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    /// Round-robin over the stripes for threads that found none free.
+    /// Round-robin over the shared stripes.
     static SPILL: AtomicUsize = AtomicUsize::new(0);
 
     thread_local! {
@@ -122,16 +123,20 @@ mod lease {
 
     impl Drop for Lease {
         fn drop(&mut self) {
-            if self.0 & SHARED != 0 {
+            if self.0 >= LEASED {
                 return;
             }
             // Counting on after this (from another thread-local's destructor) must
             // not write to a stripe another thread may lease next.
-            let _ = MINE.try_with(|m| m.set(SHARED));
+            let _ = MINE.try_with(|m| m.set(spill()));
             FREE.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(self.0);
         }
+    }
+
+    fn spill() -> usize {
+        LEASED + SPILL.fetch_add(1, Ordering::Relaxed) % SPILLED
     }
 
     fn take() -> usize {
@@ -140,23 +145,21 @@ mod lease {
             return i;
         }
         drop(free);
-        let fresh = NEXT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            (n < STRIPES).then_some(n + 1)
-        });
-        match fresh {
-            Ok(i) => i,
-            Err(_) => SHARED | (SPILL.fetch_add(1, Ordering::Relaxed) % STRIPES),
-        }
+        NEXT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < LEASED).then_some(n + 1)
+        })
+        .unwrap_or_else(|_| spill())
     }
 
-    /// This thread's stripe, with [`SHARED`] set when other threads add to it too.
+    /// This thread's stripe: below `LEASED`, this thread's alone; from there on,
+    /// shared with other threads.
     #[inline]
     pub(super) fn stripe() -> usize {
         let i = MINE.with(Cell::get);
         if i != UNSET {
             return i;
         }
-        let i = LEASE.try_with(|l| l.0).unwrap_or(SHARED);
+        let i = LEASE.try_with(|l| l.0).unwrap_or_else(|_| spill());
         MINE.with(|m| m.set(i));
         i
     }
@@ -194,8 +197,8 @@ impl Telemetry {
     pub fn bump(&self, ev: Ev) {
         if ev == Ev::HitL1 {
             let s = lease::stripe();
-            let hits = &self.hits[s & !SHARED].0;
-            if s & SHARED == 0 {
+            let hits = &self.hits[s].0;
+            if s < LEASED {
                 // Only this thread writes this stripe: a plain add, no locked
                 // instruction. Readers sum the stripes with loads.
                 hits.store(
@@ -233,6 +236,8 @@ impl Telemetry {
             l2_skipped: self.get(Ev::L2Skipped),
             corrupt: self.get(Ev::Corrupt),
             coalesced_waits: self.get(Ev::Coalesced),
+            l2_batches: 0,
+            l2_batched_reads: 0,
             invalidations: self.get(Ev::Invalidation),
             own_events: self.get(Ev::OwnEvent),
             resyncs: self.get(Ev::Resync),
@@ -281,6 +286,11 @@ pub struct Stats {
     pub corrupt: u64,
     /// Reads that waited on another read's fill instead of starting one.
     pub coalesced_waits: u64,
+    /// Batched L2 reads issued (see
+    /// [`FlagCacheBuilder::l2_batch_after`](crate::FlagCacheBuilder::l2_batch_after)).
+    pub l2_batches: u64,
+    /// L2 reads that went in those batches rather than on their own.
+    pub l2_batched_reads: u64,
     /// Invalidation events applied to L1.
     pub invalidations: u64,
     /// Events this node published itself, received back (applied idempotently: they

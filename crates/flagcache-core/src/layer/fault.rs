@@ -213,6 +213,12 @@ impl<S: FlagStore> FlagStore for FaultyStore<S> {
         self.enter(Op::Read, "get_many").await?;
         self.hold(self.inner.get_many(keys).await).await
     }
+    async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        if let Err(e) = self.enter(Op::Read, "get_each").await {
+            return keys.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.hold(self.inner.get_each(keys).await).await
+    }
     async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
         self.enter(Op::Read, "get_checked").await?;
         self.hold(self.inner.get_checked(key, expected).await).await
