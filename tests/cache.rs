@@ -1578,18 +1578,17 @@ async fn refresh_without_stale_support_reloads_everywhere() {
     );
 }
 
-/// A store shared between processes that batches (as Redis and memcached are), over
-/// the memory store: what turns L2 read batching on.
+/// A store whose reads form one batch group (as one Redis server's do), over the
+/// memory store: what turns L2 read batching on.
 struct SharedStore(FaultyStore<MemoryStore>);
 
 #[async_trait]
 impl FlagStore for SharedStore {
     fn capabilities(&self) -> flagcache::Capabilities {
-        flagcache::Capabilities {
-            batch_get: true,
-            shared: true,
-            ..self.0.capabilities()
-        }
+        self.0.capabilities()
+    }
+    fn read_group(&self, _key: &FlagKey) -> Option<u64> {
+        Some(0)
     }
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
         self.0.get(key).await

@@ -325,7 +325,9 @@ impl EnvelopeCodec {
         let len = u32::from_be_bytes(be32) as usize;
         be32.copy_from_slice(&bytes[24..28]);
         let want_crc = u32::from_be_bytes(be32);
-        let body = bytes.slice(HEADER_LEN..);
+        // Advanced, not sliced: a slice of bytes read into a `Vec` would allocate.
+        let mut body = bytes;
+        bytes::Buf::advance(&mut body, HEADER_LEN);
         if body.len() != len {
             return Err(Error::corrupt(format!(
                 "payload is {} bytes, header says {len}",

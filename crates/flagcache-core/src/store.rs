@@ -70,15 +70,25 @@ pub trait FlagStore: Send + Sync {
     }
 
     /// Reads several entries and answers each key as [`FlagStore::get`] would: its
-    /// entry, its miss, or its own error (one corrupt entry or one server down fails
-    /// only its own keys). One slot per requested key, in order.
+    /// entry, its miss, or its own error (one corrupt entry fails only its own key).
+    /// One slot per requested key, in order.
     ///
-    /// [`FlagCache`](crate::FlagCache) gathers the L2 reads of concurrent misses of a
-    /// shared store with [`Capabilities::batch_get`] into one call of this, so an
-    /// adapter that sets that flag answers it in one round trip too. The default
-    /// issues the gets concurrently.
+    /// [`FlagCache`](crate::FlagCache) gathers the L2 reads of concurrent misses that
+    /// share a [`read_group`](FlagStore::read_group) into one call of this, so an
+    /// adapter that gives read groups answers it in one round trip. The default issues
+    /// the gets concurrently.
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
         futures_util::future::join_all(keys.iter().map(|k| self.get(k))).await
+    }
+
+    /// The batch a read of `key` may join: keys of one group are read by one server in
+    /// one round trip (and fail together when it is down), so
+    /// [`FlagCache`](crate::FlagCache) batches concurrent reads within a group, never
+    /// across. `None` — the default — means reads of `key` are never batched: right
+    /// for a store in process memory, or one whose batches could span servers.
+    fn read_group(&self, key: &FlagKey) -> Option<u64> {
+        let _ = key;
+        None
     }
 
     /// Reads one entry only if its version is exactly `expected`.
@@ -192,6 +202,9 @@ macro_rules! forward_impls {
                 Self: 'f,
             {
                 (**self).get_each(keys)
+            }
+            fn read_group(&self, key: &FlagKey) -> Option<u64> {
+                (**self).read_group(key)
             }
             fn get_checked<'s, 'k, 'f>(
                 &'s self,

@@ -464,7 +464,11 @@ impl MemcachedStore {
     /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
     /// encoding), answering each key as `get` would: its entry, its miss (a stale
     /// entry included), or its own error.
-    async fn read_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+    async fn read_each(
+        &self,
+        operation: &'static str,
+        keys: &[FlagKey],
+    ) -> Vec<Result<Option<Entry>>> {
         let mut out: Vec<Result<Option<Entry>>> = Vec::with_capacity(keys.len());
         let mut wires: Vec<Option<WireKey>> = Vec::with_capacity(keys.len());
         for k in keys {
@@ -487,55 +491,83 @@ impl MemcachedStore {
                 groups.entry((server, w.base64)).or_default().push(i);
             }
         }
-        for ((_, base64), idx) in groups {
-            let group: Vec<&WireKey> = idx.iter().filter_map(|&i| wires[i].as_ref()).collect();
-            let (Some(route), Some(&first)) = (group.first().copied(), idx.first()) else {
-                continue;
-            };
-            let batch: Vec<String> = group.iter().map(|w| w.text.clone()).collect();
-            let flags: &'static [&'static str] = if base64 {
-                &["v", "c", "b"]
-            } else {
-                &["v", "c"]
-            };
-            let found = match self
-                .meta("get", route, move |c| {
-                    let batch = batch.clone();
-                    Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
-                })
-                .await
-            {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(error = %e, key = %keys[first], "a memcached server failed a batch read");
-                    for &i in &idx {
-                        out[i] = Err(e.clone().with_key(&keys[i]));
-                    }
-                    continue;
-                }
-            };
-            let mut by_key: std::collections::HashMap<Vec<u8>, Bytes> =
-                std::collections::HashMap::new();
-            for mut v in found {
-                let Some(k) = v.key.take() else { continue };
-                if v.is_stale == Some(true) {
-                    // Stale reads as a miss, noted (with a won token) for the recache
-                    // path.
-                    if let Some(w) = group.iter().find(|w| w.text.as_bytes() == k) {
-                        self.note_stale_read(w, &v);
-                    }
-                    continue;
-                }
-                by_key.insert(k, Bytes::from(v.data.unwrap_or_default()));
-            }
-            for &i in &idx {
-                let Some(w) = &wires[i] else { continue };
-                if let Some(data) = by_key.get(w.text.as_bytes()) {
-                    out[i] = self.entry_from(&keys[i], w, data.clone()).await;
-                }
+        // The servers are read concurrently: a slow one delays only its own keys'
+        // answers being ready, not the others' being asked.
+        let reads = groups.into_iter().map(|((_, base64), idx)| {
+            let group: Vec<(usize, &WireKey)> = idx
+                .iter()
+                .filter_map(|&i| wires[i].as_ref().map(|w| (i, w)))
+                .collect();
+            self.read_server(operation, keys, group, base64)
+        });
+        for answers in futures_util::future::join_all(reads).await {
+            for (i, answer) in answers {
+                out[i] = answer;
             }
         }
         out
+    }
+
+    /// One server's part of [`MemcachedStore::read_each`]: `group` is (index into
+    /// `keys`, wire key) for every key that server holds.
+    async fn read_server(
+        &self,
+        operation: &'static str,
+        keys: &[FlagKey],
+        group: Vec<(usize, &WireKey)>,
+        base64: bool,
+    ) -> Vec<(usize, Result<Option<Entry>>)> {
+        let Some(&(first, route)) = group.first() else {
+            return Vec::new();
+        };
+        // Each key asked once: a stale key asked twice would win its recache token on
+        // the first answer and lose it to the second.
+        let mut batch: Vec<String> = group.iter().map(|(_, w)| w.text.clone()).collect();
+        batch.sort_unstable();
+        batch.dedup();
+        let flags: &'static [&'static str] = if base64 {
+            &["v", "c", "b"]
+        } else {
+            &["v", "c"]
+        };
+        let found = match self
+            .meta(operation, route, move |c| {
+                let batch = batch.clone();
+                Box::pin(async move { c.meta_get_multi(&batch, Some(flags)).await })
+            })
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, key = %keys[first], "a memcached server failed a batch read");
+                return group
+                    .into_iter()
+                    .map(|(i, _)| (i, Err(e.clone().with_key(&keys[i]))))
+                    .collect();
+            }
+        };
+        let mut by_key: std::collections::HashMap<Vec<u8>, Bytes> =
+            std::collections::HashMap::new();
+        for mut v in found {
+            let Some(k) = v.key.take() else { continue };
+            if v.is_stale == Some(true) {
+                // Stale reads as a miss, noted (with a won token) for the recache path.
+                if let Some((_, w)) = group.iter().find(|(_, w)| w.text.as_bytes() == k) {
+                    self.note_stale_read(w, &v);
+                }
+                continue;
+            }
+            by_key.insert(k, Bytes::from(v.data.unwrap_or_default()));
+        }
+        let mut answers = Vec::with_capacity(group.len());
+        for (i, w) in group {
+            let answer = match by_key.get(w.text.as_bytes()) {
+                Some(data) => self.entry_from(&keys[i], w, data.clone()).await,
+                None => Ok(None),
+            };
+            answers.push((i, answer));
+        }
+        answers
     }
 
     /// `md <key> I [T<exptime>]`: marks the entry stale, keeping its value (for
@@ -1169,7 +1201,7 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        let each = self.read_each(keys).await;
+        let each = self.read_each("get_many", keys).await;
         // One unreadable entry is a miss in its slot, and one server down costs its own
         // keys, not the whole batch; a refused request, or a batch no server answered,
         // is an error.
@@ -1192,7 +1224,13 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
-        self.read_each(keys).await
+        self.read_each("get", keys).await
+    }
+
+    /// The server that holds `key`: reads of one server's keys share a pipeline.
+    fn read_group(&self, key: &FlagKey) -> Option<u64> {
+        let wire = self.wire_key(key).ok()?;
+        u64::try_from(self.inner.ring.server_for(wire.text.as_bytes())).ok()
     }
 
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {

@@ -477,3 +477,102 @@ async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
         "the refresh wrote a deleted flag back"
     );
 }
+
+/// Resumes a paused server even when the test fails first.
+struct Paused<'a>(&'a MemcachedServer);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.resume();
+    }
+}
+
+/// Concurrent misses are batched per server: with one of two servers hung (it takes
+/// requests and never answers), the keys on the other still come from L2 at once —
+/// no batch mixes the two — and only the hung server's keys fall to the loader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
+    let (a, b) = (
+        MemcachedServer::start().unwrap(),
+        MemcachedServer::start().unwrap(),
+    );
+    let store = MemcachedStore::builder()
+        .servers([a.url(), b.url()])
+        .namespace("per-server")
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let keys: Vec<FlagKey> = (0..60)
+        .map(|i| FlagKey::new(format!("spread.{i}")).unwrap())
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        flagcache_core::FlagStoreExt::put_value(
+            &store,
+            k,
+            &format!("l2:{i}"),
+            Version::new(1),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    }
+    let groups: Vec<u64> = keys.iter().map(|k| store.read_group(k).unwrap()).collect();
+    assert!(
+        groups.contains(&0) && groups.contains(&1),
+        "keys on both servers"
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let loader = source(&calls, Duration::ZERO, up);
+    let cache = FlagCache::<String>::builder(store, move |k| loader(k))
+        .l2_batch_after(1)
+        .l2_timeout(Duration::from_millis(400))
+        // Counts failures, not the hung server's keys: stays closed for this test.
+        .circuit_breaker(1_000, Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    // Server index 1 is b (the ring keeps the configured order).
+    b.pause().unwrap();
+    let _resume = Paused(&b);
+    let started = std::time::Instant::now();
+    let reads: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (cache, k) = (cache.clone(), k.clone());
+            tokio::spawn(async move {
+                let l = cache.lookup(&k).await;
+                (l, started.elapsed())
+            })
+        })
+        .collect();
+    for ((r, i), group) in reads.into_iter().zip(0..).zip(&groups) {
+        let (l, took) = r.await.unwrap();
+        let l = l.unwrap();
+        if *group == 0 {
+            assert_eq!(l.status, CacheStatus::HitL2, "key {i} on the live server");
+            assert_eq!(
+                l.value.as_deref().map(String::as_str),
+                Some(format!("l2:{i}").as_str())
+            );
+            assert!(
+                took < Duration::from_millis(300),
+                "key {i} on the live server took {took:?}"
+            );
+        } else {
+            assert_eq!(
+                l.status,
+                CacheStatus::Miss,
+                "key {i} on the hung server: loaded"
+            );
+        }
+    }
+    let on_b = groups.iter().filter(|g| **g == 1).count();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        on_b,
+        "only the hung server's keys loaded"
+    );
+    assert!(cache.stats().l2_batches > 0, "{:?}", cache.stats());
+}

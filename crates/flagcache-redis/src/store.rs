@@ -491,6 +491,15 @@ impl RedisStore {
         Self::builder().url(url).build().await
     }
 
+    /// [`RedisStore::redis_key`] as a command argument, written straight into the
+    /// command (no `String` per call).
+    fn key_arg<'a>(&'a self, key: &'a FlagKey) -> KeyArg<'a> {
+        KeyArg {
+            prefix: &self.inner.prefix,
+            key,
+        }
+    }
+
     /// The Redis key of a flag: `<namespace>:{<flag key>}`.
     pub fn redis_key(&self, key: &FlagKey) -> String {
         let mut k = String::with_capacity(self.inner.prefix.len() + key.as_str().len() + 1);
@@ -555,15 +564,22 @@ impl RedisStore {
         }
         let mut cmd = redis::cmd("MGET");
         for k in keys {
-            cmd.arg(self.redis_key(k));
+            cmd.arg(self.key_arg(k));
         }
         let raw: Vec<Option<Vec<u8>>> = self.query(operation, &cmd).await?;
         if raw.len() != keys.len() {
-            return Err(Error::corrupt(format!(
-                "MGET of {} keys answered {} values",
-                keys.len(),
-                raw.len()
-            )));
+            // A reply out of step with its request, not corrupt entries: nothing to
+            // delete, and worth retrying.
+            return Err(Error::backend(
+                BACKEND,
+                operation,
+                true,
+                std::io::Error::other(format!(
+                    "MGET of {} keys answered {} values",
+                    keys.len(),
+                    raw.len()
+                )),
+            ));
         }
         Ok(raw)
     }
@@ -620,7 +636,7 @@ impl FlagStore for RedisStore {
 
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
         let raw: Option<Vec<u8>> = self
-            .query("get", redis::cmd("GET").arg(self.redis_key(key)))
+            .query("get", redis::cmd("GET").arg(self.key_arg(key)))
             .await
             .map_err(|e| e.with_key(key))?;
         raw.map(|b| self.decode(key, b)).transpose()
@@ -645,6 +661,13 @@ impl FlagStore for RedisStore {
                 .collect(),
             Err(e) => keys.iter().map(|k| Err(e.clone().with_key(k))).collect(),
         }
+    }
+
+    /// One server (a primary, found through Sentinel or not) answers every key: one
+    /// group. A cluster's `MGET` would span nodes and fail together when one is down,
+    /// so on a cluster reads are not batched.
+    fn read_group(&self, _key: &FlagKey) -> Option<u64> {
+        (!matches!(self.inner.conn, Conn::Cluster(_))).then_some(0)
     }
 
     async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
@@ -730,4 +753,24 @@ fn install_tls_provider() {
         // Another provider installed by the application is fine too.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// A flag's Redis key (see [`RedisStore::redis_key`]) as one command argument.
+struct KeyArg<'a> {
+    prefix: &'a str,
+    key: &'a FlagKey,
+}
+
+impl redis::ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writes into the command's own buffer, which cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.key.as_str().as_bytes());
+        let _ = arg.write_all(b"}");
+    }
 }

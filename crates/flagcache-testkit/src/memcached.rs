@@ -190,6 +190,37 @@ impl MemcachedServer {
         Ok(out.trim_end_matches(['\r', '\n']).to_string())
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and requests hang, as
+    /// with a server that stopped answering, until [`MemcachedServer::resume`].
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let Some(p) = &self.proc else {
+            return Err(std::io::Error::other("the server is not running").into());
+        };
+        let status = Command::new("kill")
+            .args([sig, &p.child.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("kill {sig} failed: {status}")).into())
+        }
+    }
+
     /// Kills the server (SIGKILL, like a crash); all items are lost.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -1,16 +1,22 @@
 //! Gathers the L2 reads of concurrent misses into batched reads.
 //!
-//! Up to `inline` reads go to the store at once, each on its own as the caller asks:
-//! at low concurrency nothing changes, not even a task hop. Reads beyond that wait in
-//! a queue, and the first read in flight to finish hands the whole queue to one
+//! Reads are grouped by [`FlagStore::read_group`] (one group per server: keys that
+//! one server answers in one round trip, and that fail together when it is down);
+//! stores without groups are never batched. Within a group, up to `inline` reads go
+//! to the store at once, each on its own as the caller asks: at low concurrency
+//! nothing changes, not even a task hop. Reads beyond that wait in the group's queue,
+//! and the first read in flight to finish hands the whole queue to one
 //! [`FlagStore::get_each`] call (`MGET`, pipelined meta gets) on a spawned task, which
 //! keeps taking what queued meanwhile until the queue is empty. Under load, many
 //! misses then cost one round trip and one command instead of one each, on the
 //! client's CPU and the server's.
 //!
-//! Each key keeps its own answer (entry, miss or error), and the caller's L2 timeout
-//! covers the time queued. No timer is involved: a read never waits to fill a batch.
+//! Each key keeps its own answer (entry, miss or error), a key queued twice is read
+//! once, and the caller's L2 timeout covers the time queued. No timer is involved: a
+//! read never waits to fill a batch.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
@@ -19,6 +25,7 @@ use crate::{Entry, Error, FlagKey, FlagStore, Result};
 
 type Answer = Result<Option<Entry>>;
 type Queued = (FlagKey, oneshot::Sender<Answer>);
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 pub(crate) struct ReadBatcher {
     shared: Arc<Shared>,
@@ -26,128 +33,293 @@ pub(crate) struct ReadBatcher {
 
 struct Shared {
     store: Arc<dyn FlagStore>,
-    /// Reads that go to the store on their own before the next ones queue.
+    /// Reads of one group that go to the store on their own before the next queue.
     inline: usize,
-    state: Mutex<State>,
-    /// Batched reads issued, and the keys they carried.
-    batches: std::sync::atomic::AtomicU64,
-    batched_keys: std::sync::atomic::AtomicU64,
+    /// Where batches run: the runtime the cache was built in, if any (a caller's
+    /// runtime may stop being driven the moment its `block_on` returns).
+    runtime: Option<tokio::runtime::Handle>,
+    groups: Mutex<Map<u64, Group>>,
+    batches: AtomicU64,
+    batched_keys: AtomicU64,
 }
 
 #[derive(Default)]
-struct State {
+struct Group {
     in_flight: usize,
     queue: Vec<Queued>,
 }
 
+/// Why a queued read got no answer from its batch.
+#[derive(Debug, thiserror::Error)]
+#[error("the batched read ended without an answer (its runtime is gone)")]
+struct Abandoned;
+
 impl Shared {
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn groups(&self) -> MutexGuard<'_, Map<u64, Group>> {
         // Nothing that can panic runs under the lock.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.groups.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes what queued in `group`; forgets the group when nothing is left of it.
+    fn take_queue(&self, group: u64) -> Vec<Queued> {
+        let mut groups = self.groups();
+        let Some(g) = groups.get_mut(&group) else {
+            return Vec::new();
+        };
+        let queued = std::mem::take(&mut g.queue);
+        if g.in_flight == 0 && queued.is_empty() {
+            groups.remove(&group);
+        }
+        queued
     }
 }
 
 /// An inline read in flight: on its end — answered, failed or dropped — it frees its
 /// place and hands what queued meanwhile to a batch.
-struct InFlight(Arc<Shared>);
+struct InFlight {
+    shared: Arc<Shared>,
+    group: u64,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let queued = {
-            let mut st = self.0.state();
-            st.in_flight -= 1;
-            std::mem::take(&mut st.queue)
+            let mut groups = self.shared.groups();
+            let Some(g) = groups.get_mut(&self.group) else {
+                return;
+            };
+            g.in_flight = g.in_flight.saturating_sub(1);
+            let queued = std::mem::take(&mut g.queue);
+            if g.in_flight == 0 && queued.is_empty() {
+                groups.remove(&self.group);
+            }
+            queued
         };
         if !queued.is_empty() {
-            spawn_batches(&self.0, queued);
+            spawn_batches(&self.shared, self.group, queued);
         }
     }
 }
 
 /// Runs `queued` as one batch on a spawned task, then whatever queued meanwhile,
-/// until the queue is empty. Without a runtime to spawn on, the queued reads fail
-/// (`Error::Closed`) and their callers carry on as after any L2 error.
-fn spawn_batches(shared: &Arc<Shared>, queued: Vec<Queued>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+/// until the queue is empty. Without a runtime to run on, the queued reads fail with
+/// a transient error and their callers carry on as after any L2 failure.
+fn spawn_batches(shared: &Arc<Shared>, group: u64, queued: Vec<Queued>) {
+    let runtime = shared
+        .runtime
+        .clone()
+        .or_else(|| tokio::runtime::Handle::try_current().ok());
+    let Some(runtime) = runtime else {
         return;
     };
     let shared = shared.clone();
     runtime.spawn(async move {
         let mut batch = queued;
-        loop {
-            // Callers that gave up (timed out, dropped) are not read for.
-            batch.retain(|(_, tx)| !tx.is_closed());
-            if !batch.is_empty() {
-                let keys: Vec<FlagKey> = batch.iter().map(|(k, _)| k.clone()).collect();
-                let answers = if let [key] = &keys[..] {
-                    vec![shared.store.get(key).await]
-                } else {
-                    shared
-                        .batches
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    shared
-                        .batched_keys
-                        .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    shared.store.get_each(&keys).await
-                };
-                // A store answering fewer slots than keys leaves the rest unanswered:
-                // their senders drop and those callers see an error, not a wrong value.
-                for ((_, tx), answer) in batch.drain(..).zip(answers) {
-                    let _ = tx.send(answer);
-                }
-            }
-            batch = std::mem::take(&mut shared.state().queue);
-            if batch.is_empty() {
-                return;
-            }
+        while !batch.is_empty() {
+            run_batch(&shared, batch).await;
+            batch = shared.take_queue(group);
         }
     });
 }
 
+/// One `get_each` for the keys of `batch`, each key read once, each caller answered.
+async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
+    // Callers that gave up (timed out, dropped) are not read for.
+    batch.retain(|(_, tx)| !tx.is_closed());
+    let mut keys: Vec<FlagKey> = Vec::with_capacity(batch.len());
+    let mut index: Map<&FlagKey, usize> = Map::default();
+    let mut slots: Vec<usize> = Vec::with_capacity(batch.len());
+    for (key, _) in &batch {
+        let next = index.len();
+        let slot = *index.entry(key).or_insert(next);
+        if slot == keys.len() {
+            keys.push(key.clone());
+        }
+        slots.push(slot);
+    }
+    drop(index);
+    let answers = match &keys[..] {
+        [] => return,
+        [key] => vec![shared.store.get(key).await],
+        _ => {
+            shared.batches.fetch_add(1, Ordering::Relaxed);
+            shared
+                .batched_keys
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            shared.store.get_each(&keys).await
+        }
+    };
+    let mut uses = vec![0usize; keys.len()];
+    for &s in &slots {
+        uses[s] += 1;
+    }
+    let mut answers: Vec<Option<Answer>> = answers.into_iter().map(Some).collect();
+    for ((_, tx), s) in batch.into_iter().zip(slots) {
+        uses[s] -= 1;
+        // The last caller of a key takes its answer; earlier ones get a copy.
+        let answer = match answers.get_mut(s) {
+            Some(a) if uses[s] == 0 => a.take(),
+            Some(a) => a.clone(),
+            None => None,
+        };
+        // A store that answered fewer slots than keys: that caller fails, rather
+        // than get another key's answer.
+        let answer = answer.unwrap_or_else(|| Err(abandoned(&*shared.store)));
+        let _ = tx.send(answer);
+    }
+}
+
+fn abandoned(store: &dyn FlagStore) -> Error {
+    Error::backend(store.name(), "get", true, Abandoned)
+}
+
 impl ReadBatcher {
-    pub fn new(store: Arc<dyn FlagStore>, inline: usize) -> Self {
+    pub fn new(
+        store: Arc<dyn FlagStore>,
+        inline: usize,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Self {
         ReadBatcher {
             shared: Arc::new(Shared {
                 store,
                 inline: inline.max(1),
-                state: Mutex::default(),
-                batches: Default::default(),
-                batched_keys: Default::default(),
+                runtime,
+                groups: Mutex::default(),
+                batches: AtomicU64::new(0),
+                batched_keys: AtomicU64::new(0),
             }),
         }
     }
 
     /// Reads `key` as [`FlagStore::get`] does: on its own while fewer than `inline`
-    /// reads are in flight, else in the next batch.
+    /// reads of its group are in flight (or when the store gives it no group), else
+    /// in the group's next batch.
     pub async fn get(&self, key: &FlagKey) -> Answer {
+        let store = &self.shared.store;
+        let Some(group) = store.read_group(key) else {
+            return store.get(key).await;
+        };
         let queued = {
-            let mut st = self.shared.state();
-            if st.in_flight < self.shared.inline {
-                st.in_flight += 1;
+            let mut groups = self.shared.groups();
+            let g = groups.entry(group).or_default();
+            if g.in_flight < self.shared.inline {
+                g.in_flight += 1;
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
-                st.queue.push((key.clone(), tx));
+                g.queue.push((key.clone(), tx));
                 Some(rx)
             }
         };
         match queued {
             None => {
-                let _in_flight = InFlight(self.shared.clone());
-                self.shared.store.get(key).await
+                let _in_flight = InFlight {
+                    shared: self.shared.clone(),
+                    group,
+                };
+                store.get(key).await
             }
-            Some(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(Error::Closed("batched L2 read"))),
+            Some(rx) => rx.await.unwrap_or_else(|_| Err(abandoned(&**store))),
         }
     }
 
-    /// Batched reads issued so far, and the keys they carried.
+    /// Batched reads issued so far, and the reads they answered.
     pub fn counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
         (
-            self.shared.batches.load(Relaxed),
-            self.shared.batched_keys.load(Relaxed),
+            self.shared.batches.load(Ordering::Relaxed),
+            self.shared.batched_keys.load(Ordering::Relaxed),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Capabilities, PutOutcome, Version};
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    /// One read group; `get` waits for the gate; `get_each` records its keys.
+    #[derive(Default)]
+    struct Recording {
+        gate: Notify,
+        batches: Mutex<Vec<Vec<String>>>,
+    }
+
+    fn entry_for(key: &FlagKey) -> Entry {
+        Entry {
+            version: Version::new(key.as_str().len() as u64),
+            stamp_ms: 0,
+            payload: bytes::Bytes::copy_from_slice(key.as_str().as_bytes()),
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl FlagStore for Recording {
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        fn read_group(&self, _key: &FlagKey) -> Option<u64> {
+            Some(0)
+        }
+        async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
+            self.gate.notified().await;
+            Ok(Some(entry_for(key)))
+        }
+        async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+            self.batches
+                .lock()
+                .unwrap()
+                .push(keys.iter().map(|k| k.as_str().to_string()).collect());
+            keys.iter().map(|k| Ok(Some(entry_for(k)))).collect()
+        }
+        async fn put(&self, _: &FlagKey, _: &Entry, _: Duration) -> Result<PutOutcome> {
+            Ok(PutOutcome::Stored)
+        }
+        async fn delete(&self, _: &FlagKey) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn key(s: &str) -> FlagKey {
+        FlagKey::new(s).unwrap()
+    }
+
+    /// A key queued twice is read once, both callers get its entry, and every other
+    /// caller gets its own key's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_queued_twice_is_read_once_and_answers_both() {
+        let store = Arc::new(Recording::default());
+        let batcher = Arc::new(ReadBatcher::new(store.clone(), 1, None));
+        let read = |k: &str| {
+            let (b, k) = (batcher.clone(), key(k));
+            tokio::spawn(async move { b.get(&k).await })
+        };
+        let first = read("inline");
+        // Queue behind the held inline read.
+        while batcher.shared.groups().get(&0).map_or(0, |g| g.in_flight) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let queued = [read("twice"), read("other"), read("twice")];
+        while batcher.shared.groups().get(&0).map_or(0, |g| g.queue.len()) < 3 {
+            tokio::task::yield_now().await;
+        }
+        store.gate.notify_one();
+        assert_eq!(
+            first.await.unwrap().unwrap(),
+            Some(entry_for(&key("inline")))
+        );
+        for (r, k) in queued.into_iter().zip(["twice", "other", "twice"]) {
+            assert_eq!(r.await.unwrap().unwrap(), Some(entry_for(&key(k))), "{k}");
+        }
+        assert_eq!(
+            *store.batches.lock().unwrap(),
+            vec![vec!["twice".to_string(), "other".to_string()]]
+        );
+        assert_eq!(batcher.counts(), (1, 3));
+        assert!(
+            batcher.shared.groups().is_empty(),
+            "the idle group is forgotten"
+        );
     }
 }

@@ -45,7 +45,7 @@ pub trait VersionSource: Send + Sync + 'static {
 /// | [`l1_capacity`](Self::l1_capacity) | 10 000 | L1 entries |
 /// | [`xfetch`](Self::xfetch) | off | probabilistic early refresh |
 /// | [`refetch_jitter`](Self::refetch_jitter) | off | re-fetch an invalidated key in the background after a random delay |
-/// | [`l2_batch_after`](Self::l2_batch_after) | 8 | L2 reads in flight before further ones are gathered into one batched read |
+/// | [`l2_batch_after`](Self::l2_batch_after) | 4 | L2 reads in flight before further ones are gathered into one batched read |
 pub struct FlagCacheBuilder<T> {
     store: Arc<dyn FlagStore>,
     loader: Arc<dyn Loader<T>>,
@@ -95,7 +95,7 @@ where
                 breaker_backoff: Duration::from_secs(5),
                 xfetch_beta: 0.0,
                 refetch_jitter: None,
-                l2_batch_after: 8,
+                l2_batch_after: 4,
             },
         }
     }
@@ -230,11 +230,12 @@ where
     /// queue as one batched read ([`FlagStore::get_each`]: one `MGET`, one pipeline of
     /// meta gets). No read waits for a batch to fill: below `inline` concurrent reads,
     /// each goes out at once as before. Each key keeps its own answer — a corrupt
-    /// entry or a down server fails only its own keys.
+    /// entry fails only its own key.
     ///
-    /// Applies to shared stores that batch ([`Capabilities::batch_get`](crate::Capabilities::batch_get)
-    /// and [`shared`](crate::Capabilities::shared): Redis, memcached), not to
-    /// version-stamped reads. Default 8; `usize::MAX` turns batching off.
+    /// Batches never span servers: they form per [`FlagStore::read_group`] (one Redis
+    /// primary, one memcached server; a Redis cluster and the memory store do not
+    /// batch). Not for version-stamped reads. Default 4; `usize::MAX` turns batching
+    /// off.
     ///
     /// ```
     /// # async fn f(store: flagcache_memory::MemoryStore) -> flagcache_core::Result<()> {
@@ -351,11 +352,13 @@ where
             fences: Fences::new(keep_fences_for),
             // The runtime building the cache also runs the background refreshes that
             // synchronous readers (`get_cached`, `block_on(get)`) start.
-            batcher: {
-                let caps = self.store.capabilities();
-                (caps.batch_get && caps.shared && cfg.l2_batch_after < usize::MAX)
-                    .then(|| super::batch::ReadBatcher::new(self.store.clone(), cfg.l2_batch_after))
-            },
+            batcher: (cfg.l2_batch_after < usize::MAX).then(|| {
+                super::batch::ReadBatcher::new(
+                    self.store.clone(),
+                    cfg.l2_batch_after,
+                    tokio::runtime::Handle::try_current().ok(),
+                )
+            }),
             fills: tokio::runtime::Handle::try_current()
                 .map_or_else(|_| LocalCoalescer::new(), LocalCoalescer::with_runtime),
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff),

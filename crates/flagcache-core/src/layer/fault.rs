@@ -213,6 +213,9 @@ impl<S: FlagStore> FlagStore for FaultyStore<S> {
         self.enter(Op::Read, "get_many").await?;
         self.hold(self.inner.get_many(keys).await).await
     }
+    fn read_group(&self, key: &FlagKey) -> Option<u64> {
+        self.inner.read_group(key)
+    }
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
         if let Err(e) = self.enter(Op::Read, "get_each").await {
             return keys.iter().map(|_| Err(e.clone())).collect();
