@@ -19,6 +19,7 @@ pub struct Source {
     latency: Duration,
     calls: AtomicU64,
     down: AtomicBool,
+    first_call: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Source {
@@ -28,6 +29,7 @@ impl Source {
             latency,
             calls: AtomicU64::new(0),
             down: AtomicBool::new(false),
+            first_call: std::sync::OnceLock::new(),
         })
     }
 
@@ -40,6 +42,11 @@ impl Source {
 
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// When the loader was first called.
+    pub fn first_call(&self) -> Option<std::time::Instant> {
+        self.first_call.get().copied()
     }
 
     pub fn latency(&self) -> Duration {
@@ -58,6 +65,7 @@ impl Source {
             let me = me.clone();
             Box::pin(async move {
                 me.calls.fetch_add(1, Ordering::SeqCst);
+                let _ = me.first_call.set(std::time::Instant::now());
                 tokio::time::sleep(me.latency).await;
                 if me.down.load(Ordering::SeqCst) {
                     return Err(Error::loader(

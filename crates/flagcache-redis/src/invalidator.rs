@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flagcache_core::{
-    now_ms, Codec, Error, Invalidation, Invalidator, NodeId, Result, ResyncReason, Signal,
-    Subscription,
+    now_ms, Codec, Invalidation, Invalidator, NodeId, Result, ResyncReason, Signal, Subscription,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::store::{backend_error, with_conn, Conn, Target};
+use crate::store::{backend_error, open_pubsub, with_conn, Conn, Target};
 use crate::BACKEND;
 
 const HEARTBEAT_MAGIC: [u8; 3] = [0xF1, 0xA8, 0x01];
@@ -265,37 +264,14 @@ impl RedisInvalidator {
     /// their number): a reconnecting subscriber rotates through a cluster's seeds, so
     /// the loss of one node does not leave it deaf.
     async fn open_pubsub_at(&self, attempt: usize) -> Result<redis::aio::PubSub> {
-        let client = match &self.inner.conn {
-            Conn::Sentinel(s) => s
-                .primary_client()
-                .await
-                .map_err(|e| backend_error("subscribe", e))?,
-            _ => {
-                let urls = &self.inner.target.urls;
-                let url = urls
-                    .get(attempt % urls.len().max(1))
-                    .cloned()
-                    .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
-                self.inner
-                    .target
-                    .client(&url)
-                    .map_err(|e| backend_error("subscribe", e))?
-            }
-        };
-        subscribe_on(&client, &self.inner.channel).await
+        open_pubsub(
+            &self.inner.conn,
+            &self.inner.target,
+            attempt,
+            &self.inner.channel,
+        )
+        .await
     }
-}
-
-async fn subscribe_on(client: &redis::Client, channel: &str) -> Result<redis::aio::PubSub> {
-    let mut pubsub = client
-        .get_async_pubsub()
-        .await
-        .map_err(|e| backend_error("subscribe", e))?;
-    pubsub
-        .subscribe(channel)
-        .await
-        .map_err(|e| backend_error("subscribe", e))?;
-    Ok(pubsub)
 }
 
 /// Per-publisher sequence tracking.

@@ -1,16 +1,22 @@
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flagcache_core::{Coalescer, Entry, Fetch, FlagKey, FlagStore, Result};
+use futures_util::StreamExt;
 use redis::{Script, Value};
+use tokio::sync::Notify;
 
 use crate::{scripts, RedisStore};
 
 /// Cross-process stampede protection: when many replicas miss the same key at once,
 /// one takes `SET <namespace>:lock:{<key>} <random token> NX PX <ttl>` and loads from
-/// the source; the others poll the lock and, once it is released, read the value from
-/// L2. If it was released or expired without a value (its holder died, or the flag does
+/// the source; the others wait for the lock's release and then read the value from
+/// L2. The holder announces the release over pub/sub (one subscription per
+/// `RedisLock`, opened when it first waits), so waiters wake within a round trip;
+/// they also poll, in case the announcement is lost. If it was released or expired without a value (its holder died, or the flag does
 /// not exist), a waiter takes the lock over; a waiter that has waited twice the lock's
 /// TTL loads by itself. The holder releases the lock with a
 /// compare-and-delete script, so it never deletes a lock another process took over.
@@ -36,6 +42,7 @@ pub struct RedisLock {
     ttl: Duration,
     poll: Duration,
     release: std::sync::Arc<Script>,
+    releases: Arc<Releases>,
 }
 
 impl fmt::Debug for RedisLock {
@@ -56,6 +63,11 @@ impl RedisLock {
             ttl: Duration::from_secs(10),
             poll: Duration::from_millis(20),
             release: std::sync::Arc::new(scripts::release()),
+            releases: Arc::new(Releases {
+                store: store.clone(),
+                waiting: Mutex::default(),
+                listener: Mutex::default(),
+            }),
         }
     }
 
@@ -67,7 +79,8 @@ impl RedisLock {
         self
     }
 
-    /// How often waiters look for the holder's value (jittered ±50 %). Default 20 ms.
+    /// How often waiters look for the holder's value (jittered ±50 %) when no release
+    /// announcement woke them. Default 20 ms.
     #[must_use]
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.poll = every.max(Duration::from_millis(1));
@@ -92,7 +105,7 @@ impl RedisLock {
 
     async fn release(&self, lock: &str, token: &str) {
         let mut inv = self.release.prepare_invoke();
-        inv.key(lock).arg(token);
+        inv.key(lock).arg(token).arg(self.store.release_channel());
         if let Err(e) = self.store.script("unlock", inv).await {
             // It expires by itself.
             tracing::debug!(error = %e, "lock release failed");
@@ -104,8 +117,14 @@ impl RedisLock {
 impl Coalescer for RedisLock {
     async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
         let lock = self.store.lock_key(key);
+        let watch = self.releases.watch(&lock);
         let give_up = Instant::now() + self.ttl * 2;
+        // Armed before each look at the lock, so a release right after it still wakes
+        // this waiter.
+        let released = watch.notify.notified();
+        let mut released = std::pin::pin!(released);
         loop {
+            released.as_mut().enable();
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             match self.acquire(&lock, &token).await {
                 Ok(true) => {
@@ -124,12 +143,18 @@ impl Coalescer for RedisLock {
             // older version) must not be mistaken for theirs.
             loop {
                 let pause = self.poll.mul_f64(0.5 + fastrand::f64());
-                tokio::time::sleep(pause).await;
+                let announced = tokio::select! {
+                    () = released.as_mut() => true,
+                    () = tokio::time::sleep(pause) => false,
+                };
+                released.set(watch.notify.notified());
+                released.as_mut().enable();
                 if Instant::now() > give_up {
                     tracing::warn!(%key, "waited twice the lock's TTL; loading");
                     return fetch.await;
                 }
-                if self.held(&lock).await.unwrap_or(false) {
+                // An announced release needs no look at the lock: read L2 at once.
+                if !announced && self.held(&lock).await.unwrap_or(false) {
                     continue;
                 }
                 if let Ok(Some(entry)) = self.store.get(key).await {
@@ -137,6 +162,122 @@ impl Coalescer for RedisLock {
                 }
                 break; // released or expired without a value: try to take it over
             }
+        }
+    }
+}
+
+/// The locks this process waits on, woken by the release announcements a listener
+/// task hears on the store's release channel.
+struct Releases {
+    store: RedisStore,
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
+    listener: Mutex<Listener>,
+}
+
+#[derive(Default)]
+struct Listener {
+    /// Ends the listener when the `RedisLock` (every clone) is dropped.
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: bool,
+    failed_at: Option<Instant>,
+}
+
+/// A waiter's interest in one lock's release; withdrawn when dropped.
+struct Watch<'a> {
+    releases: &'a Releases,
+    lock: &'a str,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.releases.waiting();
+        // The map's reference and this one: nobody else waits on this lock.
+        if Arc::strong_count(&self.notify) == 2 {
+            waiting.remove(self.lock);
+        }
+    }
+}
+
+impl Releases {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers interest in `lock`'s release, starting the listener if none runs.
+    fn watch<'a>(self: &'a Arc<Self>, lock: &'a str) -> Watch<'a> {
+        self.listen();
+        let notify = self.waiting().entry(lock.to_string()).or_default().clone();
+        Watch {
+            releases: self,
+            lock,
+            notify,
+        }
+    }
+
+    /// Starts the listener unless it runs, or failed less than a second ago (waiters
+    /// then poll).
+    fn listen(self: &Arc<Self>) {
+        let mut l = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        if l.running
+            || l.failed_at
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        l._stop = Some(stop_tx);
+        l.running = true;
+        runtime.spawn(listen(Arc::downgrade(self), self.store.clone(), stop_rx));
+    }
+
+    fn stopped(&self) {
+        let mut l = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        l.running = false;
+        l.failed_at = Some(Instant::now());
+    }
+}
+
+/// Wakes the waiters of every lock announced released, until the `RedisLock` is
+/// dropped or the subscription ends (the next waiter then starts another).
+async fn listen(
+    releases: Weak<Releases>,
+    store: RedisStore,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let channel = store.release_channel().to_string();
+    let opened = tokio::select! {
+        _ = &mut stop => return,
+        p = store.open_pubsub(&channel) => p,
+    };
+    let mut messages = match opened {
+        Ok(pubsub) => pubsub.into_on_message(),
+        Err(e) => {
+            tracing::debug!(error = %e, "lock release channel unavailable; waiters poll");
+            if let Some(r) = releases.upgrade() {
+                r.stopped();
+            }
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = &mut stop => return,
+            msg = messages.next() => msg,
+        };
+        let Some(r) = releases.upgrade() else { return };
+        let Some(msg) = msg else {
+            tracing::debug!("lock release channel lost; waiters poll");
+            r.stopped();
+            return;
+        };
+        let lock = String::from_utf8_lossy(msg.get_payload_bytes());
+        let waiting = r.waiting();
+        if let Some(n) = waiting.get(lock.as_ref()) {
+            n.notify_waiters();
         }
     }
 }

@@ -80,10 +80,14 @@ return {{0, cv}}
     ))
 }
 
-/// Lock release: KEYS[1] the lock; ARGV[1] the holder's token. Deletes the lock only
-/// if this holder still holds it (it may have expired and been taken by another).
+/// Lock release: KEYS[1] the lock; ARGV[1] the holder's token; ARGV[2] the channel
+/// to announce the release on. Deletes the lock only if this holder still holds it (it
+/// may have expired and been taken by another), and then publishes the lock's key, so
+/// that waiters wake at once rather than at their next poll.
 pub(crate) fn release() -> Script {
     Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           redis.call('DEL', KEYS[1]); redis.call('PUBLISH', ARGV[2], KEYS[1]); return 1 \
+         else return 0 end",
     )
 }

@@ -431,6 +431,7 @@ impl RedisStoreBuilder {
                 target: self.target,
                 prefix: format!("{}:{{", self.namespace),
                 lock_prefix: format!("{}:lock:{{", self.namespace),
+                release_channel: format!("{}:lock:released", self.namespace),
                 codec: self.codec,
                 max_value_size: self.max_value_size,
                 put: scripts::put(),
@@ -440,11 +441,49 @@ impl RedisStoreBuilder {
     }
 }
 
+/// A dedicated pub/sub connection subscribed to `channel`: on the `attempt`-th node
+/// given (modulo their number — a reconnecting subscriber rotates through a cluster's
+/// seeds), or on the current primary when connected through Sentinel.
+pub(crate) async fn open_pubsub(
+    conn: &Conn,
+    target: &Target,
+    attempt: usize,
+    channel: &str,
+) -> Result<redis::aio::PubSub> {
+    let client = match conn {
+        Conn::Sentinel(s) => s
+            .primary_client()
+            .await
+            .map_err(|e| backend_error("subscribe", e))?,
+        _ => {
+            let url = target
+                .urls
+                .get(attempt % target.urls.len().max(1))
+                .cloned()
+                .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
+            target
+                .client(&url)
+                .map_err(|e| backend_error("subscribe", e))?
+        }
+    };
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| backend_error("subscribe", e))?;
+    pubsub
+        .subscribe(channel)
+        .await
+        .map_err(|e| backend_error("subscribe", e))?;
+    Ok(pubsub)
+}
+
 struct Inner {
     conn: Conn,
     target: Target,
     prefix: String,
     lock_prefix: String,
+    /// Where lock holders announce a release (see [`crate::RedisLock`]).
+    release_channel: String,
     codec: Codec,
     max_value_size: usize,
     put: Script,
@@ -513,6 +552,17 @@ impl RedisStore {
     /// the same cluster slot as the flag.
     pub fn lock_key(&self, key: &FlagKey) -> String {
         format!("{}{}}}", self.inner.lock_prefix, key.as_str())
+    }
+
+    /// The channel lock holders publish a released lock's key on.
+    pub(crate) fn release_channel(&self) -> &str {
+        &self.inner.release_channel
+    }
+
+    /// A pub/sub connection subscribed to `channel`, on this store's server (its
+    /// first node for a cluster; the primary through Sentinel).
+    pub(crate) async fn open_pubsub(&self, channel: &str) -> Result<redis::aio::PubSub> {
+        open_pubsub(&self.inner.conn, &self.inner.target, 0, channel).await
     }
 
     fn layout(&self) -> &'static str {

@@ -103,3 +103,55 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
         "waited too long: {waited:?}"
     );
 }
+
+/// Waiters wake when the holder announces its release, not at their next poll: with a
+/// 10 s poll interval, the other replicas still get the value within moments of the
+/// load ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
+    let server = RedisServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = slow_source(&calls, Duration::from_millis(300));
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let source = source.clone();
+        let lock = RedisLock::new(&store).poll_interval(Duration::from_secs(10));
+        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+            .name(format!("replica-{i}"))
+            .cross_process(lock)
+            .build()
+            .await
+            .unwrap();
+        replicas.push(cache);
+    }
+    let k = FlagKey::new("announced").unwrap();
+    let started = Instant::now();
+    let first = {
+        let (c, k) = (replicas[0].clone(), k.clone());
+        tokio::spawn(async move { c.get(&k).await })
+    };
+    // The others arrive while the first holds the lock.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let others: Vec<_> = replicas[1..]
+        .iter()
+        .map(|c| {
+            let (c, k) = (c.clone(), k.clone());
+            tokio::spawn(async move { (c.get(&k).await, started.elapsed()) })
+        })
+        .collect();
+    first.await.unwrap().unwrap();
+    for o in others {
+        let (v, took) = o.await.unwrap();
+        assert_eq!(
+            v.unwrap().as_deref().map(String::as_str),
+            Some("announced@1")
+        );
+        assert!(took < Duration::from_secs(2), "a waiter took {took:?}");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one load for the three replicas"
+    );
+}
