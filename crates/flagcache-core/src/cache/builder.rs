@@ -368,6 +368,7 @@ where
             invalidator: self.invalidator,
             expected: self.expected,
             fleet: self.fleet,
+            plain_hits: self.hook.is_none() && cfg.l1_enabled && cfg.xfetch_beta == 0.0,
             hook: self.hook,
             node,
             _shutdown: subscription.as_ref().map(|_| shutdown_tx),

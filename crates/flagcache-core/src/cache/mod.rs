@@ -122,7 +122,7 @@ impl<T> fmt::Debug for Get<'_, T> {
 impl<T> std::future::Future for Get<'_, T> {
     type Output = Result<Option<Arc<T>>>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -237,6 +237,9 @@ struct Inner<T> {
     /// Coalesces loads across processes (a distributed lock), when configured.
     fleet: Option<Arc<dyn crate::Coalescer>>,
     hook: Option<Hook>,
+    /// L1 on, no evaluation hook, no early refresh: a fresh hit needs nothing but the
+    /// entry (see [`Inner::fresh_hit`]).
+    plain_hits: bool,
     node: NodeId,
     l1: quick_cache::sync::Cache<FlagKey, Slot<T>>,
     /// Which keys have a background refresh running.
@@ -333,7 +336,7 @@ where
     /// When neither L2 nor the loader produced a value and no last known value within
     /// the maximum staleness exists: the loader's error, [`Error::Timeout`], or a codec
     /// error.
-    #[inline]
+    #[inline(always)]
     pub fn get<'a>(&'a self, key: &'a FlagKey) -> Get<'a, T> {
         // The L1 part runs now, when the future is made: a fresh hit is a ready future
         // that holds only its answer; everything else takes the out-of-line path.
@@ -580,13 +583,9 @@ where
     /// The common case of [`Self::lookup_l1`] alone, for inlining: a fresh L1 entry,
     /// no evaluation hook and no early refresh due. `None` means "ask
     /// [`Self::lookup_l1`]", not "absent".
-    #[inline]
+    #[inline(always)]
     fn fresh_hit(&self, key: &FlagKey) -> Option<Option<Arc<T>>> {
-        if self.hook.is_some()
-            || !self.cfg.l1_enabled
-            || self.cfg.xfetch_beta > 0.0
-            || self.deaf.load(Ordering::Relaxed)
-        {
+        if !self.plain_hits || self.deaf.load(Ordering::Relaxed) {
             return None;
         }
         let slot = self.l1.get(key)?;
@@ -768,7 +767,7 @@ where
         let span = tracing::debug_span!("flagcache.fill", cache = %self.cfg.name, %key);
         async move {
             let start = self.fences.begin();
-            let began = Instant::now();
+            let began = self.clock.now();
             let mut read = self.read_l2(key).await;
             let min = self.fences.lock().announced(key);
             if let (Some(m), Some(e)) = (min, &read) {
@@ -851,7 +850,7 @@ where
         self: &Arc<Self>,
         key: &FlagKey,
         start: u64,
-        began: Instant,
+        began: quanta::Instant,
     ) -> Result<Filled<T>> {
         let Some(fleet) = &self.fleet else {
             return self
@@ -916,11 +915,15 @@ where
         key: &FlagKey,
         entry: &Entry,
         start: u64,
-        began: Instant,
+        began: quanta::Instant,
         stale: bool,
     ) -> Result<Slot<T>> {
         let value = self.store.codec().decode_value::<T>(&entry.payload)?;
-        let mut slot = self.make_slot(Some(Arc::new(value)), entry.version, began.elapsed());
+        let mut slot = self.make_slot(
+            Some(Arc::new(value)),
+            entry.version,
+            self.clock.now().saturating_duration_since(began),
+        );
         if stale {
             let now = self.clock.now();
             slot.fresh_until = now;
@@ -956,7 +959,7 @@ where
         self: &Arc<Self>,
         key: &FlagKey,
         start: u64,
-        began: Instant,
+        began: quanta::Instant,
     ) -> Result<(Filled<T>, Option<Entry>)> {
         let t = Instant::now();
         let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
@@ -979,7 +982,11 @@ where
         let Some((value, version)) = loaded else {
             self.tel.bump(Ev::LoadAbsent);
             crate::coalesce::report_refresh(key, RefreshOutcome::Absent);
-            let slot = self.make_slot(None, Version::default(), began.elapsed());
+            let slot = self.make_slot(
+                None,
+                Version::default(),
+                self.clock.now().saturating_duration_since(began),
+            );
             self.install(key, &slot, start);
             return Ok(((slot, Tier::Loader), None));
         };
@@ -990,7 +997,11 @@ where
             stamp_ms: now_ms(),
             payload,
         };
-        let slot = self.make_slot(Some(Arc::new(value)), version, began.elapsed());
+        let slot = self.make_slot(
+            Some(Arc::new(value)),
+            version,
+            self.clock.now().saturating_duration_since(began),
+        );
         if !self.fences.lock().admits(key, start, Some(version)) {
             // Invalidated while loading: answer this read, but neither write the value
             // back to L2 (it might outlive the invalidation there) nor install it.
@@ -1057,9 +1068,11 @@ where
                 CircuitOpen,
             ));
         }
-        let t = Instant::now();
+        let t = self.clock.now();
         let answer = tokio::time::timeout(self.cfg.l2_timeout, call).await;
-        self.tel.l2_latency.record(seconds(t.elapsed()));
+        self.tel
+            .l2_latency
+            .record(seconds(self.clock.now().saturating_duration_since(t)));
         match answer {
             Ok(Err(e)) if e.is_transient() => {
                 self.tel.bump(Ev::L2Error);
@@ -1315,7 +1328,7 @@ where
             .collect();
         let mut misses = Vec::new();
         let start = self.fences.begin();
-        let began = Instant::now();
+        let began = self.clock.now();
         // Version-stamped reads check each key on its own; the batch read cannot.
         let batch = if cold.is_empty() || self.expected.is_some() {
             None
