@@ -484,6 +484,23 @@ async fn redis_rtt(url: &str) -> Res<Duration> {
 }
 
 type SetupFut<S> = Pin<Box<dyn Future<Output = Res<S>> + Send>>;
+
+/// A replica thread's arrival at the start barrier: now, or when dropped.
+struct Arrive<'a>(Option<&'a std::sync::Barrier>);
+
+impl Arrive<'_> {
+    fn now(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.wait();
+        }
+    }
+}
+
+impl Drop for Arrive<'_> {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
 type RequestFut = Pin<Box<dyn Future<Output = Res<bool>> + Send>>;
 
 /// Requests released at once through a gate, across `replicas` replicas that each run
@@ -508,30 +525,28 @@ async fn storm<S: Clone + Send + 'static>(
             let (gate, ready, setup, request) =
                 (gate.clone(), ready.clone(), setup.clone(), request.clone());
             std::thread::spawn(move || -> Res<(Samples, usize)> {
+                // Arrives at the barrier however this thread ends, failing or panicking
+                // included, so the others and the caller are never left waiting.
+                let mut arrive = Arrive(Some(&ready));
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .map_err(err)?;
-                let state = rt.block_on(setup(r));
-                let handles: Vec<_> = match &state {
-                    Ok(state) => (r..total)
-                        .step_by(replicas)
-                        .map(|i| {
-                            let mut open = gate.subscribe();
-                            let req = request(state, i);
-                            rt.spawn(async move {
-                                let _ = open.wait_for(|o| *o).await;
-                                let t = Instant::now();
-                                let ok = req.await;
-                                (t.elapsed(), ok)
-                            })
+                let state = rt.block_on(setup(r))?;
+                let handles: Vec<_> = (r..total)
+                    .step_by(replicas)
+                    .map(|i| {
+                        let mut open = gate.subscribe();
+                        let req = request(&state, i);
+                        rt.spawn(async move {
+                            let _ = open.wait_for(|o| *o).await;
+                            let t = Instant::now();
+                            let ok = req.await;
+                            (t.elapsed(), ok)
                         })
-                        .collect(),
-                    Err(_) => Vec::new(),
-                };
-                // Always reached, so a failed setup cannot leave the others waiting.
-                ready.wait();
-                state?;
+                    })
+                    .collect();
+                arrive.now();
                 rt.block_on(async {
                     let mut samples = Samples::with_capacity(handles.len());
                     let mut failed = 0;
@@ -556,14 +571,27 @@ async fn storm<S: Clone + Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut samples = Samples::with_capacity(total);
         let mut failed = 0;
+        let mut first_error = None;
+        // Every thread joined, even after one failed: none is left running into the
+        // next scenario.
         for t in threads {
-            let (s, f) = t
-                .join()
-                .map_err(|_| "a replica thread panicked".to_string())??;
-            samples.extend(s);
-            failed += f;
+            match t.join() {
+                Ok(Ok((s, f))) => {
+                    samples.extend(s);
+                    failed += f;
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert("a replica thread panicked".to_string());
+                }
+            }
         }
-        Ok((samples, failed, opened))
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok((samples, failed, opened)),
+        }
     })
     .await
     .map_err(err)?

@@ -67,6 +67,7 @@ impl RedisLock {
                 store: store.clone(),
                 waiting: Mutex::default(),
                 listener: Mutex::default(),
+                idle: Notify::new(),
             }),
         }
     }
@@ -120,8 +121,9 @@ impl Coalescer for RedisLock {
         let watch = self.releases.watch(&lock);
         let give_up = Instant::now() + self.ttl * 2;
         // Armed before each look at the lock, so a release right after it still wakes
-        // this waiter.
-        let released = watch.notify.notified();
+        // this waiter. An announcement only cuts the wait short: it may be a late one
+        // from an earlier holder, so the lock is still looked at before L2 is read.
+        let released = watch.notify().notified();
         let mut released = std::pin::pin!(released);
         loop {
             released.as_mut().enable();
@@ -143,18 +145,17 @@ impl Coalescer for RedisLock {
             // older version) must not be mistaken for theirs.
             loop {
                 let pause = self.poll.mul_f64(0.5 + fastrand::f64());
-                let announced = tokio::select! {
-                    () = released.as_mut() => true,
-                    () = tokio::time::sleep(pause) => false,
-                };
-                released.set(watch.notify.notified());
+                tokio::select! {
+                    () = released.as_mut() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+                released.set(watch.notify().notified());
                 released.as_mut().enable();
                 if Instant::now() > give_up {
                     tracing::warn!(%key, "waited twice the lock's TTL; loading");
                     return fetch.await;
                 }
-                // An announced release needs no look at the lock: read L2 at once.
-                if !announced && self.held(&lock).await.unwrap_or(false) {
+                if self.held(&lock).await.unwrap_or(false) {
                     continue;
                 }
                 if let Ok(Some(entry)) = self.store.get(key).await {
@@ -172,6 +173,8 @@ struct Releases {
     store: RedisStore,
     waiting: Mutex<HashMap<String, Arc<Notify>>>,
     listener: Mutex<Listener>,
+    /// Never notified: what a `Watch` hands out once withdrawn.
+    idle: Notify,
 }
 
 #[derive(Default)]
@@ -180,20 +183,34 @@ struct Listener {
     _stop: Option<tokio::sync::oneshot::Sender<()>>,
     running: bool,
     failed_at: Option<Instant>,
+    /// Which of the store's nodes to subscribe on next: rotates after a failure.
+    attempt: usize,
 }
 
 /// A waiter's interest in one lock's release; withdrawn when dropped.
 struct Watch<'a> {
     releases: &'a Releases,
     lock: &'a str,
-    notify: Arc<Notify>,
+    notify: Option<Arc<Notify>>,
+}
+
+impl Watch<'_> {
+    fn notify(&self) -> &Notify {
+        // Set from creation until drop.
+        self.notify.as_deref().unwrap_or(&self.releases.idle)
+    }
 }
 
 impl Drop for Watch<'_> {
     fn drop(&mut self) {
         let mut waiting = self.releases.waiting();
-        // The map's reference and this one: nobody else waits on this lock.
-        if Arc::strong_count(&self.notify) == 2 {
+        // Released under the lock that every clone is taken under: a count of one
+        // left means the map's, and nobody waits on this lock any more.
+        drop(self.notify.take());
+        if waiting
+            .get(self.lock)
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
             waiting.remove(self.lock);
         }
     }
@@ -211,7 +228,7 @@ impl Releases {
         Watch {
             releases: self,
             lock,
-            notify,
+            notify: Some(notify),
         }
     }
 
@@ -231,47 +248,77 @@ impl Releases {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         l._stop = Some(stop_tx);
         l.running = true;
-        runtime.spawn(listen(Arc::downgrade(self), self.store.clone(), stop_rx));
+        let attempt = l.attempt;
+        runtime.spawn(listen(
+            Stopped(Arc::downgrade(self)),
+            self.store.clone(),
+            attempt,
+            stop_rx,
+        ));
     }
+}
 
-    fn stopped(&self) {
-        let mut l = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
-        l.running = false;
-        l.failed_at = Some(Instant::now());
+/// Held by the listener task: however it ends — returning, or dropped with its
+/// runtime — the next waiter may start another (after a second), on the next node.
+struct Stopped(Weak<Releases>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.upgrade() {
+            let mut l = r.listener.lock().unwrap_or_else(PoisonError::into_inner);
+            l.running = false;
+            l.failed_at = Some(Instant::now());
+            l.attempt = l.attempt.wrapping_add(1);
+        }
     }
 }
 
 /// Wakes the waiters of every lock announced released, until the `RedisLock` is
-/// dropped or the subscription ends (the next waiter then starts another).
+/// dropped or the subscription fails (connect, a lost stream, an unanswered PING).
 async fn listen(
-    releases: Weak<Releases>,
+    releases: Stopped,
     store: RedisStore,
+    attempt: usize,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let channel = store.release_channel().to_string();
+    let limit = store.call_limit();
     let opened = tokio::select! {
         _ = &mut stop => return,
-        p = store.open_pubsub(&channel) => p,
+        p = tokio::time::timeout(limit, store.open_pubsub(&channel, attempt)) => p,
     };
-    let mut messages = match opened {
-        Ok(pubsub) => pubsub.into_on_message(),
-        Err(e) => {
+    let (mut sink, mut messages) = match opened {
+        Ok(Ok(pubsub)) => pubsub.split(),
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "lock release channel unavailable; waiters poll");
-            if let Some(r) = releases.upgrade() {
-                r.stopped();
-            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("lock release channel: subscribing timed out; waiters poll");
             return;
         }
     };
+    let mut ping = tokio::time::interval(Duration::from_secs(5));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
     loop {
         let msg = tokio::select! {
             _ = &mut stop => return,
             msg = messages.next() => msg,
+            _ = ping.tick() => {
+                let alive = tokio::time::timeout(limit, sink.ping::<redis::Value>()).await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    tracing::debug!("lock release channel unresponsive; waiters poll");
+                    return;
+                }
+                continue;
+            }
         };
-        let Some(r) = releases.upgrade() else { return };
+        let Some(r) = releases.0.upgrade() else {
+            return;
+        };
         let Some(msg) = msg else {
             tracing::debug!("lock release channel lost; waiters poll");
-            r.stopped();
             return;
         };
         let lock = String::from_utf8_lossy(msg.get_payload_bytes());

@@ -559,10 +559,19 @@ impl RedisStore {
         &self.inner.release_channel
     }
 
-    /// A pub/sub connection subscribed to `channel`, on this store's server (its
-    /// first node for a cluster; the primary through Sentinel).
-    pub(crate) async fn open_pubsub(&self, channel: &str) -> Result<redis::aio::PubSub> {
-        open_pubsub(&self.inner.conn, &self.inner.target, 0, channel).await
+    /// A pub/sub connection subscribed to `channel`, on this store's server (the
+    /// `attempt`-th node given, modulo their number; the primary through Sentinel).
+    pub(crate) async fn open_pubsub(
+        &self,
+        channel: &str,
+        attempt: usize,
+    ) -> Result<redis::aio::PubSub> {
+        open_pubsub(&self.inner.conn, &self.inner.target, attempt, channel).await
+    }
+
+    /// The longest one call may take: connecting, then answering.
+    pub(crate) fn call_limit(&self) -> Duration {
+        self.inner.target.connection_timeout + self.inner.target.response_timeout
     }
 
     fn layout(&self) -> &'static str {

@@ -35,8 +35,8 @@ struct Shared {
     store: Arc<dyn FlagStore>,
     /// Reads of one group that go to the store on their own before the next queue.
     inline: usize,
-    /// Where batches run: the runtime the cache was built in, if any (a caller's
-    /// runtime may stop being driven the moment its `block_on` returns).
+    /// The runtime the cache was built in, if any: where batches run when the caller
+    /// is not on a multi-threaded runtime (see [`spawn_batches`]).
     runtime: Option<tokio::runtime::Handle>,
     groups: Mutex<Map<u64, Group>>,
     batches: AtomicU64,
@@ -105,12 +105,15 @@ impl Drop for InFlight {
 /// until the queue is empty. Without a runtime to run on, the queued reads fail with
 /// a transient error and their callers carry on as after any L2 failure.
 fn spawn_batches(shared: &Arc<Shared>, group: u64, queued: Vec<Queued>) {
-    let runtime = shared
-        .runtime
-        .clone()
-        .or_else(|| tokio::runtime::Handle::try_current().ok());
-    let Some(runtime) = runtime else {
-        return;
+    // A multi-threaded runtime is always driven: the caller's, when it runs on one.
+    // Otherwise the cache's own — a caller's one-thread runtime may stop being driven
+    // the moment its `block_on` returns — and the caller's when the cache has none.
+    let current = tokio::runtime::Handle::try_current().ok();
+    let runtime = match (current, &shared.runtime) {
+        (Some(c), _) if c.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => c,
+        (_, Some(built)) => built.clone(),
+        (Some(c), None) => c,
+        (None, None) => return,
     };
     let shared = shared.clone();
     runtime.spawn(async move {
