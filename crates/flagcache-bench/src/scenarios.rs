@@ -504,12 +504,13 @@ impl Drop for Arrive<'_> {
 type RequestFut = Pin<Box<dyn Future<Output = Res<bool>> + Send>>;
 
 /// Requests released at once through a gate, across `replicas` replicas that each run
-/// on a one-thread runtime of their own — replicas are separate processes, and one
-/// shared scheduler would queue every replica's I/O behind every replica's requests.
-/// `setup(r)` builds replica `r`'s state on its runtime (clients start their
-/// connection drivers there); `request(state, i)` is request `i`, and replica `r`
-/// runs requests `r, r + replicas, …`. Each request's latency (from when it first
-/// runs after the gate opens) and whether it got a value.
+/// on a runtime of their own with one worker thread — replicas are separate
+/// processes, and one shared scheduler would queue every replica's I/O behind every
+/// replica's requests. `setup(r)` builds replica `r`'s state on its runtime (clients
+/// start their connection drivers there); `request(state, i)` is request `i`, and
+/// replica `r` runs requests `r, r + replicas, …`. Returns each request's latency
+/// (from when it first runs after the gate opens), how many got no value, and when
+/// the gate opened.
 async fn storm<S: Clone + Send + 'static>(
     replicas: usize,
     total: usize,
@@ -528,7 +529,8 @@ async fn storm<S: Clone + Send + 'static>(
                 // Arrives at the barrier however this thread ends, failing or panicking
                 // included, so the others and the caller are never left waiting.
                 let mut arrive = Arrive(Some(&ready));
-                let rt = tokio::runtime::Builder::new_current_thread()
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
                     .enable_all()
                     .build()
                     .map_err(err)?;

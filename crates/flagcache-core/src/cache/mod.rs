@@ -515,7 +515,7 @@ where
         inner.drop_local(key, None);
         let grace = inner.cfg.loader_timeout * 2;
         let marked = inner
-            .l2_call("mark_stale", inner.store.mark_stale(key, grace))
+            .l2_call("mark_stale", || inner.store.mark_stale(key, grace))
             .await;
         // A read in the meantime may have refilled L1 from the entry just marked.
         inner.drop_local(key, None);
@@ -784,11 +784,14 @@ where
                     Err(e) => {
                         tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
                         self.tel.bump(Ev::Corrupt);
-                        let _ = self.delete_l2(key).await;
+                        let _ = Box::pin(self.delete_l2(key)).await;
                     }
                 }
             }
-            self.load(key, start, began).await
+            // Boxed: the loader's path is the rare one, and inline its state would
+            // make every fill's future — moved into the coalescer on each L2 hit —
+            // several times larger.
+            Box::pin(self.load(key, start, began)).await
         }
         .instrument(span)
         .await
@@ -797,12 +800,12 @@ where
     /// Reads L2 through the breaker and timeout. Failures are counted and become
     /// `None`: the loader is the truth, L2 only saves trips to it.
     async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
-        match self.l2_call("get", self.read_l2_raw(key)).await {
+        match self.l2_call("get", || self.read_l2_raw(key)).await {
             Ok(entry) => entry,
             Err(Error::Corrupt { reason, .. }) => {
                 tracing::warn!(cache = %self.cfg.name, %key, %reason, "corrupt L2 entry; deleting it");
                 self.tel.bump(Ev::Corrupt);
-                let _ = self.delete_l2(key).await;
+                let _ = Box::pin(self.delete_l2(key)).await;
                 None
             }
             Err(e) => {
@@ -1044,21 +1047,23 @@ where
 
     async fn write_l2_strict(&self, key: &FlagKey, entry: &Entry) -> Result<PutOutcome> {
         let ttl = self.cfg.jittered(self.cfg.l2_ttl);
-        self.l2_call("put", self.store.put(key, entry, ttl)).await
+        self.l2_call("put", || self.store.put(key, entry, ttl))
+            .await
     }
 
     async fn delete_l2(&self, key: &FlagKey) -> Result<()> {
-        self.l2_call("delete", self.store.delete(key)).await
+        self.l2_call("delete", || self.store.delete(key)).await
     }
 
     /// Every L2 call goes through here: skipped while the circuit breaker is open,
     /// timed, bounded by the L2 timeout; transient failures and timeouts count towards
-    /// opening the breaker, any answer of the server (even a refusal) closes it.
-    async fn l2_call<R>(
-        &self,
-        operation: &'static str,
-        call: impl std::future::Future<Output = Result<R>>,
-    ) -> Result<R> {
+    /// opening the breaker, any answer of the server (even a refusal) closes it. The
+    /// call is made here (`call()`), not passed in made: its future then lives once in
+    /// this one's state, not twice.
+    async fn l2_call<R, F>(&self, operation: &'static str, call: impl FnOnce() -> F) -> Result<R>
+    where
+        F: std::future::Future<Output = Result<R>>,
+    {
         if self.breaker.permit() == Permit::Skip {
             self.tel.bump(Ev::L2Skipped);
             return Err(Error::backend(
@@ -1069,7 +1074,7 @@ where
             ));
         }
         let t = self.clock.now();
-        let answer = tokio::time::timeout(self.cfg.l2_timeout, call).await;
+        let answer = tokio::time::timeout(self.cfg.l2_timeout, call()).await;
         self.tel
             .l2_latency
             .record(seconds(self.clock.now().saturating_duration_since(t)));
@@ -1333,7 +1338,7 @@ where
         let batch = if cold.is_empty() || self.expected.is_some() {
             None
         } else {
-            self.l2_call("get_many", self.store.get_many(&cold))
+            self.l2_call("get_many", || self.store.get_many(&cold))
                 .await
                 .ok()
                 .filter(|found| found.len() == cold.len())
