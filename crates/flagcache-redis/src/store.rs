@@ -29,26 +29,39 @@ pub(crate) enum Conn {
 /// (the primary may have changed).
 pub(crate) struct SentinelConn {
     sentinel: tokio::sync::Mutex<SentinelClient>,
-    current: std::sync::Mutex<Option<ConnectionManager>>,
+    /// The primary's connection and its generation: an error on a connection only
+    /// forgets that very connection, not the one a rediscovery put in its place.
+    current: std::sync::Mutex<Option<(u64, ConnectionManager)>>,
+    generation: std::sync::atomic::AtomicU64,
     config: ConnectionManagerConfig,
 }
 
 impl SentinelConn {
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(u64, ConnectionManager)>> {
         self.current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The primary's connection, asking Sentinel where the primary is if needed.
-    pub(crate) async fn get(&self) -> redis::RedisResult<ConnectionManager> {
+    /// The primary's connection (with its generation), asking Sentinel where the
+    /// primary is if needed. One caller asks at a time; callers that waited for it
+    /// take the connection it made rather than ask again, so a burst of requests
+    /// after a failover costs one Sentinel query and one connection, not one each.
+    pub(crate) async fn get(&self) -> redis::RedisResult<(u64, ConnectionManager)> {
         if let Some(c) = self.slot().clone() {
             return Ok(c);
         }
-        let client = self.sentinel.lock().await.async_get_client().await?;
+        let sentinel = &mut *self.sentinel.lock().await;
+        if let Some(c) = self.slot().clone() {
+            return Ok(c);
+        }
+        let client = sentinel.async_get_client().await?;
         let conn = ConnectionManager::new_with_config(client, self.config.clone()).await?;
-        *self.slot() = Some(conn.clone());
-        Ok(conn)
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.slot() = Some((generation, conn.clone()));
+        Ok((generation, conn))
     }
 
     /// A client for the current primary (for a pub/sub connection).
@@ -56,15 +69,19 @@ impl SentinelConn {
         self.sentinel.lock().await.async_get_client().await
     }
 
-    /// Forgets the connection after an error that may mean the primary moved.
-    pub(crate) fn check(&self, e: &redis::RedisError) {
+    /// Forgets connection `generation` after an error that may mean the primary
+    /// moved (unless a rediscovery has replaced it already).
+    pub(crate) fn check(&self, generation: u64, e: &redis::RedisError) {
         if e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.code() == Some("READONLY")
         {
-            *self.slot() = None;
+            let mut slot = self.slot();
+            if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *slot = None;
+            }
         }
     }
 }
@@ -76,17 +93,14 @@ macro_rules! with_conn {
             Conn::Single(mut $c) => $body,
             Conn::Cluster(mut $c) => $body,
             Conn::Sentinel(s) => match s.get().await {
-                Ok(mut $c) => {
+                Ok((generation, mut $c)) => {
                     let r = $body;
                     if let Err(e) = &r {
-                        s.check(e);
+                        s.check(generation, e);
                     }
                     r
                 }
-                Err(e) => {
-                    s.check(&e);
-                    Err(e)
-                }
+                Err(e) => Err(e),
             },
         }
     };
@@ -336,6 +350,7 @@ impl Target {
             let conn = Arc::new(SentinelConn {
                 sentinel: tokio::sync::Mutex::new(sentinel),
                 current: std::sync::Mutex::new(None),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 config: self.manager_config(),
             });
             conn.get().await.map_err(fail)?;

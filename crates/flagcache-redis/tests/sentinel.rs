@@ -146,3 +146,64 @@ async fn data_nodes_with_a_password() {
         Some(Signal::Invalidated(_))
     ));
 }
+
+/// `total_connections_received` from a server's `INFO stats`.
+fn connections_received(server: &flagcache_testkit::RedisServer) -> u64 {
+    let info = server.command(&["INFO", "stats"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO stats has total_connections_received")
+}
+
+/// When the connection to the primary breaks under load, the requests that find it
+/// gone wait for one rediscovery instead of each asking Sentinel and connecting anew:
+/// a burst of 200 costs the primary a handful of new connections, not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_a_broken_connection_reconnects_once() {
+    let mut setup = RedisSentinel::start().unwrap();
+    let store = RedisStore::builder()
+        .sentinel([setup.sentinel_url()], RedisSentinel::SERVICE)
+        .response_timeout(Duration::from_millis(500))
+        .connection_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let k = FlagKey::new("k").unwrap();
+    store
+        .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let before = connections_received(setup.primary_mut());
+    // Every client connection of the primary dropped at once (ours included).
+    setup
+        .primary_mut()
+        .command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .unwrap();
+    let reads: Vec<_> = (0..200)
+        .map(|_| {
+            let (store, k) = (store.clone(), k.clone());
+            tokio::spawn(async move { store.get(&k).await })
+        })
+        .collect();
+    let mut failed = 0;
+    for r in reads {
+        if r.await.unwrap().is_err() {
+            failed += 1;
+        }
+    }
+    // Reads work again.
+    let t = Instant::now();
+    while store.get(&k).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the store never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opened = connections_received(setup.primary_mut()) - before;
+    assert!(
+        opened <= 6,
+        "{opened} new connections to the primary for a burst of 200 ({failed} reads failed)"
+    );
+}
