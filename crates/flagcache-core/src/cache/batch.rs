@@ -11,15 +11,9 @@
 //! misses then cost one round trip and one command instead of one each, on the
 //! client's CPU and the server's.
 //!
-//! Each key keeps its own answer (entry, miss or error), and a key queued twice is read
-//! once. No read waits to fill a batch.
-//!
-//! Every read is bounded by the L2 timeout, queued time included: a read on its own
-//! under a timer of its own; a batch under one timer, to the earliest deadline of the
-//! reads in it (each read's deadline is when it queued plus the timeout). A batch
-//! starts when a read that was in flight before its reads queued ends — by that
-//! read's deadline, so before theirs — and so no read waits longer than the timeout,
-//! while a batch of many reads costs one timer, not many.
+//! Each key keeps its own answer (entry, miss or error), a key queued twice is read
+//! once, and the caller's L2 timeout covers the time queued. No timer is involved: a
+//! read never waits to fill a batch.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,12 +24,7 @@ use tokio::sync::oneshot;
 use crate::{Entry, Error, FlagKey, FlagStore, Result};
 
 type Answer = Result<Option<Entry>>;
-
-struct Queued {
-    key: FlagKey,
-    tx: oneshot::Sender<Answer>,
-    deadline: tokio::time::Instant,
-}
+type Queued = (FlagKey, oneshot::Sender<Answer>);
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 pub(crate) struct ReadBatcher {
@@ -46,8 +35,6 @@ struct Shared {
     store: Arc<dyn FlagStore>,
     /// Reads of one group that go to the store on their own before the next queue.
     inline: usize,
-    /// The L2 timeout: every read's bound.
-    timeout: std::time::Duration,
     /// The runtime the cache was built in, if any: where batches run when the caller
     /// is not on a multi-threaded runtime (see [`spawn_batches`]).
     runtime: Option<tokio::runtime::Handle>,
@@ -141,14 +128,11 @@ fn spawn_batches(shared: &Arc<Shared>, group: u64, queued: Vec<Queued>) {
 /// One `get_each` for the keys of `batch`, each key read once, each caller answered.
 async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
     // Callers that gave up (timed out, dropped) are not read for.
-    batch.retain(|q| !q.tx.is_closed());
-    let Some(deadline) = batch.iter().map(|q| q.deadline).min() else {
-        return;
-    };
+    batch.retain(|(_, tx)| !tx.is_closed());
     let mut keys: Vec<FlagKey> = Vec::with_capacity(batch.len());
     let mut index: Map<&FlagKey, usize> = Map::default();
     let mut slots: Vec<usize> = Vec::with_capacity(batch.len());
-    for Queued { key, .. } in &batch {
+    for (key, _) in &batch {
         let next = index.len();
         let slot = *index.entry(key).or_insert(next);
         if slot == keys.len() {
@@ -157,24 +141,15 @@ async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
         slots.push(slot);
     }
     drop(index);
-    let read = async {
-        match &keys[..] {
-            [] => Vec::new(),
-            [key] => vec![shared.store.get(key).await],
-            _ => {
-                shared.batches.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .batched_keys
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                shared.store.get_each(&keys).await
-            }
-        }
-    };
-    let answers = match tokio::time::timeout_at(deadline, read).await {
-        Ok(answers) => answers,
-        Err(_) => {
-            let late = shared.timed_out();
-            keys.iter().map(|_| Err(late.clone())).collect()
+    let answers = match &keys[..] {
+        [] => return,
+        [key] => vec![shared.store.get(key).await],
+        _ => {
+            shared.batches.fetch_add(1, Ordering::Relaxed);
+            shared
+                .batched_keys
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            shared.store.get_each(&keys).await
         }
     };
     let mut uses = vec![0usize; keys.len()];
@@ -182,7 +157,7 @@ async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
         uses[s] += 1;
     }
     let mut answers: Vec<Option<Answer>> = answers.into_iter().map(Some).collect();
-    for (Queued { tx, .. }, s) in batch.into_iter().zip(slots) {
+    for ((_, tx), s) in batch.into_iter().zip(slots) {
         uses[s] -= 1;
         // The last caller of a key takes its answer; earlier ones get a copy.
         let answer = match answers.get_mut(s) {
@@ -201,35 +176,16 @@ fn abandoned(store: &dyn FlagStore) -> Error {
     Error::backend(store.name(), "get", true, Abandoned)
 }
 
-impl Shared {
-    fn timed_out(&self) -> Error {
-        Error::Timeout {
-            backend: self.store.name(),
-            operation: "get",
-            after: self.timeout,
-        }
-    }
-
-    /// A read on its own, under its own timer.
-    async fn get_alone(&self, key: &FlagKey) -> Answer {
-        tokio::time::timeout(self.timeout, self.store.get(key))
-            .await
-            .unwrap_or_else(|_| Err(self.timed_out()))
-    }
-}
-
 impl ReadBatcher {
     pub fn new(
         store: Arc<dyn FlagStore>,
         inline: usize,
-        timeout: std::time::Duration,
         runtime: Option<tokio::runtime::Handle>,
     ) -> Self {
         ReadBatcher {
             shared: Arc::new(Shared {
                 store,
                 inline: inline.max(1),
-                timeout,
                 runtime,
                 groups: Mutex::default(),
                 batches: AtomicU64::new(0),
@@ -238,14 +194,13 @@ impl ReadBatcher {
         }
     }
 
-    /// Reads `key` as [`FlagStore::get`] does, within the L2 timeout
-    /// ([`Error::Timeout`] past it): on its own while fewer than `inline` reads of its
-    /// group are in flight (or when the store gives it no group), else in the group's
-    /// next batch.
+    /// Reads `key` as [`FlagStore::get`] does: on its own while fewer than `inline`
+    /// reads of its group are in flight (or when the store gives it no group), else
+    /// in the group's next batch.
     pub async fn get(&self, key: &FlagKey) -> Answer {
         let store = &self.shared.store;
         let Some(group) = store.read_group(key) else {
-            return self.shared.get_alone(key).await;
+            return store.get(key).await;
         };
         let queued = {
             let mut groups = self.shared.groups();
@@ -255,11 +210,7 @@ impl ReadBatcher {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
-                g.queue.push(Queued {
-                    key: key.clone(),
-                    tx,
-                    deadline: tokio::time::Instant::now() + self.shared.timeout,
-                });
+                g.queue.push((key.clone(), tx));
                 Some(rx)
             }
         };
@@ -269,7 +220,7 @@ impl ReadBatcher {
                     shared: self.shared.clone(),
                     group,
                 };
-                self.shared.get_alone(key).await
+                store.get(key).await
             }
             Some(rx) => rx.await.unwrap_or_else(|_| Err(abandoned(&**store))),
         }
@@ -342,12 +293,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_queued_twice_is_read_once_and_answers_both() {
         let store = Arc::new(Recording::default());
-        let batcher = Arc::new(ReadBatcher::new(
-            store.clone(),
-            1,
-            Duration::from_secs(10),
-            None,
-        ));
+        let batcher = Arc::new(ReadBatcher::new(store.clone(), 1, None));
         let read = |k: &str| {
             let (b, k) = (batcher.clone(), key(k));
             tokio::spawn(async move { b.get(&k).await })

@@ -356,7 +356,6 @@ where
                 super::batch::ReadBatcher::new(
                     self.store.clone(),
                     cfg.l2_batch_after,
-                    cfg.l2_timeout,
                     tokio::runtime::Handle::try_current().ok(),
                 )
             }),

@@ -800,12 +800,7 @@ where
     /// Reads L2 through the breaker and timeout. Failures are counted and become
     /// `None`: the loader is the truth, L2 only saves trips to it.
     async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
-        let answer = match (&self.batcher, &self.expected) {
-            // The batcher bounds each read by the L2 timeout itself.
-            (Some(b), None) => self.l2_guarded("get", || b.get(key)).await,
-            _ => self.l2_call("get", || self.read_l2_raw(key)).await,
-        };
-        match answer {
+        match self.l2_call("get", || self.read_l2_raw(key)).await {
             Ok(entry) => entry,
             Err(Error::Corrupt { reason, .. }) => {
                 tracing::warn!(cache = %self.cfg.name, %key, %reason, "corrupt L2 entry; deleting it");
@@ -822,7 +817,10 @@ where
 
     async fn read_l2_raw(&self, key: &FlagKey) -> Result<Option<Entry>> {
         let Some(source) = &self.expected else {
-            return self.store.get(key).await;
+            return match &self.batcher {
+                Some(b) => b.get(key).await,
+                None => self.store.get(key).await,
+            };
         };
         match source.current_version(key).await {
             Ok(Some(v)) => match self.store.get_checked(key, v).await? {
@@ -1066,26 +1064,6 @@ where
     where
         F: std::future::Future<Output = Result<R>>,
     {
-        self.l2_guarded(operation, || async move {
-            match tokio::time::timeout(self.cfg.l2_timeout, call()).await {
-                Ok(answer) => answer,
-                Err(_) => Err(Error::Timeout {
-                    backend: self.store.name(),
-                    operation,
-                    after: self.cfg.l2_timeout,
-                }),
-            }
-        })
-        .await
-    }
-
-    /// [`Inner::l2_call`] for a call that bounds itself by the L2 timeout (the read
-    /// batcher: one timer per batch rather than one per read) and answers
-    /// [`Error::Timeout`] when it runs out.
-    async fn l2_guarded<R, F>(&self, operation: &'static str, call: impl FnOnce() -> F) -> Result<R>
-    where
-        F: std::future::Future<Output = Result<R>>,
-    {
         if self.breaker.permit() == Permit::Skip {
             self.tel.bump(Ev::L2Skipped);
             return Err(Error::backend(
@@ -1096,24 +1074,28 @@ where
             ));
         }
         let t = self.clock.now();
-        let answer = call().await;
+        let answer = tokio::time::timeout(self.cfg.l2_timeout, call()).await;
         self.tel
             .l2_latency
             .record(seconds(self.clock.now().saturating_duration_since(t)));
         match answer {
-            Err(e @ Error::Timeout { .. }) => {
-                self.tel.bump(Ev::L2Timeout);
-                self.l2_failed();
-                Err(e)
-            }
-            Err(e) if e.is_transient() => {
+            Ok(Err(e)) if e.is_transient() => {
                 self.tel.bump(Ev::L2Error);
                 self.l2_failed();
                 Err(e)
             }
-            answer => {
+            Ok(answer) => {
                 self.breaker.success();
                 answer
+            }
+            Err(_) => {
+                self.tel.bump(Ev::L2Timeout);
+                self.l2_failed();
+                Err(Error::Timeout {
+                    backend: self.store.name(),
+                    operation,
+                    after: self.cfg.l2_timeout,
+                })
             }
         }
     }
