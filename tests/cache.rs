@@ -1684,10 +1684,22 @@ async fn timed_out_queued_reads_do_not_wedge_the_batcher() {
             tokio::spawn(async move { cache.lookup(&k).await })
         })
         .collect();
+    let started = Instant::now();
     for r in reads {
         let l = r.await.unwrap().unwrap();
         assert_eq!(l.status, CacheStatus::Miss, "timed out in L2, loaded");
     }
+    // Each read ran out of its own L2 timeout, queued or not, and was counted so.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        cache.stats().l2_timeouts,
+        5,
+        "every read counted as an L2 timeout"
+    );
     assert_eq!(src.calls(), 5);
     // The held inline read may hand the queue on before every queued caller left;
     // what queued never goes out one by one.
