@@ -102,6 +102,9 @@ pub enum Coalesced {
     Fresh(Option<Entry>),
     /// A value marked stale, served while another process refreshes it.
     Stale(Entry),
+    /// Another process asked the source moments ago: it has no such flag. The caller
+    /// remembers that as it would its own answer, without asking again.
+    Absent,
 }
 
 /// One fetch's outcome, shared by the callers waiting on it.

@@ -190,6 +190,7 @@ impl Coalescer for MemcachedRecache {
         match self.run(key, fetch, false).await? {
             Coalesced::Fresh(entry) => Ok(entry),
             Coalesced::Stale(entry) => Ok(Some(entry)),
+            Coalesced::Absent => Ok(None),
         }
     }
 

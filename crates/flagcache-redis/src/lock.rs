@@ -4,7 +4,9 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use flagcache_core::{Coalescer, Entry, Fetch, FlagKey, FlagStore, Result};
+use flagcache_core::{
+    run_as_refresh, Coalesced, Coalescer, Entry, Fetch, FlagKey, RefreshOutcome, Result,
+};
 use futures_util::StreamExt;
 use redis::{Script, Value};
 use tokio::sync::Notify;
@@ -104,9 +106,23 @@ impl RedisLock {
         Ok(n > 0)
     }
 
-    async fn release(&self, lock: &str, token: &str) {
+    /// Releases `lock` if still held with `token`, announcing it; `absent`: the
+    /// source has no such flag, which waiters learn from a short-lived marker.
+    async fn release(&self, key: &FlagKey, lock: &str, token: &str, absent: bool) {
+        // Long enough for this round's waiters to read it, and no longer: a flag
+        // created meanwhile is then found by the next load.
+        let marker_ms = if absent {
+            let ms = (self.poll * 4).max(Duration::from_secs(1)).as_millis();
+            u64::try_from(ms).unwrap_or(u64::MAX).to_string()
+        } else {
+            String::new()
+        };
         let mut inv = self.release.prepare_invoke();
-        inv.key(lock).arg(token).arg(self.store.release_channel());
+        inv.key(lock)
+            .key(self.store.absent_key(key))
+            .arg(token)
+            .arg(self.store.release_channel())
+            .arg(marker_ms);
         if let Err(e) = self.store.script("unlock", inv).await {
             // It expires by itself.
             tracing::debug!(error = %e, "lock release failed");
@@ -117,6 +133,17 @@ impl RedisLock {
 #[async_trait]
 impl Coalescer for RedisLock {
     async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
+        match self.coalesce_or_stale(key, fetch).await? {
+            Coalesced::Fresh(entry) => Ok(entry),
+            Coalesced::Stale(entry) => Ok(Some(entry)),
+            Coalesced::Absent => Ok(None),
+        }
+    }
+
+    /// As `coalesce`; and when the holder found that the source has no such flag, the
+    /// waiters learn it from the marker it left ([`Coalesced::Absent`]) instead of each
+    /// taking the lock in turn to ask the source again.
+    async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
         let lock = self.store.lock_key(key);
         let watch = self.releases.watch(&lock);
         let give_up = Instant::now() + self.ttl * 2;
@@ -130,14 +157,16 @@ impl Coalescer for RedisLock {
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             match self.acquire(&lock, &token).await {
                 Ok(true) => {
-                    let result = fetch.await;
-                    self.release(&lock, &token).await;
-                    return result;
+                    let (result, outcome) = run_as_refresh(key, fetch).await;
+                    let absent =
+                        matches!(result, Ok(None)) && outcome == Some(RefreshOutcome::Absent);
+                    self.release(key, &lock, &token, absent).await;
+                    return result.map(Coalesced::Fresh);
                 }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(%key, error = %e, "stampede lock unavailable; loading unguarded");
-                    return fetch.await;
+                    return fetch.await.map(Coalesced::Fresh);
                 }
             }
             // Someone else is loading. Wait until they release the lock, then read L2
@@ -153,13 +182,15 @@ impl Coalescer for RedisLock {
                 released.as_mut().enable();
                 if Instant::now() > give_up {
                     tracing::warn!(%key, "waited twice the lock's TTL; loading");
-                    return fetch.await;
+                    return fetch.await.map(Coalesced::Fresh);
                 }
                 if self.held(&lock).await.unwrap_or(false) {
                     continue;
                 }
-                if let Ok(Some(entry)) = self.store.get(key).await {
-                    return Ok(Some(entry));
+                match self.store.get_or_absent(key).await {
+                    Ok((Some(entry), _)) => return Ok(Coalesced::Fresh(Some(entry))),
+                    Ok((None, true)) => return Ok(Coalesced::Absent),
+                    _ => {}
                 }
                 break; // released or expired without a value: try to take it over
             }

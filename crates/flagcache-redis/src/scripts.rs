@@ -80,14 +80,20 @@ return {{0, cv}}
     ))
 }
 
-/// Lock release: KEYS[1] the lock; ARGV[1] the holder's token; ARGV[2] the channel
-/// to announce the release on. Deletes the lock only if this holder still holds it (it
-/// may have expired and been taken by another), and then publishes the lock's key, so
-/// that waiters wake at once rather than at their next poll.
+/// Lock release: KEYS[1] the lock, KEYS[2] the flag's absence marker; ARGV[1] the
+/// holder's token, ARGV[2] the channel to announce the release on, ARGV[3] how long
+/// (ms) to mark the flag absent, or empty. Deletes the lock only if this holder still
+/// holds it (it may have expired and been taken by another), then sets the marker if
+/// the source has no such flag (and clears an older one otherwise), and publishes the
+/// lock's key, so that waiters wake at once rather than at their next poll and find
+/// the answer.
 pub(crate) fn release() -> Script {
     Script::new(
         "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-           redis.call('DEL', KEYS[1]); redis.call('PUBLISH', ARGV[2], KEYS[1]); return 1 \
+           redis.call('DEL', KEYS[1]); \
+           if ARGV[3] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) \
+           else redis.call('DEL', KEYS[2]) end; \
+           redis.call('PUBLISH', ARGV[2], KEYS[1]); return 1 \
          else return 0 end",
     )
 }

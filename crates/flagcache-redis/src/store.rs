@@ -446,6 +446,7 @@ impl RedisStoreBuilder {
                 target: self.target,
                 prefix: format!("{}:{{", self.namespace),
                 lock_prefix: format!("{}:lock:{{", self.namespace),
+                absent_prefix: format!("{}:absent:{{", self.namespace),
                 release_channel: format!("{}:lock:released", self.namespace),
                 codec: self.codec,
                 max_value_size: self.max_value_size,
@@ -497,6 +498,8 @@ struct Inner {
     target: Target,
     prefix: String,
     lock_prefix: String,
+    /// Of the markers a lock holder leaves when the source has no such flag.
+    absent_prefix: String,
     /// Where lock holders announce a release (see [`crate::RedisLock`]).
     release_channel: String,
     codec: Codec,
@@ -567,6 +570,26 @@ impl RedisStore {
     /// the same cluster slot as the flag.
     pub fn lock_key(&self, key: &FlagKey) -> String {
         format!("{}{}}}", self.inner.lock_prefix, key.as_str())
+    }
+
+    /// The key of the marker a lock holder leaves for a flag the source does not
+    /// have: `<namespace>:absent:{<flag key>}`, in the flag's slot.
+    pub(crate) fn absent_key(&self, key: &FlagKey) -> String {
+        format!("{}{}}}", self.inner.absent_prefix, key.as_str())
+    }
+
+    /// The flag's entry, and whether a lock holder marked it absent — one round trip.
+    pub(crate) async fn get_or_absent(&self, key: &FlagKey) -> Result<(Option<Entry>, bool)> {
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(self.key_arg(key)).arg(self.absent_key(key));
+        let raw: Vec<Option<Vec<u8>>> = self.query("get", &cmd).await?;
+        let mut raw = raw.into_iter();
+        let entry = raw
+            .next()
+            .flatten()
+            .map(|b| self.decode(key, b))
+            .transpose()?;
+        Ok((entry, raw.next().flatten().is_some()))
     }
 
     /// The channel lock holders publish a released lock's key on.

@@ -155,3 +155,58 @@ async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
         "one load for the three replicas"
     );
 }
+
+/// A flag the source does not have, read by 8 replicas at once: the lock holder's
+/// answer reaches the waiters through a short-lived marker, so the source is asked
+/// once — not once per replica, each taking the lock in turn to ask again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
+    let server = RedisServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let absent: Loader = Arc::new(move |_k: FlagKey| {
+        let calls = counted.clone();
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<_, Error>(None)
+        })
+    });
+    let mut replicas = Vec::new();
+    for i in 0..8 {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let source = absent.clone();
+        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+            .name(format!("replica-{i}"))
+            .cross_process(RedisLock::new(&store))
+            .build()
+            .await
+            .unwrap();
+        replicas.push(cache);
+    }
+    let k = FlagKey::new("not-created-yet").unwrap();
+    let mut reads = Vec::new();
+    for cache in &replicas {
+        for _ in 0..50 {
+            let (c, k) = (cache.clone(), k.clone());
+            reads.push(tokio::spawn(async move { c.get(&k).await }));
+        }
+    }
+    for r in reads {
+        assert_eq!(r.await.unwrap().unwrap(), None, "no such flag");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "loader calls across 8 replicas"
+    );
+    // The marker is short-lived: a flag created later is found by the next load.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        server
+            .command(&["EXISTS", "flags:absent:{not-created-yet}"])
+            .unwrap(),
+        "0",
+        "the absence marker expired"
+    );
+}

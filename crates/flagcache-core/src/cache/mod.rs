@@ -880,6 +880,16 @@ where
             return Ok(filled);
         }
         let entry = match answer {
+            Coalesced::Absent => {
+                // Another process's answer from the source, as if it were ours.
+                let slot = self.make_slot(
+                    None,
+                    Version::default(),
+                    self.clock.now().saturating_duration_since(began),
+                );
+                self.install(key, &slot, start);
+                return Ok((slot, Tier::L2));
+            }
             Coalesced::Fresh(entry) => entry,
             Coalesced::Stale(entry) => {
                 // Another process is refreshing it: serve the stale value, held in L1
