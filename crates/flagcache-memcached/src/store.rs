@@ -281,36 +281,50 @@ impl MemcachedStoreBuilder {
             .iter()
             .map(|u| Pool::new(u.clone(), self.pool_size))
             .collect();
-        let mut reachable = 0;
-        let mut last_error = None;
-        let mut server_limit: Option<usize> = None;
-        for pool in &pools {
+        // Every server probed at once: servers that are down cost one timeout in all,
+        // not one each.
+        let want_limit = self.item_size_limit.is_none();
+        let probes = pools.iter().map(|pool| async move {
             match tokio::time::timeout(self.timeout, pool.get()).await {
                 Ok(Ok(lease)) => {
                     lease.give_back();
-                    reachable += 1;
-                    if self.item_size_limit.is_none() {
-                        if let Some(max) = item_size_max(pool.url(), self.timeout).await {
-                            server_limit = Some(server_limit.map_or(max, |m| m.min(max)));
-                        }
-                    }
+                    let limit = if want_limit {
+                        item_size_max(pool.url(), self.timeout).await
+                    } else {
+                        None
+                    };
+                    Ok(limit)
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(server = pool.url(), error = %e,
                         "memcached server unreachable at start; its keys miss until it is back");
-                    last_error = Some(backend_error("connect", e));
+                    Err(backend_error("connect", e))
                 }
                 Err(_) => {
                     tracing::warn!(
                         server = pool.url(),
                         "memcached server did not answer at start; its keys miss until it is back"
                     );
-                    last_error = Some(Error::Timeout {
+                    Err(Error::Timeout {
                         backend: BACKEND,
                         operation: "connect",
                         after: self.timeout,
-                    });
+                    })
                 }
+            }
+        });
+        let mut reachable = 0;
+        let mut last_error = None;
+        let mut server_limit: Option<usize> = None;
+        for probe in futures_util::future::join_all(probes).await {
+            match probe {
+                Ok(limit) => {
+                    reachable += 1;
+                    if let Some(max) = limit {
+                        server_limit = Some(server_limit.map_or(max, |m| m.min(max)));
+                    }
+                }
+                Err(e) => last_error = Some(e),
             }
         }
         if reachable == 0 {

@@ -576,3 +576,29 @@ async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
     );
     assert!(cache.stats().l2_batches > 0, "{:?}", cache.stats());
 }
+
+/// Building a store probes its servers at once: two that hang cost one timeout in
+/// all, not one each — and the store still builds over the one that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_probes_every_server_at_once() {
+    let servers = [
+        MemcachedServer::start().unwrap(),
+        MemcachedServer::start().unwrap(),
+        MemcachedServer::start().unwrap(),
+    ];
+    servers[1].pause().unwrap();
+    let _resume1 = Paused(&servers[1]);
+    servers[2].pause().unwrap();
+    let _resume2 = Paused(&servers[2]);
+    let started = std::time::Instant::now();
+    let store = MemcachedStore::builder()
+        .servers(servers.iter().map(MemcachedServer::url))
+        .timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    // One after the other, the two hung servers would take 2 s or more.
+    assert!(took < Duration::from_millis(1800), "build took {took:?}");
+    assert!(store.item_size_limit() > 0);
+}
