@@ -44,6 +44,7 @@ pub struct RedisLock {
     ttl: Duration,
     poll: Duration,
     release: std::sync::Arc<Script>,
+    release_plain: std::sync::Arc<Script>,
     releases: Arc<Releases>,
 }
 
@@ -65,6 +66,7 @@ impl RedisLock {
             ttl: Duration::from_secs(10),
             poll: Duration::from_millis(20),
             release: std::sync::Arc::new(scripts::release()),
+            release_plain: std::sync::Arc::new(scripts::release_plain()),
             releases: Arc::new(Releases {
                 store: store.clone(),
                 waiting: Mutex::default(),
@@ -117,6 +119,14 @@ impl RedisLock {
         } else {
             String::new()
         };
+        if !RedisStore::has_absent_marker(key) {
+            let mut inv = self.release_plain.prepare_invoke();
+            inv.key(lock).arg(token).arg(self.store.release_channel());
+            if let Err(e) = self.store.script("unlock", inv).await {
+                tracing::debug!(error = %e, "lock release failed");
+            }
+            return;
+        }
         let mut inv = self.release.prepare_invoke();
         inv.key(lock)
             .key(self.store.absent_key(key))

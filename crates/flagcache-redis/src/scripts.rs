@@ -80,6 +80,16 @@ return {{0, cv}}
     ))
 }
 
+/// [`release`] without the absence marker, for a key whose marker would not share
+/// its lock's cluster slot: KEYS[1] the lock; ARGV[1] the token; ARGV[2] the channel.
+pub(crate) fn release_plain() -> Script {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           redis.call('DEL', KEYS[1]); redis.call('PUBLISH', ARGV[2], KEYS[1]); return 1 \
+         else return 0 end",
+    )
+}
+
 /// Lock release: KEYS[1] the lock, KEYS[2] the flag's absence marker; ARGV[1] the
 /// holder's token, ARGV[2] the channel to announce the release on, ARGV[3] how long
 /// (ms) to mark the flag absent, or empty. Deletes the lock only if this holder still

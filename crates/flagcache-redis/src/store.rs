@@ -578,8 +578,18 @@ impl RedisStore {
         format!("{}{}}}", self.inner.absent_prefix, key.as_str())
     }
 
+    /// Whether the flag's absence marker shares its entry's (and lock's) cluster slot:
+    /// always, unless the key begins with `}` — an empty hash tag, under which each
+    /// key hashes whole. Such keys get no marker.
+    pub(crate) fn has_absent_marker(key: &FlagKey) -> bool {
+        !key.as_str().starts_with('}')
+    }
+
     /// The flag's entry, and whether a lock holder marked it absent — one round trip.
     pub(crate) async fn get_or_absent(&self, key: &FlagKey) -> Result<(Option<Entry>, bool)> {
+        if !Self::has_absent_marker(key) {
+            return Ok((self.get(key).await?, false));
+        }
         let mut cmd = redis::cmd("MGET");
         cmd.arg(self.key_arg(key)).arg(self.absent_key(key));
         let raw: Vec<Option<Vec<u8>>> = self.query("get", &cmd).await?;
@@ -835,8 +845,14 @@ impl FlagStore for RedisStore {
     }
 
     async fn delete(&self, key: &FlagKey) -> Result<()> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.redis_key(key));
+        if Self::has_absent_marker(key) {
+            // A flag dropped everywhere (just created, say) is no longer "absent".
+            cmd.arg(self.absent_key(key));
+        }
         let _: i64 = self
-            .query("delete", redis::cmd("DEL").arg(self.redis_key(key)))
+            .query("delete", &cmd)
             .await
             .map_err(|e| e.with_key(key))?;
         Ok(())

@@ -210,3 +210,66 @@ async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
         "the absence marker expired"
     );
 }
+
+/// A "no such flag" that an invalidation overtook — the flag was created while the
+/// holder asked — is not handed to the waiters: they load it themselves and find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
+    use flagcache_redis::RedisInvalidator;
+    let server = RedisServer::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // The first call answers "none" slowly; the flag exists for every later one.
+    let source: Loader = Arc::new(move |k: FlagKey| {
+        let calls = counted.clone();
+        Box::pin(async move {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                return Ok::<_, Error>(None);
+            }
+            Ok(Some((format!("{k}@1"), Version::new(1))))
+        })
+    });
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let inv = RedisInvalidator::connect(&server.url()).await.unwrap();
+        let source = source.clone();
+        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+            .name(format!("replica-{i}"))
+            .invalidator(inv)
+            .cross_process(RedisLock::new(&store))
+            .build()
+            .await
+            .unwrap();
+        replicas.push(cache);
+    }
+    let k = FlagKey::new("created-meanwhile").unwrap();
+    let holder = {
+        let (c, k) = (replicas[0].clone(), k.clone());
+        tokio::spawn(async move { c.get(&k).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = {
+        let (c, k) = (replicas[1].clone(), k.clone());
+        tokio::spawn(async move { c.get(&k).await })
+    };
+    // The control plane creates the flag and tells the fleet, mid-load.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    replicas[1].invalidate(&k).await.unwrap();
+    assert_eq!(
+        holder.await.unwrap().unwrap(),
+        None,
+        "the holder's own answer"
+    );
+    assert_eq!(
+        waiter
+            .await
+            .unwrap()
+            .unwrap()
+            .as_deref()
+            .map(String::as_str),
+        Some("created-meanwhile@1"),
+        "the waiter found the new flag"
+    );
+}

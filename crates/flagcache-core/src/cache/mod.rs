@@ -880,7 +880,7 @@ where
             return Ok(filled);
         }
         let entry = match answer {
-            Coalesced::Absent => {
+            Coalesced::Absent if self.absent_acceptable(key).await => {
                 // Another process's answer from the source, as if it were ours.
                 let slot = self.make_slot(
                     None,
@@ -890,6 +890,7 @@ where
                 self.install(key, &slot, start);
                 return Ok((slot, Tier::L2));
             }
+            Coalesced::Absent => None,
             Coalesced::Fresh(entry) => entry,
             Coalesced::Stale(entry) => {
                 // Another process is refreshing it: serve the stale value, held in L1
@@ -946,6 +947,19 @@ where
         Ok(slot)
     }
 
+    /// Whether another process's "no such flag" may answer this read: not when an
+    /// invalidation announced a version of the key, nor when the version source
+    /// knows one.
+    async fn absent_acceptable(&self, key: &FlagKey) -> bool {
+        if self.fences.lock().announced(key).is_some() {
+            return false;
+        }
+        match &self.expected {
+            None => true,
+            Some(source) => matches!(source.current_version(key).await, Ok(None)),
+        }
+    }
+
     /// Whether an entry another process put in L2 may answer this read: what
     /// [`Inner::fill`] checks of its own L2 reads.
     async fn acceptable_from_l2(&self, key: &FlagKey, entry: &Entry) -> bool {
@@ -994,7 +1008,17 @@ where
         };
         let Some((value, version)) = loaded else {
             self.tel.bump(Ev::LoadAbsent);
-            crate::coalesce::report_refresh(key, RefreshOutcome::Absent);
+            // Invalidated while loading — the flag may have just been created: this
+            // "no such flag" answers this read but is not handed to other processes.
+            let admitted = self.fences.lock().admits(key, start, None);
+            crate::coalesce::report_refresh(
+                key,
+                if admitted {
+                    RefreshOutcome::Absent
+                } else {
+                    RefreshOutcome::NotStored
+                },
+            );
             let slot = self.make_slot(
                 None,
                 Version::default(),
