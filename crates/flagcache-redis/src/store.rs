@@ -33,7 +33,11 @@ pub(crate) struct SentinelConn {
     /// forgets that very connection, not the one a rediscovery put in its place.
     current: std::sync::Mutex<Option<(u64, ConnectionManager)>>,
     generation: std::sync::atomic::AtomicU64,
+    /// When the last rediscovery failed: callers that queued for it share its failure
+    /// rather than each try again in turn.
+    failed_at: std::sync::Mutex<Option<std::time::Instant>>,
     config: ConnectionManagerConfig,
+    response_timeout: Duration,
 }
 
 impl SentinelConn {
@@ -51,12 +55,33 @@ impl SentinelConn {
         if let Some(c) = self.slot().clone() {
             return Ok(c);
         }
+        let asked = std::time::Instant::now();
         let sentinel = &mut *self.sentinel.lock().await;
         if let Some(c) = self.slot().clone() {
             return Ok(c);
         }
-        let client = sentinel.async_get_client().await?;
-        let conn = ConnectionManager::new_with_config(client, self.config.clone()).await?;
+        let failed_at = || {
+            self.failed_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if failed_at().is_some_and(|t| t >= asked) {
+            // The attempt this caller waited for failed: so does this call, at once.
+            return Err(redis::RedisError::from(std::io::Error::other(
+                "the primary's rediscovery through Sentinel just failed",
+            )));
+        }
+        let found = async {
+            let client = sentinel.async_get_client().await?;
+            ConnectionManager::new_with_config(client, self.config.clone()).await
+        };
+        let conn = match found.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                *failed_at() = Some(std::time::Instant::now());
+                return Err(e);
+            }
+        };
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -78,10 +103,52 @@ impl SentinelConn {
             || e.is_timeout()
             || e.code() == Some("READONLY")
         {
-            let mut slot = self.slot();
-            if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
-                *slot = None;
-            }
+            self.forget(generation);
+        }
+    }
+
+    /// Forgets connection `generation`, unless a rediscovery has replaced it already.
+    fn forget(&self, generation: u64) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
+        }
+    }
+}
+
+/// A call on a Sentinel-found connection, watched for being given up on: a caller's
+/// own timeout (shorter than the connection's response timeout) drops the call before
+/// redis-rs reports its timeout, and [`SentinelConn::check`] would never hear of a
+/// primary gone silent. A call dropped after waiting 100 ms (or half the response
+/// timeout, if shorter) — far beyond a healthy round trip — counts as one that timed
+/// out: the connection is forgotten and the next call asks Sentinel again.
+pub(crate) struct CallWatch<'a> {
+    conn: &'a SentinelConn,
+    generation: u64,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl<'a> CallWatch<'a> {
+    pub(crate) fn new(conn: &'a SentinelConn, generation: u64) -> Self {
+        CallWatch {
+            conn,
+            generation,
+            started: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    pub(crate) fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for CallWatch<'_> {
+    fn drop(&mut self) {
+        let suspect = (self.conn.response_timeout / 2).min(Duration::from_millis(100));
+        if !self.done && self.started.elapsed() >= suspect {
+            self.conn.forget(self.generation);
         }
     }
 }
@@ -94,7 +161,9 @@ macro_rules! with_conn {
             Conn::Cluster(mut $c) => $body,
             Conn::Sentinel(s) => match s.get().await {
                 Ok((generation, mut $c)) => {
+                    let watch = $crate::store::CallWatch::new(&s, generation);
                     let r = $body;
+                    watch.done();
                     if let Err(e) = &r {
                         s.check(generation, e);
                     }
@@ -351,7 +420,9 @@ impl Target {
                 sentinel: tokio::sync::Mutex::new(sentinel),
                 current: std::sync::Mutex::new(None),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                failed_at: std::sync::Mutex::new(None),
                 config: self.manager_config(),
+                response_timeout: self.response_timeout,
             });
             conn.get().await.map_err(fail)?;
             return Ok(Conn::Sentinel(conn));

@@ -207,3 +207,34 @@ async fn a_burst_after_a_broken_connection_reconnects_once() {
         "{opened} new connections to the primary for a burst of 200 ({failed} reads failed)"
     );
 }
+
+/// A caller that gives up on a silent primary before the connection's own response
+/// timeout (as `FlagCache`'s shorter L2 timeout does) still makes the store forget
+/// that connection: the next call asks Sentinel and connects anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_on_a_silent_primary_forgets_its_connection() {
+    let mut setup = RedisSentinel::start().unwrap();
+    let store = RedisStore::builder()
+        .sentinel([setup.sentinel_url()], RedisSentinel::SERVICE)
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let k = FlagKey::new("k").unwrap();
+    store
+        .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let before = connections_received(setup.primary_mut());
+    setup.primary_mut().pause().unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), store.get(&k)).await;
+    setup.primary_mut().resume().unwrap();
+    assert!(gave_up.is_err(), "the paused primary answered");
+    assert!(store.get(&k).await.unwrap().is_some());
+    // Besides the connection that asks INFO itself.
+    let opened = connections_received(setup.primary_mut()) - before - 1;
+    assert!(
+        opened >= 1,
+        "the silent connection was reused instead of forgotten"
+    );
+}

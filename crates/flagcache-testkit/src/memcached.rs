@@ -208,16 +208,9 @@ impl MemcachedServer {
     }
 
     fn signal(&self, sig: &str) -> Result<()> {
-        let Some(p) = &self.proc else {
-            return Err(std::io::Error::other("the server is not running").into());
-        };
-        let status = Command::new("kill")
-            .args([sig, &p.child.id().to_string()])
-            .status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("kill {sig} failed: {status}")).into())
+        match &self.proc {
+            Some(p) => p.signal(sig),
+            None => Err(std::io::Error::other("the server is not running").into()),
         }
     }
 

@@ -89,6 +89,18 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
+    /// Sends `sig` (`-STOP`, `-CONT`, …) to the process.
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("kill {sig} failed: {status}")).into())
+        }
+    }
+
     pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)

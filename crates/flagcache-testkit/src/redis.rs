@@ -323,6 +323,30 @@ impl RedisServer {
         resp::read_reply(&mut r).map_err(fail)
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and requests hang, as
+    /// with a server that stopped answering, until [`RedisServer::resume`].
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        match &self.proc {
+            Some(p) => p.signal(sig),
+            None => Err(std::io::Error::other("the server is not running").into()),
+        }
+    }
+
     /// Kills the server (SIGKILL, like a crash). Its port stays reserved for
     /// [`RedisServer::restart`]; data is lost (no persistence).
     pub fn stop(&mut self) {
