@@ -32,24 +32,40 @@ fn slow_source(calls: &Arc<AtomicUsize>, latency: Duration) -> Loader {
     })
 }
 
+/// `n` replicas over `server`, each with its own connections (as separate processes
+/// would have), loading from `source` behind a `RedisLock` made by `lock`; with an
+/// invalidator each when `invalidate` is set.
+async fn replicas(
+    server: &RedisServer,
+    n: usize,
+    source: &Loader,
+    lock: impl Fn(RedisLock) -> RedisLock,
+    invalidate: bool,
+) -> Vec<FlagCache<String>> {
+    let mut replicas = Vec::new();
+    for i in 0..n {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let source = source.clone();
+        let mut builder = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+            .name(format!("replica-{i}"))
+            .cross_process(lock(RedisLock::new(&store)));
+        if invalidate {
+            let inv = flagcache_redis::RedisInvalidator::connect(&server.url())
+                .await
+                .unwrap();
+            builder = builder.invalidator(inv);
+        }
+        replicas.push(builder.build().await.unwrap());
+    }
+    replicas
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     let server = RedisServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let source = slow_source(&calls, Duration::from_millis(200));
-    let mut replicas = Vec::new();
-    for i in 0..8 {
-        // Each replica has its own connection, as separate processes would.
-        let store = RedisStore::connect(&server.url()).await.unwrap();
-        let source = source.clone();
-        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
-            .name(format!("replica-{i}"))
-            .cross_process(RedisLock::new(&store))
-            .build()
-            .await
-            .unwrap();
-        replicas.push(cache);
-    }
+    let replicas = replicas(&server, 8, &source, |l| l, false).await;
     let k = FlagKey::new("cold").unwrap();
     let mut reads = Vec::new();
     for cache in &replicas {
@@ -112,19 +128,8 @@ async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
     let server = RedisServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let source = slow_source(&calls, Duration::from_millis(300));
-    let mut replicas = Vec::new();
-    for i in 0..3 {
-        let store = RedisStore::connect(&server.url()).await.unwrap();
-        let source = source.clone();
-        let lock = RedisLock::new(&store).poll_interval(Duration::from_secs(10));
-        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
-            .name(format!("replica-{i}"))
-            .cross_process(lock)
-            .build()
-            .await
-            .unwrap();
-        replicas.push(cache);
-    }
+    let slow_poll = |l: RedisLock| l.poll_interval(Duration::from_secs(10));
+    let replicas = replicas(&server, 3, &source, slow_poll, false).await;
     let k = FlagKey::new("announced").unwrap();
     let started = Instant::now();
     let first = {
@@ -172,18 +177,7 @@ async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
             Ok::<_, Error>(None)
         })
     });
-    let mut replicas = Vec::new();
-    for i in 0..8 {
-        let store = RedisStore::connect(&server.url()).await.unwrap();
-        let source = absent.clone();
-        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
-            .name(format!("replica-{i}"))
-            .cross_process(RedisLock::new(&store))
-            .build()
-            .await
-            .unwrap();
-        replicas.push(cache);
-    }
+    let replicas = replicas(&server, 8, &absent, |l| l, false).await;
     let k = FlagKey::new("not-created-yet").unwrap();
     let mut reads = Vec::new();
     for cache in &replicas {
@@ -215,7 +209,6 @@ async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
 /// holder asked — is not handed to the waiters: they load it themselves and find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
-    use flagcache_redis::RedisInvalidator;
     let server = RedisServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
@@ -230,20 +223,7 @@ async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
             Ok(Some((format!("{k}@1"), Version::new(1))))
         })
     });
-    let mut replicas = Vec::new();
-    for i in 0..2 {
-        let store = RedisStore::connect(&server.url()).await.unwrap();
-        let inv = RedisInvalidator::connect(&server.url()).await.unwrap();
-        let source = source.clone();
-        let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
-            .name(format!("replica-{i}"))
-            .invalidator(inv)
-            .cross_process(RedisLock::new(&store))
-            .build()
-            .await
-            .unwrap();
-        replicas.push(cache);
-    }
+    let replicas = replicas(&server, 2, &source, |l| l, true).await;
     let k = FlagKey::new("created-meanwhile").unwrap();
     let holder = {
         let (c, k) = (replicas[0].clone(), k.clone());

@@ -156,15 +156,12 @@ fn connections_received(server: &flagcache_testkit::RedisServer) -> u64 {
         .expect("INFO stats has total_connections_received")
 }
 
-/// When the connection to the primary breaks under load, the requests that find it
-/// gone wait for one rediscovery instead of each asking Sentinel and connecting anew:
-/// a burst of 200 costs the primary a handful of new connections, not one each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_after_a_broken_connection_reconnects_once() {
-    let mut setup = RedisSentinel::start().unwrap();
+/// A store through `setup`'s sentinel with the given response timeout, and a flag
+/// written through it.
+async fn store_with_a_flag(setup: &RedisSentinel, response: Duration) -> (RedisStore, FlagKey) {
     let store = RedisStore::builder()
         .sentinel([setup.sentinel_url()], RedisSentinel::SERVICE)
-        .response_timeout(Duration::from_millis(500))
+        .response_timeout(response)
         .connection_timeout(Duration::from_millis(500))
         .build()
         .await
@@ -174,6 +171,16 @@ async fn a_burst_after_a_broken_connection_reconnects_once() {
         .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
         .await
         .unwrap();
+    (store, k)
+}
+
+/// When the connection to the primary breaks under load, the requests that find it
+/// gone wait for one rediscovery instead of each asking Sentinel and connecting anew:
+/// a burst of 200 costs the primary a handful of new connections, not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_a_broken_connection_reconnects_once() {
+    let mut setup = RedisSentinel::start().unwrap();
+    let (store, k) = store_with_a_flag(&setup, Duration::from_millis(500)).await;
     let before = connections_received(setup.primary_mut());
     // Every client connection of the primary dropped at once (ours included).
     setup
@@ -214,17 +221,7 @@ async fn a_burst_after_a_broken_connection_reconnects_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_given_up_on_a_silent_primary_forgets_its_connection() {
     let mut setup = RedisSentinel::start().unwrap();
-    let store = RedisStore::builder()
-        .sentinel([setup.sentinel_url()], RedisSentinel::SERVICE)
-        .response_timeout(Duration::from_secs(5))
-        .build()
-        .await
-        .unwrap();
-    let k = FlagKey::new("k").unwrap();
-    store
-        .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
-        .await
-        .unwrap();
+    let (store, k) = store_with_a_flag(&setup, Duration::from_secs(5)).await;
     let before = connections_received(setup.primary_mut());
     setup.primary_mut().pause().unwrap();
     let gave_up = tokio::time::timeout(Duration::from_millis(300), store.get(&k)).await;
