@@ -351,17 +351,14 @@ where
     #[inline(never)]
     fn get_slow<'a>(&'a self, key: &'a FlagKey) -> Get<'a, T> {
         let inner = &self.inner;
-        let hit = if inner.hook.is_some() {
-            Err(None)
-        } else {
-            inner.lookup_l1(key, |slot, _| slot.value)
-        };
-        match hit {
+        if inner.hook.is_some() {
+            return Get(GetState::Miss(Box::pin(async move {
+                self.lookup(key).await.map(|l| l.value)
+            })));
+        }
+        match inner.lookup_l1(key, |slot, _| slot.value) {
             Ok(value) => Get(GetState::Hit(value)),
             Err(fallback) => Get(GetState::Miss(Box::pin(async move {
-                if inner.hook.is_some() {
-                    return self.lookup(key).await.map(|l| l.value);
-                }
                 inner.lookup_miss(key, fallback).await.map(|l| l.value)
             }))),
         }
@@ -880,15 +877,9 @@ where
             return Ok(filled);
         }
         let entry = match answer {
-            Coalesced::Absent if self.absent_acceptable(key).await => {
+            Coalesced::Absent if self.acceptable_from_fleet(key, None).await => {
                 // Another process's answer from the source, as if it were ours.
-                let slot = self.make_slot(
-                    None,
-                    Version::default(),
-                    self.clock.now().saturating_duration_since(began),
-                );
-                self.install(key, &slot, start);
-                return Ok((slot, Tier::L2));
+                return Ok((self.install_absent(key, start, began), Tier::L2));
             }
             Coalesced::Absent => None,
             Coalesced::Fresh(entry) => entry,
@@ -906,7 +897,7 @@ where
         // checks an L2 read passes: no announced newer version, and the version
         // source's version when there is one.
         let entry = match entry {
-            Some(e) if self.acceptable_from_l2(key, &e).await => Some(e),
+            Some(e) if self.acceptable_from_fleet(key, Some(e.version)).await => Some(e),
             _ => None,
         };
         if let Some(entry) = entry {
@@ -947,36 +938,33 @@ where
         Ok(slot)
     }
 
-    /// Whether another process's "no such flag" may answer this read: not when an
-    /// invalidation announced a version of the key, nor when the version source
-    /// knows one.
-    async fn absent_acceptable(&self, key: &FlagKey) -> bool {
-        if self.fences.lock().announced(key).is_some() {
-            return false;
-        }
-        match &self.expected {
-            None => true,
-            Some(source) => matches!(source.current_version(key).await, Ok(None)),
-        }
+    /// A "no such flag" answer for `key`, installed in L1 (fences permitting).
+    fn install_absent(&self, key: &FlagKey, start: u64, began: quanta::Instant) -> Slot<T> {
+        let cost = self.clock.now().saturating_duration_since(began);
+        let slot = self.make_slot(None, Version::default(), cost);
+        self.install(key, &slot, start);
+        slot
     }
 
-    /// Whether an entry another process put in L2 may answer this read: what
-    /// [`Inner::fill`] checks of its own L2 reads.
-    async fn acceptable_from_l2(&self, key: &FlagKey, entry: &Entry) -> bool {
-        if self
-            .fences
-            .lock()
-            .announced(key)
-            .is_some_and(|min| entry.version < min)
-        {
+    /// Whether an answer another process got — an L2 entry at `version`, or the
+    /// source's "no such flag" (`None`) — may answer this read: what [`Inner::fill`]
+    /// checks of its own L2 reads. Not when an invalidation announced a newer version
+    /// (any version, for an absence), nor when the version source disagrees.
+    async fn acceptable_from_fleet(&self, key: &FlagKey, version: Option<Version>) -> bool {
+        let announced = self.fences.lock().announced(key);
+        if announced.is_some_and(|min| version.map_or(true, |v| v < min)) {
             return false;
         }
-        match &self.expected {
-            None => true,
-            Some(source) => match source.current_version(key).await {
-                Ok(Some(v)) => v == entry.version,
-                Ok(None) | Err(_) => true,
-            },
+        let Some(source) = &self.expected else {
+            return true;
+        };
+        match (source.current_version(key).await, version) {
+            (Ok(Some(current)), Some(v)) => current == v,
+            (Ok(Some(_)), None) => false,
+            (Ok(None), _) => true,
+            // The version source failed: an entry is taken unchecked, as L2 reads
+            // are; an absence is not.
+            (Err(_), v) => v.is_some(),
         }
     }
 
@@ -1019,13 +1007,7 @@ where
                     RefreshOutcome::NotStored
                 },
             );
-            let slot = self.make_slot(
-                None,
-                Version::default(),
-                self.clock.now().saturating_duration_since(began),
-            );
-            self.install(key, &slot, start);
-            return Ok(((slot, Tier::Loader), None));
+            return Ok(((self.install_absent(key, start, began), Tier::Loader), None));
         };
         self.tel.bump(Ev::Load);
         let payload = self.store.codec().encode_value(&value)?;
