@@ -1,31 +1,19 @@
+//! [`FlagCacheBuilder`]: a cache's settings, their defaults, and building it.
+
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::breaker::Breaker;
-use super::l1::Fences;
+use super::events::listen;
+use super::fence::Fences;
 use super::stats::Telemetry;
-use super::{listen, Config, Evaluation, FlagCache, Hook, Inner, Loader};
-use crate::{
-    Coalescer, Error, FlagKey, FlagStore, Invalidator, LocalCoalescer, NodeId, Result, Version,
-};
-
-/// Where [version-stamped reads](FlagCacheBuilder::version_source) get the version a
-/// key should have: a cheap metadata lookup (a version table, a control-plane
-/// endpoint) that costs less than loading the value.
-#[async_trait]
-pub trait VersionSource: Send + Sync + 'static {
-    /// The current version of `key`, or `None` if unknown (the read is then unchecked).
-    ///
-    /// # Errors
-    /// Any; the read then proceeds unchecked.
-    async fn current_version(&self, key: &FlagKey) -> Result<Option<Version>>;
-}
+use super::{Config, Evaluation, FlagCache, Hook, Inner, Loader, VersionSource};
+use crate::{Coalescer, Error, FlagStore, Invalidator, LocalCoalescer, NodeId, Result};
 
 /// Configures a [`FlagCache`]. Every setting has a default suited to flag configs
 /// read on every request and changed a few times a day.
@@ -345,7 +333,7 @@ where
         let inner = Arc::new(Inner {
             l1: quick_cache::sync::Cache::new(cfg.l1_capacity.max(1)),
             clock: super::l1::clock(),
-            refreshing: super::l1::Refreshing::new(),
+            refreshing: super::revalidate::Refreshing::new(),
             own_echoes: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),

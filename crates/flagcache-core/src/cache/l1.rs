@@ -1,12 +1,17 @@
-//! The in-process tier: decoded values with their deadlines, and the version fences
-//! that keep late fills out of it.
+//! The in-process tier (L1): decoded values with their deadlines — looked up, installed
+//! behind the version fences, and dropped.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use crate::{FlagKey, Version};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::fence::FenceTicket;
+use super::stats::Ev;
+use super::{CacheStatus, Inner, StaleReason};
+use crate::{Entry, FlagKey, Result, Version};
 
 /// The clock L1 deadlines are read with: one calibrated TSC clock per process (a
 /// monotonic OS clock where no stable TSC exists), cloned into each cache. Reading it
@@ -23,7 +28,7 @@ pub(crate) fn clock() -> quanta::Clock {
 /// The value moves out of the copy to the caller.
 ///
 /// Deadlines are read with [`clock`].
-pub(crate) struct Slot<T> {
+pub(crate) struct L1Entry<T> {
     /// `None`: the source said the flag does not exist (a negative entry).
     pub value: Option<Arc<T>>,
     pub version: Version,
@@ -41,9 +46,9 @@ pub(crate) struct Slot<T> {
     pub cost: Duration,
 }
 
-impl<T> Clone for Slot<T> {
+impl<T> Clone for L1Entry<T> {
     fn clone(&self) -> Self {
-        Slot {
+        L1Entry {
             value: self.value.clone(),
             version: self.version,
             filled_at: self.filled_at,
@@ -56,192 +61,226 @@ impl<T> Clone for Slot<T> {
     }
 }
 
-/// Which keys have a background refresh running, so a stale hit decides without a lock
-/// whether to start one: a fixed table of flags indexed by a hash of the key. Two keys
-/// sharing a flag only means one waits for the other's refresh to finish before its
-/// own starts; meanwhile it is served stale, as it would be anyway.
-pub(crate) struct Refreshing {
-    flags: Arc<[AtomicBool]>,
-}
-
-/// A claimed refresh flag; dropping it (the refresh finished, failed, panicked or never
-/// started) releases the flag.
-pub(crate) struct RefreshClaim {
-    flags: Arc<[AtomicBool]>,
-    index: usize,
-}
-
-impl Refreshing {
-    const FLAGS: usize = 1024;
-
-    pub fn new() -> Self {
-        Refreshing {
-            flags: (0..Self::FLAGS).map(|_| AtomicBool::new(false)).collect(),
-        }
-    }
-
-    /// Claims `key`'s flag, unless a refresh holding it is running.
-    pub fn claim(&self, key: &FlagKey) -> Option<RefreshClaim> {
-        // FNV-1a: the table only needs spread, not resistance to crafted keys.
-        let hash = key
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-        // The modulo keeps the index below FLAGS, so the cast cannot truncate.
-        #[allow(clippy::cast_possible_truncation)]
-        let index = (hash % Self::FLAGS as u64) as usize;
-        let flag = self.flags.get(index)?;
-        if flag.swap(true, Ordering::AcqRel) {
+impl<T> Inner<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// The common case of [`Self::lookup_l1`] alone, for inlining: a fresh L1 entry,
+    /// no evaluation hook and no early refresh due. `None` means "ask
+    /// [`Self::lookup_l1`]", not "absent".
+    #[inline(always)]
+    pub(super) fn fresh_hit(&self, key: &FlagKey) -> Option<Option<Arc<T>>> {
+        if !self.plain_hits || self.deaf.load(Ordering::Relaxed) {
             return None;
         }
-        Some(RefreshClaim {
-            flags: self.flags.clone(),
-            index,
-        })
-    }
-}
-
-impl Drop for RefreshClaim {
-    fn drop(&mut self) {
-        if let Some(flag) = self.flags.get(self.index) {
-            flag.store(false, Ordering::Release);
+        let slot = self.l1.get(key)?;
+        if slot.epoch != self.epoch.load(Ordering::Relaxed) || self.clock.now() >= slot.fresh_until
+        {
+            return None;
         }
+        self.tel.bump(Ev::HitL1);
+        Some(slot.value)
     }
-}
 
-#[derive(Debug, Clone, Copy)]
-struct Fence {
-    /// The sequence number of the latest invalidation of the key.
-    seq: u64,
-    /// The version that latest invalidation announced: a fill that started before it
-    /// may still install if it is at least this new. `None`: no earlier fill may.
-    admit_from: Option<Version>,
-    /// The highest version any invalidation of the key announced: anything older is
-    /// known to be stale, whenever the fill started.
-    announced: Option<Version>,
-    at: Instant,
-}
-
-/// Version fences. Every invalidation takes a sequence number; every fill notes the
-/// sequence number when it starts. A fill may install its value into L1 only if no
-/// invalidation of its key (or of everything) landed since it started — unless its
-/// version is at least the one the invalidation announced.
-///
-/// Fences are checked and L1 is written under one lock, which invalidations also take,
-/// so no invalidation can slip between a fill's check and its install. L1 *hits* never
-/// take it.
-pub(crate) struct Fences {
-    seq: AtomicU64,
-    all_seq: AtomicU64,
-    by_key: Mutex<Map>,
-    keep_for: Duration,
-}
-
-struct Map {
-    /// foldhash: a fast keyed hash (per-process random seed); the map is on every fill.
-    fences: HashMap<FlagKey, Fence, foldhash::fast::RandomState>,
-    /// Expired fences are swept when the map reaches this size; it doubles when a
-    /// sweep frees little, so sweeping stays amortised O(1) per invalidation.
-    sweep_at: usize,
-}
-
-pub(crate) struct FenceGuard<'a> {
-    fences: &'a Fences,
-    map: MutexGuard<'a, Map>,
-}
-
-impl Fences {
-    /// `keep_for`: how long a key's fence outlives its invalidation — at least as long
-    /// as a fill can run, and as long as L2 can still hold the invalidated version.
-    pub fn new(keep_for: Duration) -> Self {
-        Fences {
-            seq: AtomicU64::new(0),
-            all_seq: AtomicU64::new(0),
-            by_key: Mutex::new(Map {
-                fences: HashMap::default(),
-                sweep_at: 1024,
-            }),
-            keep_for,
+    /// The L1 part of a read: `Ok(answer(slot, status))` when L1 answers (fresh, or
+    /// stale while one refresh runs), else `Err` with the fail-safe fallback L1 holds,
+    /// if any.
+    #[allow(clippy::type_complexity)]
+    #[inline]
+    pub(super) fn lookup_l1<R>(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        answer: impl FnOnce(L1Entry<T>, CacheStatus) -> R,
+    ) -> std::result::Result<R, Option<(L1Entry<T>, FenceTicket)>> {
+        let mut fallback = None;
+        if self.cfg.l1_enabled && !self.deaf.load(Ordering::Relaxed) {
+            if let Some(slot) = self.l1.get(key) {
+                if slot.epoch == self.epoch.load(Ordering::Relaxed) {
+                    let now = self.clock.now();
+                    if now < slot.fresh_until {
+                        if self.cfg.xfetch_beta > 0.0 && self.xfetch_due(&slot, now) {
+                            self.refresh_in_background(key);
+                        }
+                        self.tel.bump(Ev::HitL1);
+                        return Ok(answer(slot, CacheStatus::HitL1));
+                    }
+                    if now < slot.stale_until {
+                        self.refresh_in_background(key);
+                        self.tel.bump(Ev::StaleRevalidating);
+                        let status = CacheStatus::Stale(StaleReason::Revalidating);
+                        return Ok(answer(slot, status));
+                    }
+                }
+                fallback = Some((slot, self.fences.begin()));
+            }
+        } else if self.cfg.l1_enabled {
+            // Not subscribed: L1 cannot be trusted as fresh, only as a fallback.
+            fallback = self.l1.get(key).map(|slot| (slot, self.fences.begin()));
+        }
+        match fallback {
+            // A fail-safe answer given moments ago: serve it again rather than retry
+            // L2 and the loader on every read while they are down.
+            Some((slot, _)) if self.clock.now() < slot.retry_after => {
+                self.tel.bump(Ev::StaleFailSafe);
+                Ok(answer(slot, CacheStatus::Stale(StaleReason::FailSafe)))
+            }
+            other => Err(other),
         }
     }
 
-    /// The sequence number a fill starts at.
-    pub fn begin(&self) -> u64 {
-        self.seq.load(Ordering::SeqCst)
-    }
-
-    pub fn lock(&self) -> FenceGuard<'_> {
-        FenceGuard {
-            fences: self,
-            map: self.by_key.lock().unwrap_or_else(PoisonError::into_inner),
+    /// After a fail-safe answer, keeps serving that value without retrying until
+    /// `fail_safe_throttle` has passed — unless the entry was replaced or invalidated
+    /// meanwhile.
+    pub(super) fn throttle_retries(&self, key: &FlagKey, served: &L1Entry<T>, seen: FenceTicket) {
+        if self.cfg.fail_safe_throttle.is_zero() {
+            return;
+        }
+        let fences = self.fences.lock();
+        let version = served.value.as_ref().map(|_| served.version);
+        let same = self
+            .l1
+            .peek(key)
+            .is_some_and(|cur| cur.filled_at == served.filled_at && cur.version == served.version);
+        if same && fences.admits(key, seen, version) {
+            let mut throttled = served.clone();
+            throttled.retry_after = self.clock.now() + self.cfg.fail_safe_throttle;
+            self.l1.insert(key.clone(), throttled);
         }
     }
-}
 
-impl FenceGuard<'_> {
-    /// Records an invalidation of `key` that announced `version` (if any).
-    pub fn invalidate(&mut self, key: &FlagKey, version: Option<Version>) {
-        let seq = self.fences.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let now = Instant::now();
-        let map = &mut *self.map;
-        if map.fences.len() >= map.sweep_at {
-            let keep = self.fences.keep_for;
-            map.fences.retain(|_, f| now.duration_since(f.at) < keep);
-            map.sweep_at = (map.fences.len() * 2).max(1024);
+    pub(super) fn new_l1_entry(
+        &self,
+        value: Option<Arc<T>>,
+        version: Version,
+        cost: Duration,
+    ) -> L1Entry<T> {
+        let now = self.clock.now();
+        let (fresh, stale) = if value.is_some() {
+            (self.cfg.jittered(self.cfg.fresh_for), self.cfg.stale_for)
+        } else {
+            (self.cfg.negative_ttl, Duration::ZERO)
+        };
+        L1Entry {
+            value,
+            version,
+            filled_at: now,
+            fresh_until: now + fresh,
+            stale_until: now + fresh + stale,
+            retry_after: now,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            cost,
         }
-        let announced = map.fences.get(key).and_then(|f| f.announced).max(version);
-        map.fences.insert(
-            key.clone(),
-            Fence {
-                seq,
-                admit_from: version,
-                announced,
-                at: now,
-            },
-        );
     }
 
-    /// Records an invalidation of everything.
-    pub fn invalidate_all(&mut self) {
-        let seq = self.fences.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        self.fences.all_seq.store(seq, Ordering::SeqCst);
-    }
-
-    /// The highest version an invalidation of `key` announced: anything older is known
-    /// to be stale, wherever it comes from.
-    pub fn announced(&self, key: &FlagKey) -> Option<Version> {
-        self.map
-            .fences
-            .get(key)
-            .filter(|f| f.at.elapsed() < self.fences.keep_for)
-            .and_then(|f| f.announced)
-    }
-
-    /// Whether a value of `key` at `version`, read by a fill that started at `start`,
-    /// may be installed (or written back, or served as a fallback): no invalidation of
-    /// the key — or of everything — landed since `start` unless it announced `version`
-    /// or older, and no invalidation ever announced a newer version.
-    ///
-    /// `version` is `None` for a negative result (the source has no such flag): it is
-    /// not held to announced versions — the flag may have been deleted since — but it is
-    /// fenced by time like any fill.
-    pub fn admits(&self, key: &FlagKey, start: u64, version: Option<Version>) -> bool {
-        if self.fences.all_seq.load(Ordering::SeqCst) > start {
+    /// Installs a fill into L1 unless a fence refuses it (an invalidation landed since
+    /// the fill started) or L1 already holds a newer version.
+    pub(super) fn install(&self, key: &FlagKey, slot: &L1Entry<T>, start: FenceTicket) -> bool {
+        if !self.cfg.l1_enabled {
             return false;
         }
-        if let (Some(v), Some(a)) = (version, self.announced(key)) {
-            if v < a {
-                return false;
+        let fences = self.fences.lock();
+        let version = slot.value.as_ref().map(|_| slot.version);
+        if !fences.admits(key, start, version) {
+            tracing::debug!(cache = %self.cfg.name, %key, version = %slot.version,
+                "fill refused: an invalidation landed while it ran");
+            self.tel.bump(Ev::FencedFill);
+            return false;
+        }
+        if slot.value.is_some() {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            if let Some(cur) = self.l1.peek(key) {
+                if cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version {
+                    return false;
+                }
             }
         }
-        match self.map.fences.get(key) {
-            Some(f) if f.seq > start => match (version, f.admit_from) {
-                (Some(v), Some(m)) => v >= m,
-                _ => false,
-            },
-            _ => true,
+        self.l1.insert(key.clone(), slot.clone());
+        true
+    }
+
+    /// Decodes an L2 entry into an L1 slot and installs it, unless a fence refuses it.
+    /// `stale`: a value another process is reloading — held as stale, never fresh.
+    ///
+    /// # Errors
+    /// The codec's, when the payload does not decode.
+    pub(super) fn install_entry(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        start: FenceTicket,
+        began: quanta::Instant,
+        stale: bool,
+    ) -> Result<L1Entry<T>> {
+        let value = self.store.codec().decode_value::<T>(&entry.payload)?;
+        let mut slot = self.new_l1_entry(
+            Some(Arc::new(value)),
+            entry.version,
+            self.clock.now().saturating_duration_since(began),
+        );
+        if stale {
+            let now = self.clock.now();
+            slot.fresh_until = now;
+            slot.stale_until = now + self.cfg.stale_for.max(Duration::from_secs(1));
         }
+        self.install(key, &slot, start);
+        Ok(slot)
+    }
+
+    /// A "no such flag" answer for `key`, installed in L1 (fences permitting).
+    pub(super) fn install_absent(
+        &self,
+        key: &FlagKey,
+        start: FenceTicket,
+        began: quanta::Instant,
+    ) -> L1Entry<T> {
+        let cost = self.clock.now().saturating_duration_since(began);
+        let slot = self.new_l1_entry(None, Version::default(), cost);
+        self.install(key, &slot, start);
+        slot
+    }
+
+    /// Installs a value this replica wrote itself, fencing out older fills in flight.
+    pub(super) fn install_authoritative(&self, key: &FlagKey, slot: L1Entry<T>) {
+        let mut fences = self.fences.lock();
+        fences.invalidate(key, Some(slot.version));
+        self.fills.forget(key);
+        if !self.cfg.l1_enabled {
+            return;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let newer_held = self.l1.peek(key).is_some_and(|cur| {
+            cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version
+        });
+        if !newer_held {
+            self.l1.insert(key.clone(), slot);
+        }
+    }
+
+    pub(super) fn drop_older_than(&self, key: &FlagKey, current: Version) {
+        let mut fences = self.fences.lock();
+        fences.invalidate(key, Some(current));
+        self.l1
+            .remove_if(key, |s| s.value.is_none() || s.version < current);
+        self.fills.forget(key);
+    }
+
+    /// Drops `key` from L1 unless L1 already holds `at_least` or newer, and fences out
+    /// fills that started before now.
+    pub(super) fn drop_local(&self, key: &FlagKey, at_least: Option<Version>) {
+        let mut fences = self.fences.lock();
+        fences.invalidate(key, at_least);
+        self.l1.remove_if(key, |s| match at_least {
+            Some(v) => s.value.is_none() || s.version < v,
+            None => true,
+        });
+        // Still under the fence lock: nobody can join the old fill in between.
+        self.fills.forget(key);
+    }
+
+    pub(super) fn drop_all_local(&self) {
+        let mut fences = self.fences.lock();
+        fences.invalidate_all();
+        self.l1.clear();
+        self.fills.forget_all();
     }
 }

@@ -1,3 +1,6 @@
+//! What a cache reads from past L2: the [`Loader`] (the source of truth) and the
+//! [`VersionSource`] (the version a key should have, for version-stamped reads).
+
 use std::future::Future;
 
 use async_trait::async_trait;
@@ -43,4 +46,16 @@ where
     async fn load(&self, key: &FlagKey) -> Result<Option<(T, Version)>> {
         (self)(key.clone()).await
     }
+}
+
+/// Where [version-stamped reads](FlagCacheBuilder::version_source) get the version a
+/// key should have: a cheap metadata lookup (a version table, a control-plane
+/// endpoint) that costs less than loading the value.
+#[async_trait]
+pub trait VersionSource: Send + Sync + 'static {
+    /// The current version of `key`, or `None` if unknown (the read is then unchecked).
+    ///
+    /// # Errors
+    /// Any; the read then proceeds unchecked.
+    async fn current_version(&self, key: &FlagKey) -> Result<Option<Version>>;
 }

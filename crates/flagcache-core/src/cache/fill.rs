@@ -1,0 +1,315 @@
+//! The read path past L1: one coalesced fill per key — L2, then the loader (through the
+//! cross-process coalescer when there is one) — and what a failed fill falls back to.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::Instrument;
+
+use super::fence::FenceTicket;
+use super::l1::L1Entry;
+use super::stats::{seconds, Ev};
+use super::{CacheStatus, Inner, Lookup, StaleReason};
+use crate::{
+    now_ms, Coalesced, Entry, Error, FlagKey, PutOutcome, RefreshOutcome, Result, Version,
+};
+
+/// Where a fill found its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tier {
+    L2,
+    Loader,
+    /// A value the fleet holds as stale, served while another process refreshes it.
+    StaleL2,
+}
+
+/// A fill's answer: the L1 entry it made, and where its value came from.
+pub(super) type Filled<T> = (L1Entry<T>, Tier);
+
+impl<T> Inner<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// A read: answered from L1 without awaiting anything when it can be; otherwise
+    /// through the (boxed) miss path, so the future of a hit stays small.
+    pub(super) async fn lookup(self: &Arc<Self>, key: &FlagKey) -> Result<Lookup<T>> {
+        match self.lookup_l1(key, Lookup::from_l1) {
+            Ok(hit) => Ok(hit),
+            Err(fallback) => Box::pin(self.lookup_miss(key, fallback)).await,
+        }
+    }
+
+    pub(super) async fn lookup_miss(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        fallback: Option<(L1Entry<T>, FenceTicket)>,
+    ) -> Result<Lookup<T>> {
+        match self.fetch(key).await {
+            Ok((slot, tier)) => {
+                let (ev, status) = match tier {
+                    Tier::L2 => (Ev::HitL2, CacheStatus::HitL2),
+                    Tier::Loader => (Ev::Miss, CacheStatus::Miss),
+                    Tier::StaleL2 => (
+                        Ev::StaleRevalidating,
+                        CacheStatus::Stale(StaleReason::Revalidating),
+                    ),
+                };
+                self.tel.bump(ev);
+                Ok(Lookup::from_l1(slot, status))
+            }
+            Err(e) => {
+                // Never fall back to a value invalidated while the fetch ran.
+                let usable = fallback.filter(|(fb, seen)| {
+                    e.is_transient()
+                        && self.clock.now().saturating_duration_since(fb.filled_at)
+                            <= self.cfg.max_staleness
+                        && self.fences.lock().admits(
+                            key,
+                            *seen,
+                            fb.value.as_ref().map(|_| fb.version),
+                        )
+                });
+                match usable {
+                    Some((fb, seen)) => {
+                        tracing::warn!(cache = %self.cfg.name, %key, error = %e,
+                            "serving last known value (fail-safe)");
+                        self.throttle_retries(key, &fb, seen);
+                        self.tel.bump(Ev::StaleFailSafe);
+                        Ok(Lookup::from_l1(
+                            fb,
+                            CacheStatus::Stale(StaleReason::FailSafe),
+                        ))
+                    }
+                    None => {
+                        self.tel.bump(Ev::Error);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// One coalesced fill of `key`.
+    pub(super) async fn fetch(self: &Arc<Self>, key: &FlagKey) -> Result<Filled<T>> {
+        let this = self.clone();
+        let k = key.clone();
+        let (result, joined) = self
+            .fills
+            .run_joined(key, move || async move { this.fill(&k).await })
+            .await;
+        if joined {
+            self.tel.bump(Ev::Coalesced);
+        }
+        result
+    }
+
+    pub(super) async fn fill(self: &Arc<Self>, key: &FlagKey) -> Result<Filled<T>> {
+        let span = tracing::debug_span!("flagcache.fill", cache = %self.cfg.name, %key);
+        async move {
+            let start = self.fences.begin();
+            let began = self.clock.now();
+            let mut read = self.read_l2(key).await;
+            let min = self.fences.lock().announced(key);
+            if let (Some(m), Some(e)) = (min, &read) {
+                if e.version < m {
+                    // An invalidation announced a newer version than L2 gave us. The
+                    // writer usually stores before it publishes: read once more.
+                    tracing::debug!(version = %e.version, announced = %m, "L2 older than announced; re-reading");
+                    read = self.read_l2(key).await.filter(|e| e.version >= m);
+                }
+            }
+            if let Some(entry) = read {
+                match self.install_entry(key, &entry, start, began, false) {
+                    Ok(slot) => return Ok((slot, Tier::L2)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
+                        self.tel.bump(Ev::Corrupt);
+                        let _ = Box::pin(self.delete_l2(key)).await;
+                    }
+                }
+            }
+            // Boxed: the loader's path is the rare one, and inline its state would
+            // make every fill's future — moved into the coalescer on each L2 hit —
+            // several times larger.
+            Box::pin(self.load(key, start, began)).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Loads from the source — through the cross-process coalescer when there is one,
+    /// so that one process of the fleet loads while the others wait for its value in L2.
+    pub(super) async fn load(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        start: FenceTicket,
+        began: quanta::Instant,
+    ) -> Result<Filled<T>> {
+        let Some(fleet) = &self.fleet else {
+            return self
+                .load_from_source(key, start, began)
+                .await
+                .map(|(f, _)| f);
+        };
+        let mine: Arc<std::sync::Mutex<Option<Filled<T>>>> = Arc::default();
+        let out = mine.clone();
+        let this = self.clone();
+        let k = key.clone();
+        let fetch: crate::Fetch = Box::pin(async move {
+            let (filled, entry) = this.load_from_source(&k, start, began).await?;
+            *out.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(filled);
+            Ok(entry)
+        });
+        let answer = fleet.coalesce_or_stale(key, fetch).await?;
+        let ran_here = mine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(filled) = ran_here {
+            return Ok(filled);
+        }
+        let entry = match answer {
+            Coalesced::Absent if self.acceptable_from_fleet(key, None).await => {
+                // Another process's answer from the source, as if it were ours.
+                return Ok((self.install_absent(key, start, began), Tier::L2));
+            }
+            Coalesced::Absent => None,
+            Coalesced::Fresh(entry) => entry,
+            Coalesced::Stale(entry) => {
+                // Another process is refreshing it: serve the stale value, held in L1
+                // as stale (never as fresh), so that reads keep revalidating until the
+                // new value lands.
+                if let Ok(slot) = self.install_entry(key, &entry, start, began, true) {
+                    return Ok((slot, Tier::StaleL2));
+                }
+                None
+            }
+        };
+        // Another process loaded it and stored it in L2 — used only if it passes the
+        // checks an L2 read passes: no announced newer version, and the version
+        // source's version when there is one.
+        let entry = match entry {
+            Some(e) if self.acceptable_from_fleet(key, Some(e.version)).await => Some(e),
+            _ => None,
+        };
+        if let Some(entry) = entry {
+            if let Ok(slot) = self.install_entry(key, &entry, start, began, false) {
+                return Ok((slot, Tier::L2));
+            }
+        }
+        self.load_from_source(key, start, began)
+            .await
+            .map(|(f, _)| f)
+    }
+
+    /// Whether an answer another process got — an L2 entry at `version`, or the
+    /// source's "no such flag" (`None`) — may answer this read: what [`Inner::fill`]
+    /// checks of its own L2 reads. Not when an invalidation announced a newer version
+    /// (any version, for an absence), nor when the version source disagrees.
+    pub(super) async fn acceptable_from_fleet(
+        &self,
+        key: &FlagKey,
+        version: Option<Version>,
+    ) -> bool {
+        let announced = self.fences.lock().announced(key);
+        if announced.is_some_and(|min| version.map_or(true, |v| v < min)) {
+            return false;
+        }
+        let Some(source) = &self.expected else {
+            return true;
+        };
+        match (source.current_version(key).await, version) {
+            (Ok(Some(current)), Some(v)) => current == v,
+            (Ok(Some(_)), None) => false,
+            (Ok(None), _) => true,
+            // The version source failed: an entry is taken unchecked, as L2 reads
+            // are; an absence is not.
+            (Err(_), v) => v.is_some(),
+        }
+    }
+
+    /// Calls the loader, writes its value to L2 and installs it; returns the stored
+    /// entry too (`None` when the source has no such flag).
+    pub(super) async fn load_from_source(
+        self: &Arc<Self>,
+        key: &FlagKey,
+        start: FenceTicket,
+        began: quanta::Instant,
+    ) -> Result<(Filled<T>, Option<Entry>)> {
+        let t = Instant::now();
+        let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
+        self.tel.load_latency.record(seconds(t.elapsed()));
+        let loaded = match loaded {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.tel.bump(Ev::LoadError);
+                return Err(e);
+            }
+            Err(_) => {
+                self.tel.bump(Ev::LoadError);
+                return Err(Error::Timeout {
+                    backend: "loader",
+                    operation: "load",
+                    after: self.cfg.loader_timeout,
+                });
+            }
+        };
+        let Some((value, version)) = loaded else {
+            self.tel.bump(Ev::LoadAbsent);
+            // Invalidated while loading — the flag may have just been created: this
+            // "no such flag" answers this read but is not handed to other processes.
+            let admitted = self.fences.lock().admits(key, start, None);
+            crate::coalesce::report_refresh(
+                key,
+                if admitted {
+                    RefreshOutcome::Absent
+                } else {
+                    RefreshOutcome::NotStored
+                },
+            );
+            return Ok(((self.install_absent(key, start, began), Tier::Loader), None));
+        };
+        self.tel.bump(Ev::Load);
+        let payload = self.store.codec().encode_value(&value)?;
+        let entry = Entry {
+            version,
+            stamp_ms: now_ms(),
+            payload,
+        };
+        let slot = self.new_l1_entry(
+            Some(Arc::new(value)),
+            version,
+            self.clock.now().saturating_duration_since(began),
+        );
+        if !self.fences.lock().admits(key, start, Some(version)) {
+            // Invalidated while loading: answer this read, but neither write the value
+            // back to L2 (it might outlive the invalidation there) nor install it.
+            self.tel.bump(Ev::FencedFill);
+            crate::coalesce::report_refresh(key, RefreshOutcome::NotStored);
+            return Ok(((slot, Tier::Loader), None));
+        }
+        let written = self.write_l2(key, &entry).await;
+        crate::coalesce::report_refresh(
+            key,
+            if written.is_some() {
+                RefreshOutcome::Stored
+            } else {
+                RefreshOutcome::NotStored
+            },
+        );
+        match written {
+            // L2 knows a newer version than the source just gave us (a lagging read
+            // replica of the source): answer this read, but do not pin it in L1.
+            Some(PutOutcome::Superseded { current }) if current > version => {
+                tracing::debug!(%key, %version, %current, "loaded version is older than L2's");
+            }
+            _ => {
+                self.install(key, &slot, start);
+            }
+        }
+        Ok(((slot, Tier::Loader), Some(entry)))
+    }
+}
