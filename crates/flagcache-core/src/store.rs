@@ -162,7 +162,10 @@ pub trait Invalidator: Send + Sync {
 macro_rules! forward_impls {
     ($($ptr:ty),+ $(,)?) => {$(
         // The async methods hand on the pointee's boxed future as it is: no second
-        // box and no second state machine per call.
+        // box and no second state machine per call. A method with a default that is
+        // not forwarded here would silently run the default instead of the pointee's
+        // override: the lint makes that a compile error.
+        #[deny(clippy::missing_trait_methods)]
         impl<T: FlagStore + ?Sized> FlagStore for $ptr {
             fn name(&self) -> &'static str {
                 (**self).name()
@@ -254,6 +257,7 @@ macro_rules! forward_impls {
             }
         }
 
+        #[deny(clippy::missing_trait_methods)]
         impl<T: Invalidator + ?Sized> Invalidator for $ptr {
             fn node_id(&self) -> NodeId {
                 (**self).node_id()
