@@ -57,10 +57,7 @@ impl FlagStore for LockedMapStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            atomic_put: true,
-            ..Default::default()
-        }
+        Capabilities::default()
     }
 
     fn codec(&self) -> &Codec {
@@ -71,14 +68,6 @@ impl FlagStore for LockedMapStore {
         self.live(key)
             .map(|bytes| self.codec.decode_entry(bytes).map_err(|e| e.with_key(key)))
             .transpose()
-    }
-
-    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        // One corrupt entry is a miss in its slot, not a failed batch.
-        Ok(keys
-            .iter()
-            .map(|k| self.live(k).and_then(|b| self.codec.decode_entry(b).ok()))
-            .collect())
     }
 
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {

@@ -19,7 +19,9 @@ pub use cache::{
     CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Get, Hook, Loader, Lookup, StaleReason,
     Stats, VersionSource, WarmReport,
 };
-pub use coalesce::{run_as_refresh, Coalesced, Coalescer, Fetch, LocalCoalescer, RefreshOutcome};
+pub use coalesce::{
+    BoxFuture, Coalesced, Coalescer, Lease, LoadOutcome, LocalCoalescer, ReleaseLease, Turn,
+};
 pub use codec::{
     Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, HEADER_LEN,
     JSON_MAX_VERSION, MAGIC, VERSION_OFFSET,

@@ -17,9 +17,10 @@ use crate::{
 ///
 /// Adapters implement [`get`](FlagStore::get), [`put`](FlagStore::put),
 /// [`delete`](FlagStore::delete) and [`capabilities`](FlagStore::capabilities); the
-/// batch and checked reads have correct default implementations that an adapter
-/// overrides when its backend can do them in one round trip. Typed helpers live on
-/// [`FlagStoreExt`].
+/// batch read ([`get_each`](FlagStore::get_each)) and the checked read have correct
+/// default implementations that an adapter overrides when its backend can do them in
+/// one round trip. Conveniences built on these (`get_many`, typed reads and writes)
+/// live on [`FlagStoreExt`].
 ///
 /// # The contract
 /// The conformance suite (`flagcache_core::conformance`, feature `conformance`) checks
@@ -56,18 +57,6 @@ pub trait FlagStore: Send + Sync {
     /// A backend error, a timeout, or [`Error::Corrupt`](crate::Error::Corrupt) for stored
     /// bytes that do not decode.
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>>;
-
-    /// Reads several entries; the answer has one slot per requested key, in order.
-    ///
-    /// The default issues the reads concurrently; adapters whose backend batches
-    /// (`MGET`, pipelined meta gets) override it with one round trip and set
-    /// [`Capabilities::batch_get`].
-    ///
-    /// # Errors
-    /// As for [`FlagStore::get`].
-    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        futures_util::future::try_join_all(keys.iter().map(|k| self.get(k))).await
-    }
 
     /// Reads several entries and answers each key as [`FlagStore::get`] would: its
     /// entry, its miss, or its own error (one corrupt entry fails only its own key).
@@ -184,17 +173,6 @@ macro_rules! forward_impls {
             {
                 (**self).get(key)
             }
-            fn get_many<'s, 'k, 'f>(
-                &'s self,
-                keys: &'k [FlagKey],
-            ) -> BoxFuture<'f, Result<Vec<Option<Entry>>>>
-            where
-                's: 'f,
-                'k: 'f,
-                Self: 'f,
-            {
-                (**self).get_many(keys)
-            }
             fn get_each<'s, 'k, 'f>(
                 &'s self,
                 keys: &'k [FlagKey],
@@ -286,7 +264,8 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 forward_impls!(Arc<T>, Box<T>, &T);
 
-/// Typed conveniences over any [`FlagStore`], serializing with the store's own
+/// Conveniences over any [`FlagStore`]: a batch read with misses for corrupt entries,
+/// and typed reads and writes that serialize with the store's own
 /// [`codec`](FlagStore::codec).
 ///
 /// ```
@@ -308,6 +287,24 @@ forward_impls!(Arc<T>, Box<T>, &T);
 /// (`flagcache-memory`'s `MemoryStore` runs this very example.)
 #[async_trait]
 pub trait FlagStoreExt: FlagStore {
+    /// Reads several entries in one batched read ([`FlagStore::get_each`]): one answer
+    /// per requested key, in order. An entry that does not decode is its key's miss, so
+    /// one corrupt entry cannot fail the batch.
+    ///
+    /// # Errors
+    /// The first error other than [`Error::Corrupt`](crate::Error::Corrupt) (a backend
+    /// error or a timeout): the read as a whole failed.
+    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
+        self.get_each(keys)
+            .await
+            .into_iter()
+            .map(|answer| match answer {
+                Err(crate::Error::Corrupt { .. }) => Ok(None),
+                other => other,
+            })
+            .collect()
+    }
+
     /// Reads and deserializes a value with its version.
     ///
     /// # Errors

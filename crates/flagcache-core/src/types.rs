@@ -156,27 +156,22 @@ pub enum PutOutcome {
     },
 }
 
-/// What a store can do, as data: `FlagCache` and the conformance suite read it to
-/// choose a strategy (and the tests that apply).
+/// A store's limits, as data: the conformance suite reads them to choose the tests
+/// that apply (values at the size limit, TTLs at the store's granularity).
+///
+/// What every store must do — an atomic version-guarded `put`, batched and checked
+/// reads — is the [`FlagStore`](crate::FlagStore) contract, not a capability. How reads
+/// batch is [`FlagStore::read_group`](crate::FlagStore::read_group).
 ///
 /// Build it with `..Default::default()` so that new fields do not break adapters:
 ///
 /// ```
 /// use flagcache_core::Capabilities;
-/// let caps = Capabilities { atomic_put: true, shared: true, ..Default::default() };
-/// assert!(!caps.batch_get);
+/// let caps = Capabilities { max_value_size: Some(1 << 20), ..Default::default() };
+/// assert_eq!(caps.ttl_resolution, std::time::Duration::from_millis(1));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
-    /// `put` is atomic per key across every client of the store (the version guard holds
-    /// under concurrency).
-    pub atomic_put: bool,
-    /// `get_many` costs one round trip, not one per key.
-    pub batch_get: bool,
-    /// `get_checked` is answered by the server without shipping the value on a mismatch.
-    pub native_get_checked: bool,
-    /// The store is shared between processes (a remote L2), not local to this one.
-    pub shared: bool,
     /// The largest encoded entry the store accepts, when it has a limit.
     pub max_value_size: Option<usize>,
     /// The granularity of TTLs: a TTL is rounded up to a multiple of it.
@@ -186,10 +181,6 @@ pub struct Capabilities {
 impl Default for Capabilities {
     fn default() -> Self {
         Capabilities {
-            atomic_put: false,
-            batch_get: false,
-            native_get_checked: false,
-            shared: false,
             max_value_size: None,
             ttl_resolution: Duration::from_millis(1),
         }

@@ -15,22 +15,22 @@ const BACKEND: &str = "memory";
 
 /// What the store keeps per key: the encoded entry and its TTL.
 #[derive(Clone)]
-struct Slot {
+struct Stored {
     bytes: Bytes,
     ttl: Duration,
 }
 
 /// Each slot expires its own TTL after its last write.
-struct SlotTtl;
+struct StoredTtl;
 
-impl Expiry<FlagKey, Slot> for SlotTtl {
-    fn expire_after_create(&self, _: &FlagKey, slot: &Slot, _: Instant) -> Option<Duration> {
+impl Expiry<FlagKey, Stored> for StoredTtl {
+    fn expire_after_create(&self, _: &FlagKey, slot: &Stored, _: Instant) -> Option<Duration> {
         Some(slot.ttl)
     }
     fn expire_after_update(
         &self,
         _: &FlagKey,
-        slot: &Slot,
+        slot: &Stored,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -39,7 +39,7 @@ impl Expiry<FlagKey, Slot> for SlotTtl {
 }
 
 struct Inner {
-    map: moka::sync::Cache<FlagKey, Slot>,
+    map: moka::sync::Cache<FlagKey, Stored>,
     codec: Codec,
     max_value_size: Option<usize>,
 }
@@ -104,7 +104,7 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let mut map = moka::sync::Cache::builder().expire_after(SlotTtl);
+        let mut map = moka::sync::Cache::builder().expire_after(StoredTtl);
         if let Some(n) = self.max_entries {
             map = map.max_capacity(n);
         }
@@ -149,11 +149,11 @@ impl MemoryStore {
     /// [`Error::InvalidArgument`] for a zero TTL.
     pub fn write_raw(&self, key: &FlagKey, bytes: Bytes, ttl: Duration) -> Result<()> {
         let ttl = Duration::from_millis(ttl_millis(ttl, Duration::from_millis(1))?);
-        self.inner.map.insert(key.clone(), Slot { bytes, ttl });
+        self.inner.map.insert(key.clone(), Stored { bytes, ttl });
         Ok(())
     }
 
-    fn decode(&self, key: &FlagKey, slot: Slot) -> Result<Entry> {
+    fn decode(&self, key: &FlagKey, slot: Stored) -> Result<Entry> {
         self.inner
             .codec
             .decode_entry(slot.bytes)
@@ -169,10 +169,6 @@ impl FlagStore for MemoryStore {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            atomic_put: true,
-            batch_get: true,
-            native_get_checked: true,
-            shared: false,
             max_value_size: self.inner.max_value_size,
             ..Default::default()
         }
@@ -190,12 +186,10 @@ impl FlagStore for MemoryStore {
             .transpose()
     }
 
-    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        // A corrupt slot is a miss here, so one bad entry cannot fail a whole batch.
-        Ok(keys
-            .iter()
-            .map(|k| self.inner.map.get(k).and_then(|s| self.decode(k, s).ok()))
-            .collect())
+    async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        keys.iter()
+            .map(|k| self.inner.map.get(k).map(|s| self.decode(k, s)).transpose())
+            .collect()
     }
 
     async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
@@ -245,7 +239,7 @@ impl FlagStore for MemoryStore {
                         Op::Nop
                     }
                     // Absent, lower, or corrupt (unreadable bytes never guard).
-                    _ => Op::Put(Slot { bytes, ttl }),
+                    _ => Op::Put(Stored { bytes, ttl }),
                 }
             });
         Ok(outcome)

@@ -90,3 +90,13 @@ async fn a_lagged_subscriber_gets_resync() {
     };
     conformance::resync_after_gap(&b, &a, flood).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_coalescer_passes_the_coalescer_properties() {
+    use flagcache_core::{Coalescer, LocalCoalescer};
+    // One process, several callers: they share one coalescer.
+    let local: Arc<dyn Coalescer> = Arc::new(LocalCoalescer::new());
+    let callers = vec![local.clone(); 8];
+    conformance::one_load_per_burst(&callers, Arc::new(MemoryStore::new())).await;
+    conformance::abandoned_lease_frees_the_key(local.clone(), local).await;
+}

@@ -39,7 +39,7 @@ pub struct FlagCacheBuilder<T> {
     loader: Arc<dyn Loader<T>>,
     invalidator: Option<Arc<dyn Invalidator>>,
     expected: Option<Arc<dyn VersionSource>>,
-    fleet: Option<Arc<dyn Coalescer>>,
+    coalescer: Option<Arc<dyn Coalescer>>,
     hook: Option<Hook>,
     cfg: Config,
 }
@@ -64,7 +64,7 @@ where
             loader,
             invalidator: None,
             expected: None,
-            fleet: None,
+            coalescer: None,
             hook: None,
             cfg: Config {
                 name: "flags".to_string(),
@@ -217,7 +217,7 @@ where
     /// further reads queue, and the first read in flight to finish sends the whole
     /// queue as one batched read ([`FlagStore::get_each`]: one `MGET`, one pipeline of
     /// meta gets). No read waits for a batch to fill: below `inline` concurrent reads,
-    /// each goes out at once as before. Each key keeps its own answer — a corrupt
+    /// each goes out at once. Each key keeps its own answer — a corrupt
     /// entry fails only its own key.
     ///
     /// Batches never span servers: they form per [`FlagStore::read_group`] (one Redis
@@ -249,13 +249,13 @@ where
         self
     }
 
-    /// Coalesces loads across processes with `coalescer` (a backend's distributed lock,
-    /// such as Redis' `RedisLock`): when many replicas miss the same key at once, one
-    /// loads from the source and the others wait for its value in L2. Within a process,
-    /// loads are always coalesced.
+    /// Coalesces loads across processes with `coalescer` (the cross-process
+    /// [`Coalescer`]: Redis' `RedisLock`, memcached's `MemcachedRecache`): when many
+    /// replicas miss the same key at once, one loads from the source and the others
+    /// take its answer. Within a process, loads are always coalesced.
     #[must_use]
-    pub fn cross_process(mut self, coalescer: impl Coalescer + 'static) -> Self {
-        self.fleet = Some(Arc::new(coalescer));
+    pub fn coalescer(mut self, coalescer: impl Coalescer + 'static) -> Self {
+        self.coalescer = Some(Arc::new(coalescer));
         self
     }
 
@@ -355,7 +355,7 @@ where
             loader: self.loader,
             invalidator: self.invalidator,
             expected: self.expected,
-            fleet: self.fleet,
+            coalescer: self.coalescer,
             plain_hits: self.hook.is_none() && cfg.l1_enabled && cfg.xfetch_beta == 0.0,
             hook: self.hook,
             node,

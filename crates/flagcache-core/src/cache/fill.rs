@@ -13,7 +13,7 @@ use super::l1::L1Entry;
 use super::stats::{seconds, Ev};
 use super::{CacheStatus, Inner, Lookup, StaleReason};
 use crate::{
-    now_ms, Coalesced, Entry, Error, FlagKey, PutOutcome, RefreshOutcome, Result, Version,
+    now_ms, Coalesced, Entry, Error, FlagKey, Lease, LoadOutcome, PutOutcome, Result, Turn, Version,
 };
 
 /// Where a fill found its value.
@@ -140,80 +140,74 @@ where
     }
 
     /// Loads from the source — through the cross-process coalescer when there is one,
-    /// so that one process of the fleet loads while the others wait for its value in L2.
+    /// so that one process of the fleet loads while the others take its answer.
     pub(super) async fn load(
         self: &Arc<Self>,
         key: &FlagKey,
-        start: FenceTicket,
+        ticket: FenceTicket,
         began: quanta::Instant,
     ) -> Result<Filled<T>> {
-        let Some(fleet) = &self.fleet else {
-            return self
-                .load_from_source(key, start, began)
-                .await
-                .map(|(f, _)| f);
+        let Some(coalescer) = &self.coalescer else {
+            return self.load_from_source(key, ticket, began).await.map(|l| l.0);
         };
-        let mine: Arc<std::sync::Mutex<Option<Filled<T>>>> = Arc::default();
-        let out = mine.clone();
-        let this = self.clone();
-        let k = key.clone();
-        let fetch: crate::Fetch = Box::pin(async move {
-            let (filled, entry) = this.load_from_source(&k, start, began).await?;
-            *out.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(filled);
-            Ok(entry)
-        });
-        let answer = fleet.coalesce_or_stale(key, fetch).await?;
-        let ran_here = mine
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(filled) = ran_here {
-            return Ok(filled);
-        }
-        let entry = match answer {
-            Coalesced::Absent if self.acceptable_from_fleet(key, None).await => {
-                // Another process's answer from the source, as if it were ours.
-                return Ok((self.install_absent(key, start, began), Tier::L2));
+        let lease = match coalescer.acquire(key).await? {
+            Turn::Load(lease) => lease,
+            Turn::Answered(answer) => {
+                if let Some(filled) = self.take_answer(key, answer, ticket, began).await {
+                    return Ok(filled);
+                }
+                // Not usable here: load without the fleet.
+                Lease::unguarded()
             }
-            Coalesced::Absent => None,
-            Coalesced::Fresh(entry) => entry,
+        };
+        let loaded = self.load_from_source(key, ticket, began).await;
+        let outcome = match &loaded {
+            Ok((_, outcome)) => outcome.clone(),
+            Err(e) => LoadOutcome::Failed(e.clone()),
+        };
+        lease.release(outcome).await;
+        loaded.map(|l| l.0)
+    }
+
+    /// Installs another process's answer, if it passes the checks an L2 read passes:
+    /// no announced newer version, and the version source's version when there is one.
+    async fn take_answer(
+        &self,
+        key: &FlagKey,
+        answer: Coalesced,
+        ticket: FenceTicket,
+        began: quanta::Instant,
+    ) -> Option<Filled<T>> {
+        match answer {
+            Coalesced::Absent => {
+                // Another process's answer from the source, as if it were ours.
+                self.acceptable_answer(key, None)
+                    .await
+                    .then(|| (self.install_absent(key, ticket, began), Tier::L2))
+            }
+            Coalesced::Fresh(None) => None,
+            Coalesced::Fresh(Some(entry)) => {
+                if !self.acceptable_answer(key, Some(entry.version)).await {
+                    return None;
+                }
+                let slot = self.install_entry(key, &entry, ticket, began, false).ok()?;
+                Some((slot, Tier::L2))
+            }
             Coalesced::Stale(entry) => {
                 // Another process is refreshing it: serve the stale value, held in L1
                 // as stale (never as fresh), so that reads keep revalidating until the
                 // new value lands.
-                if let Ok(slot) = self.install_entry(key, &entry, start, began, true) {
-                    return Ok((slot, Tier::StaleL2));
-                }
-                None
-            }
-        };
-        // Another process loaded it and stored it in L2 — used only if it passes the
-        // checks an L2 read passes: no announced newer version, and the version
-        // source's version when there is one.
-        let entry = match entry {
-            Some(e) if self.acceptable_from_fleet(key, Some(e.version)).await => Some(e),
-            _ => None,
-        };
-        if let Some(entry) = entry {
-            if let Ok(slot) = self.install_entry(key, &entry, start, began, false) {
-                return Ok((slot, Tier::L2));
+                let slot = self.install_entry(key, &entry, ticket, began, true).ok()?;
+                Some((slot, Tier::StaleL2))
             }
         }
-        self.load_from_source(key, start, began)
-            .await
-            .map(|(f, _)| f)
     }
 
     /// Whether an answer another process got — an L2 entry at `version`, or the
     /// source's "no such flag" (`None`) — may answer this read: what [`Inner::fill`]
     /// checks of its own L2 reads. Not when an invalidation announced a newer version
     /// (any version, for an absence), nor when the version source disagrees.
-    pub(super) async fn acceptable_from_fleet(
-        &self,
-        key: &FlagKey,
-        version: Option<Version>,
-    ) -> bool {
+    pub(super) async fn acceptable_answer(&self, key: &FlagKey, version: Option<Version>) -> bool {
         let announced = self.fences.lock().announced(key);
         if announced.is_some_and(|min| version.map_or(true, |v| v < min)) {
             return false;
@@ -231,14 +225,14 @@ where
         }
     }
 
-    /// Calls the loader, writes its value to L2 and installs it; returns the stored
-    /// entry too (`None` when the source has no such flag).
+    /// Calls the loader, writes its value to L2 and installs it; returns how that went
+    /// too, for the cross-process coalescer's lease.
     pub(super) async fn load_from_source(
         self: &Arc<Self>,
         key: &FlagKey,
         start: FenceTicket,
         began: quanta::Instant,
-    ) -> Result<(Filled<T>, Option<Entry>)> {
+    ) -> Result<(Filled<T>, LoadOutcome)> {
         let t = Instant::now();
         let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
         self.tel.load_latency.record(seconds(t.elapsed()));
@@ -261,16 +255,13 @@ where
             self.tel.bump(Ev::LoadAbsent);
             // Invalidated while loading — the flag may have just been created: this
             // "no such flag" answers this read but is not handed to other processes.
-            let admitted = self.fences.lock().admits(key, start, None);
-            crate::coalesce::report_refresh(
-                key,
-                if admitted {
-                    RefreshOutcome::Absent
-                } else {
-                    RefreshOutcome::NotStored
-                },
-            );
-            return Ok(((self.install_absent(key, start, began), Tier::Loader), None));
+            let outcome = if self.fences.lock().admits(key, start, None) {
+                LoadOutcome::Absent
+            } else {
+                LoadOutcome::NotStored(None)
+            };
+            let filled = (self.install_absent(key, start, began), Tier::Loader);
+            return Ok((filled, outcome));
         };
         self.tel.bump(Ev::Load);
         let payload = self.store.codec().encode_value(&value)?;
@@ -288,18 +279,9 @@ where
             // Invalidated while loading: answer this read, but neither write the value
             // back to L2 (it might outlive the invalidation there) nor install it.
             self.tel.bump(Ev::FencedFill);
-            crate::coalesce::report_refresh(key, RefreshOutcome::NotStored);
-            return Ok(((slot, Tier::Loader), None));
+            return Ok(((slot, Tier::Loader), LoadOutcome::NotStored(None)));
         }
         let written = self.write_l2(key, &entry).await;
-        crate::coalesce::report_refresh(
-            key,
-            if written.is_some() {
-                RefreshOutcome::Stored
-            } else {
-                RefreshOutcome::NotStored
-            },
-        );
         match written {
             // L2 knows a newer version than the source just gave us (a lagging read
             // replica of the source): answer this read, but do not pin it in L1.
@@ -310,6 +292,10 @@ where
                 self.install(key, &slot, start);
             }
         }
-        Ok(((slot, Tier::Loader), Some(entry)))
+        let outcome = match written {
+            Some(_) => LoadOutcome::Stored(entry),
+            None => LoadOutcome::NotStored(Some(entry)),
+        };
+        Ok(((slot, Tier::Loader), outcome))
     }
 }

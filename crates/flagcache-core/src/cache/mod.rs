@@ -213,8 +213,8 @@ struct Inner<T> {
     loader: Arc<dyn Loader<T>>,
     invalidator: Option<Arc<dyn Invalidator>>,
     expected: Option<Arc<dyn VersionSource>>,
-    /// Coalesces loads across processes (a distributed lock), when configured.
-    fleet: Option<Arc<dyn crate::Coalescer>>,
+    /// The cross-process coalescer, when configured.
+    coalescer: Option<Arc<dyn crate::Coalescer>>,
     hook: Option<Hook>,
     /// L1 on, no evaluation hook, no early refresh: a fresh hit needs nothing but the
     /// entry (see [`Inner::fresh_hit`]).
@@ -469,14 +469,14 @@ where
         deleted.and(published)
     }
 
-    /// Asks the fleet to reload `key` from the source while it goes on answering with
+    /// Asks the coalescer to reload `key` from the source while it goes on answering with
     /// the current value: a soft [`invalidate`](FlagCache::invalidate), for changes
     /// that may take one load's time to reach everyone (not for kill switches — use
     /// [`set`](FlagCache::set), which carries the new value and version).
     ///
     /// L2 marks the entry stale ([`FlagStore::mark_stale`]) and every replica drops its
     /// L1 copy. With a backend that keeps stale values (memcached, with
-    /// `MemcachedRecache` as the cross-process coalescer), one process of the fleet
+    /// `MemcachedRecache` as the cross-process coalescer), one process of the coalescer
     /// reloads from the source while the others serve the stale value, marked
     /// [`StaleReason::Revalidating`], for at most twice the loader timeout. A reload
     /// that an invalidation fenced is never written back (a hard `invalidate` may be

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::fill::Tier;
 use super::Inner;
-use crate::{Error, FlagKey};
+use crate::{Error, FlagKey, FlagStoreExt};
 
 /// What [`FlagCache::warm`] did.
 #[derive(Debug, Default)]

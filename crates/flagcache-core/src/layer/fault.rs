@@ -16,7 +16,7 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Op {
-    /// `get`, `get_many` and `get_checked`.
+    /// `get`, `get_each` and `get_checked`.
     Read,
     /// `put`.
     Put,
@@ -208,10 +208,6 @@ impl<S: FlagStore> FlagStore for FaultyStore<S> {
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
         self.enter(Op::Read, "get").await?;
         self.hold(self.inner.get(key).await).await
-    }
-    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        self.enter(Op::Read, "get_many").await?;
-        self.hold(self.inner.get_many(keys).await).await
     }
     fn read_group(&self, key: &FlagKey) -> Option<u64> {
         self.inner.read_group(key)

@@ -1,4 +1,5 @@
-//! Single-flight: many concurrent callers of one key share one fetch.
+//! [`LocalCoalescer`]: process-local single flight, per key — many concurrent callers of
+//! one key share one fetch.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,104 +9,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use async_trait::async_trait;
 use futures_util::FutureExt;
 use tokio::sync::Notify;
 
-use crate::{Entry, Error, FlagKey, Result};
+use async_trait::async_trait;
 
-/// A boxed fetch of one entry, as handed to a [`Coalescer`].
-pub type Fetch = Pin<Box<dyn Future<Output = Result<Option<Entry>>> + Send + 'static>>;
-
-/// Coalesces concurrent fetches of the same key into one.
-///
-/// [`LocalCoalescer`] does it within a process; backends provide cross-process
-/// coalescers (a Redis lock, memcached's recache flags) with the same interface.
-#[async_trait]
-pub trait Coalescer: Send + Sync {
-    /// Runs `fetch` for `key`, unless a fetch of `key` is already in flight, in which case
-    /// `fetch` is dropped unrun and the caller gets the in-flight fetch's result.
-    ///
-    /// # Errors
-    /// The fetch's error, shared by every caller that waited on it.
-    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>>;
-
-    /// [`Coalescer::coalesce`], allowed to answer with a value the backend holds as
-    /// stale (see [`FlagStore::mark_stale`](crate::FlagStore::mark_stale)) while
-    /// another process refreshes it: cross-process stale-while-revalidate. The caller
-    /// serves such a value as stale and keeps revalidating. The default never does.
-    ///
-    /// # Errors
-    /// As for [`Coalescer::coalesce`].
-    async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
-        self.coalesce(key, fetch).await.map(Coalesced::Fresh)
-    }
-}
-
-/// How a refresh run through [`run_as_refresh`] ended, as `FlagCache` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RefreshOutcome {
-    /// The fetched value was written to the shared tier.
-    Stored,
-    /// The source no longer has the flag.
-    Absent,
-    /// A value was fetched but not written: an invalidation fenced it, or the shared
-    /// tier failed. Someone else should try.
-    NotStored,
-}
-
-struct RefreshScope {
-    key: FlagKey,
-    outcome: std::cell::Cell<Option<RefreshOutcome>>,
-}
-
-tokio::task_local! {
-    static REFRESH: RefreshScope;
-}
-
-/// Runs `fetch` — the refresh of `key`'s entry marked stale, whose token the caller won
-/// — and says how it ended: stored, absent at the source, or not stored (so that the
-/// caller hands the token on). `None` when the fetch did not report (it is not a
-/// `FlagCache` fill, or it failed).
-pub async fn run_as_refresh(
-    key: &FlagKey,
-    fetch: Fetch,
-) -> (Result<Option<Entry>>, Option<RefreshOutcome>) {
-    let scope = RefreshScope {
-        key: key.clone(),
-        outcome: std::cell::Cell::new(None),
-    };
-    REFRESH
-        .scope(scope, async move {
-            let result = fetch.await;
-            let outcome = REFRESH.with(|s| s.outcome.get());
-            (result, outcome)
-        })
-        .await
-}
-
-/// Reports how the refresh of `key` ended, when the current task runs one for that
-/// key (fills of other keys nested in it are not reported).
-pub(crate) fn report_refresh(key: &FlagKey, outcome: RefreshOutcome) {
-    let _ = REFRESH.try_with(|s| {
-        if &s.key == key {
-            s.outcome.set(Some(outcome));
-        }
-    });
-}
-
-/// What [`Coalescer::coalesce_or_stale`] answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Coalesced {
-    /// The fetch's result, or the value another process fetched.
-    Fresh(Option<Entry>),
-    /// A value marked stale, served while another process refreshes it.
-    Stale(Entry),
-    /// Another process asked the source moments ago: it has no such flag. The caller
-    /// remembers that as it would its own answer, without asking again.
-    Absent,
-}
+use super::{BoxFuture, Coalesced, Coalescer, Lease, LoadOutcome, ReleaseLease, Turn};
+use crate::{Error, FlagKey, Result};
 
 /// One fetch's outcome, shared by the callers waiting on it.
 struct Flight<V> {
@@ -117,11 +27,9 @@ struct Flight<V> {
     landed: Notify,
 }
 
-type Slot<V> = Arc<Flight<V>>;
-
 /// The fetch's side of its [`Flight`]: publishes the result once, or — dropped
 /// without one — tells the waiters the fetch is gone.
-struct Publish<V>(Option<Slot<V>>);
+struct Publish<V>(Option<Arc<Flight<V>>>);
 
 impl<V: Clone> Publish<V> {
     /// Hands `result` to the waiters, if any, and returns it. Called once the fetch
@@ -151,17 +59,20 @@ impl<V> Drop for Publish<V> {
     }
 }
 
+/// The flights in the air, by key, each with the id of the fetch that leads it.
+type InFlight<V> = HashMap<FlagKey, (u64, Arc<Flight<V>>), foldhash::fast::RandomState>;
+
 struct Inner<V> {
     /// The runtime to start fetches on when the caller is not inside one.
     runtime: Option<tokio::runtime::Handle>,
-    in_flight: Mutex<HashMap<FlagKey, (u64, Slot<V>), foldhash::fast::RandomState>>,
+    in_flight: Mutex<InFlight<V>>,
     next_id: AtomicU64,
     fetches: AtomicU64,
     waits: AtomicU64,
 }
 
 impl<V> Inner<V> {
-    fn map(&self) -> MutexGuard<'_, HashMap<FlagKey, (u64, Slot<V>), foldhash::fast::RandomState>> {
+    fn map(&self) -> MutexGuard<'_, InFlight<V>> {
         // The lock is never held across a panic-prone call, so poisoning cannot leave
         // the map inconsistent; recover it rather than propagate a panic.
         self.in_flight
@@ -208,7 +119,7 @@ impl<V> Inner<V> {
 /// assert_eq!(coalescer.in_flight(), 0);
 /// # Ok(()) }
 /// ```
-pub struct LocalCoalescer<V = Option<Entry>> {
+pub struct LocalCoalescer<V = Coalesced> {
     inner: Arc<Inner<V>>,
 }
 
@@ -244,7 +155,7 @@ impl<V> fmt::Debug for LocalCoalescer<V> {
     }
 }
 
-/// Removes a fetch's slot from the in-flight map when the fetch's task ends — normally,
+/// Removes a fetch's flight from the in-flight map when the fetch's task ends — normally,
 /// by panic, or by being dropped with its runtime.
 struct Leave<V> {
     inner: Arc<Inner<V>>,
@@ -309,8 +220,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
         match self.join_or_lead(key, fetch) {
-            Ok(Turn::Join(slot)) => (Self::wait(slot).await, true),
-            Ok(Turn::Lead(leader)) => (leader.drive().await, false),
+            Ok(Role::Join(flight)) => (Self::wait(flight).await, true),
+            Ok(Role::Lead(leader)) => (leader.drive().await, false),
             Err(e) => (Err(e), false),
         }
     }
@@ -318,20 +229,44 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
     /// Joins the fetch in flight for `key`, or becomes its leader: the caller drives
     /// the fetch itself — no task hop on the common path — and hands what remains of
     /// it to a spawned task if it is dropped first.
-    fn join_or_lead<F, Fut>(&self, key: &FlagKey, fetch: F) -> Result<Turn<V>>
+    fn join_or_lead<F, Fut>(&self, key: &FlagKey, fetch: F) -> Result<Role<V>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let mut map = self.inner.map();
-        if let Some((_, slot)) = map.get(key) {
-            self.inner.waits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Turn::Join(slot.clone()));
-        }
+        let (tx, leave) = match self.enter(key) {
+            Entered::Joined(flight) => return Ok(Role::Join(flight)),
+            Entered::Leads(tx, leave) => (tx, leave),
+        };
+        // Without a runtime the fetch cannot move to a task of its own if its caller is
+        // dropped: refused (dropping `tx` and `leave` withdraws the flight).
         let runtime = tokio::runtime::Handle::try_current()
             .ok()
             .or_else(|| self.inner.runtime.clone())
             .ok_or(Error::Closed("tokio runtime (coalescing needs one)"))?;
+        let panicking_key = key.clone();
+        let fut = AssertUnwindSafe(fetch()).catch_unwind();
+        Ok(Role::Lead(Leader {
+            fetch: Some(Box::pin(async move {
+                match fut.await {
+                    Ok(r) => r,
+                    Err(panic) => Err(Error::loader(&panicking_key, Panicked(panic_text(&*panic)))),
+                }
+            })),
+            tx: Some(tx),
+            leave: Some(leave),
+            runtime,
+        }))
+    }
+
+    /// Joins the flight of `key`, or opens one that this caller leads: it then holds
+    /// the flight's publishing side and its place in the in-flight map.
+    fn enter(&self, key: &FlagKey) -> Entered<V> {
+        let mut map = self.inner.map();
+        if let Some((_, flight)) = map.get(key) {
+            self.inner.waits.fetch_add(1, Ordering::Relaxed);
+            return Entered::Joined(flight.clone());
+        }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let flight = Arc::new(Flight {
             result: OnceLock::new(),
@@ -341,23 +276,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         map.insert(key.clone(), (id, flight.clone()));
         drop(map);
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        let panicking_key = key.clone();
-        let fut = AssertUnwindSafe(fetch()).catch_unwind();
-        Ok(Turn::Lead(Leader {
-            fetch: Some(Box::pin(async move {
-                match fut.await {
-                    Ok(r) => r,
-                    Err(panic) => Err(Error::loader(&panicking_key, Panicked(panic_text(&*panic)))),
-                }
-            })),
-            tx: Some(Publish(Some(flight))),
-            leave: Some(Leave {
+        Entered::Leads(
+            Publish(Some(flight)),
+            Leave {
                 inner: self.inner.clone(),
                 key: key.clone(),
                 id,
-            }),
-            runtime,
-        }))
+            },
+        )
     }
 
     /// Starts `fetch` for `key` in the background unless one is already in flight;
@@ -376,30 +302,84 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
             return false;
         }
         match self.join_or_lead(key, fetch) {
-            Ok(Turn::Lead(leader)) => {
+            Ok(Role::Lead(leader)) => {
                 let runtime = leader.runtime.clone();
                 runtime.spawn(leader.drive());
                 true
             }
-            Ok(Turn::Join(_)) | Err(_) => false,
+            Ok(Role::Join(_)) | Err(_) => false,
         }
     }
 
-    async fn wait(slot: Slot<V>) -> Result<V> {
+    async fn wait(flight: Arc<Flight<V>>) -> Result<V> {
+        Self::landed(flight).await.unwrap_or(Err(Error::Closed(
+            "coalesced fetch (its runtime shut down)",
+        )))
+    }
+
+    /// The flight's result once it lands; `None` when its leader went away without one.
+    async fn landed(flight: Arc<Flight<V>>) -> Option<Result<V>> {
         loop {
             // Registered before the checks, so a result landing in between still
             // wakes this waiter.
-            let landed = slot.landed.notified();
+            let landed = flight.landed.notified();
             let mut landed = std::pin::pin!(landed);
             landed.as_mut().enable();
-            if let Some(result) = slot.result.get() {
-                return result.clone();
+            if let Some(result) = flight.result.get() {
+                return Some(result.clone());
             }
-            if slot.abandoned.load(Ordering::Acquire) {
-                return Err(Error::Closed("coalesced fetch (its runtime shut down)"));
+            if flight.abandoned.load(Ordering::Acquire) {
+                return None;
             }
             landed.await;
         }
+    }
+}
+
+/// The lease protocol of [`Coalescer`] over a [`LocalCoalescer`]: the first caller of a
+/// key loads and the others wait for the outcome it releases; a lease dropped without
+/// a release lets the next caller lead.
+#[async_trait]
+impl Coalescer for LocalCoalescer<Coalesced> {
+    async fn acquire(&self, key: &FlagKey) -> Result<Turn> {
+        loop {
+            match self.enter(key) {
+                Entered::Leads(tx, leave) => {
+                    return Ok(Turn::Load(Lease::new(LocalLease { tx, leave })));
+                }
+                Entered::Joined(flight) => {
+                    if let Some(answer) = Self::landed(flight).await {
+                        return answer.map(Turn::Answered);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A [`LocalCoalescer`] flight's lead, as a [`Lease`].
+struct LocalLease {
+    tx: Publish<Coalesced>,
+    leave: Leave<Coalesced>,
+}
+
+impl ReleaseLease for LocalLease {
+    fn release(self: Box<Self>, outcome: LoadOutcome) -> BoxFuture<'static, ()> {
+        let LocalLease { tx, leave } = *self;
+        // Leave the map first, as a fetch does.
+        drop(leave);
+        let answer = match outcome {
+            LoadOutcome::Stored(entry) => Some(Ok(Coalesced::Fresh(Some(entry)))),
+            LoadOutcome::NotStored(entry) => Some(Ok(Coalesced::Fresh(entry))),
+            LoadOutcome::Absent => Some(Ok(Coalesced::Absent)),
+            LoadOutcome::Failed(e) => Some(Err(e)),
+            // Dropping the publishing side unfinished tells the waiters to try again.
+            LoadOutcome::Abandoned => None,
+        };
+        if let Some(answer) = answer {
+            let _ = tx.finish(answer);
+        }
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -433,8 +413,14 @@ impl<V> LocalCoalescer<V> {
     }
 }
 
-enum Turn<V: Clone + Send + Sync + 'static> {
-    Join(Slot<V>),
+/// What [`LocalCoalescer::enter`] made of a caller.
+enum Entered<V> {
+    Joined(Arc<Flight<V>>),
+    Leads(Publish<V>, Leave<V>),
+}
+
+enum Role<V: Clone + Send + Sync + 'static> {
+    Join(Arc<Flight<V>>),
     Lead(Leader<V>),
 }
 
@@ -491,13 +477,6 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_string()
-    }
-}
-
-#[async_trait]
-impl Coalescer for LocalCoalescer<Option<Entry>> {
-    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
-        self.run(key, move || fetch).await
     }
 }
 
@@ -717,17 +696,6 @@ mod tests {
         assert_eq!(after.await.unwrap().unwrap(), 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(c.in_flight(), 0);
-    }
-
-    #[tokio::test]
-    async fn trait_object_coalesces_entries() {
-        let c: Arc<dyn Coalescer> = Arc::new(LocalCoalescer::<Option<Entry>>::new());
-        let e = Entry::new(crate::Version(1), &b"x"[..]);
-        let got = c
-            .coalesce(&key("k"), Box::pin(async move { Ok(Some(e)) }))
-            .await
-            .unwrap();
-        assert_eq!(got.map(|e| e.version), Some(crate::Version(1)));
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The conformance suite: one `pub async fn` per guarantee of the [`FlagStore`] and
-//! [`Invalidator`] contracts. Every adapter's tests call all of them against a real
+//! The conformance suite: one `pub async fn` per guarantee of the [`FlagStore`],
+//! [`Invalidator`](crate::Invalidator) and [`Coalescer`](crate::Coalescer) contracts.
+//! The store's properties are here; the invalidator's and the coalescer's in their own
+//! files. Every adapter's tests call all of them against a real
 //! backend; a custom adapter that passes them can back a `FlagCache`.
 //!
 //! Each function panics (like `assert!`) on the first violated guarantee, with a message
@@ -18,7 +20,12 @@
 //! ```
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
+mod coalescer;
+mod invalidator;
+
+pub use coalescer::{abandoned_lease_frees_the_key, one_load_per_burst};
+pub use invalidator::{invalidation_reaches_every_subscriber, resync_after_gap};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +33,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    now_ms, Checked, Codec, Entry, Error, FlagKey, FlagStore, FlagStoreExt, Invalidation,
-    Invalidator, PutOutcome, Result, Signal, Subscription, Target, Version, JSON_MAX_VERSION,
+    Checked, Codec, Entry, Error, FlagKey, FlagStore, FlagStoreExt, PutOutcome, Result, Version,
+    JSON_MAX_VERSION,
 };
 
 /// A way to write bytes under a key *bypassing* the store's encoding, so that the suite
@@ -568,100 +575,4 @@ pub async fn ttl_expires(store: &dyn FlagStore) {
             .unwrap(),
         PutOutcome::Stored
     );
-}
-
-async fn next_signal(sub: &mut Subscription, what: &str) -> Signal {
-    match tokio::time::timeout(RECV_TIMEOUT, sub.recv()).await {
-        Ok(Some(s)) => s,
-        Ok(None) => panic!("{what}: subscription ended"),
-        Err(_) => panic!("{what}: nothing received within {RECV_TIMEOUT:?}"),
-    }
-}
-
-/// Every subscriber — the publisher's own included, if listed — receives every event,
-/// in order, stamped with the publisher's node id, increasing sequence numbers and a
-/// send time.
-pub async fn invalidation_reaches_every_subscriber(
-    publisher: &dyn Invalidator,
-    subscribers: &[&dyn Invalidator],
-) {
-    let mut subs = Vec::new();
-    for s in subscribers {
-        subs.push(s.subscribe().await.unwrap());
-    }
-    let key = fresh_key("invalidation");
-    let events = [
-        Invalidation::key(key.clone()).with_version(Version(7)),
-        Invalidation::tag("team-checkout"),
-        Invalidation::all(),
-        Invalidation::key(key),
-    ];
-    let before = now_ms();
-    for ev in &events {
-        publisher.publish(ev).await.unwrap();
-    }
-    for (i, sub) in subs.iter_mut().enumerate() {
-        let mut last_seq = 0;
-        for ev in &events {
-            let got = match next_signal(sub, "invalidation").await {
-                Signal::Invalidated(got) => got,
-                other => panic!("invalidation: subscriber {i} got {other:?}, expected {ev:?}"),
-            };
-            assert_eq!(
-                (&got.target, got.version),
-                (&ev.target, ev.version),
-                "subscriber {i}"
-            );
-            assert_eq!(
-                got.origin,
-                publisher.node_id(),
-                "invalidation: origin not stamped"
-            );
-            assert!(
-                got.seq > last_seq,
-                "invalidation: sequence did not increase"
-            );
-            last_seq = got.seq;
-            assert!(
-                got.sent_at_ms >= before.saturating_sub(1000) && got.sent_at_ms <= now_ms() + 1000,
-                "invalidation: send time {} not stamped",
-                got.sent_at_ms
-            );
-        }
-    }
-}
-
-/// After a gap — events the subscriber cannot have received — the subscriber sees
-/// `Signal::Resync` before any event published after the gap. `make_gap` causes the
-/// gap by the backend's own means (overflowing a buffer, skipping a sequence number,
-/// overwriting a log slot, a restart).
-pub async fn resync_after_gap<F>(
-    subscriber: &dyn Invalidator,
-    publisher: &dyn Invalidator,
-    make_gap: F,
-) where
-    F: Future<Output = ()>,
-{
-    let mut sub = subscriber.subscribe().await.unwrap();
-    make_gap.await;
-    let marker = fresh_key("after_gap");
-    publisher
-        .publish(&Invalidation::key(marker.clone()))
-        .await
-        .unwrap();
-    let mut resynced = false;
-    for _ in 0..1_000_000 {
-        match next_signal(&mut sub, "resync_after_gap").await {
-            Signal::Resync(_) => resynced = true,
-            Signal::Invalidated(ev) if ev.target == Target::Key(marker.clone()) => {
-                assert!(
-                    resynced,
-                    "resync_after_gap: an event after the gap arrived with no Resync before it"
-                );
-                return;
-            }
-            Signal::Invalidated(_) => {}
-        }
-    }
-    panic!("resync_after_gap: the marker event never arrived");
 }
