@@ -15,6 +15,20 @@ use flagcache_testkit::MemcachedServer;
 mod common;
 use common::{replicas, source};
 
+/// What `cache` serves for `k`: read every 5 ms until it is `want`, at most `tries`
+/// times.
+async fn read_until(cache: &FlagCache<String>, k: &FlagKey, want: &str, tries: usize) -> String {
+    let mut got = String::new();
+    for _ in 0..tries {
+        got = cache.get(k).await.unwrap().unwrap().to_string();
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     let server = MemcachedServer::start().unwrap();
@@ -210,14 +224,7 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
     assert!(stale >= 70, "only {stale} stale answers");
     // Then the fleet converges on v2 without another load.
     for cache in &replicas {
-        let mut got = String::new();
-        for _ in 0..400 {
-            got = cache.get(&k).await.unwrap().unwrap().to_string();
-            if got == "rules@2" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let got = read_until(cache, &k, "rules@2", 400).await;
         assert_eq!(got, "rules@2");
     }
     stop.store(true, Ordering::SeqCst);
@@ -269,14 +276,7 @@ async fn a_refresh_is_not_fenced_by_its_own_notice() {
     assert_eq!(got.as_str(), "fenced@2");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     // The other replica finds the refreshed value in L2.
-    let mut seen = String::new();
-    for _ in 0..200 {
-        seen = replicas[1].get(&k).await.unwrap().unwrap().to_string();
-        if seen == "fenced@2" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let seen = read_until(&replicas[1], &k, "fenced@2", 200).await;
     assert_eq!(seen, "fenced@2");
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@2");
