@@ -1,5 +1,6 @@
 //! Setup shared by this crate's integration tests: stores on test servers, keys,
-//! values, a fleet of replicas, and the loader the ring tests and recache tests use.
+//! values, a fleet of replicas, and the counting loader of the server-failure and
+//! recache tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
@@ -11,7 +12,7 @@ use flagcache_core::{Entry, Error, FlagCache, FlagKey, FlagStore, PutOutcome, Ve
 use flagcache_memcached::{MemcachedInvalidator, MemcachedRecache, MemcachedStore};
 use flagcache_testkit::MemcachedServer;
 
-/// The TTL of every entry the tests write.
+/// The TTL the tests write entries with.
 pub const TTL: Duration = Duration::from_secs(60);
 
 pub fn key(name: &str) -> FlagKey {
@@ -93,7 +94,7 @@ pub async fn replicas(
     replicas
 }
 
-/// A loader the test can share between replicas and between tests.
+/// A loader that a test's replicas share.
 pub type Loader = Arc<
     dyn Fn(
             FlagKey,
