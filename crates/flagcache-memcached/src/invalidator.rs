@@ -28,7 +28,7 @@ use flagcache_core::{
 };
 use tokio::sync::mpsc;
 
-use crate::store::{parse_number, Route, WireKey};
+use crate::meta::{parse_number, Route, WireKey};
 use crate::MemcachedStore;
 
 /// An [`Invalidator`] over an invalidation log kept in memcached: see the
@@ -126,11 +126,11 @@ impl MemcachedInvalidator {
     }
 
     fn counter(&self) -> WireKey {
-        MemcachedStore::plain(format!("{}inv:seq", self.inner.store.internal_prefix()))
+        WireKey::plain(format!("{}inv:seq", self.inner.store.internal_prefix()))
     }
 
     fn slot(&self, n: u64) -> WireKey {
-        MemcachedStore::plain(format!(
+        WireKey::plain(format!(
             "{}inv:{}",
             self.inner.store.internal_prefix(),
             n % self.inner.ring_size
@@ -142,15 +142,16 @@ impl MemcachedInvalidator {
     /// new one differs from what subscribers remember — a reset they notice even when
     /// publishers have pushed the counter back past where they were.
     async fn epoch(&self) -> Result<u64> {
-        let key = MemcachedStore::plain(format!("{}inv:epoch", self.inner.store.internal_prefix()));
+        let key = WireKey::plain(format!("{}inv:epoch", self.inner.store.internal_prefix()));
         for _ in 0..3 {
-            let raw = self.inner.store.raw_get(Route::First, &key).await?;
+            let raw = self.inner.store.meta().raw_get(Route::First, &key).await?;
             if let Some(e) = raw.as_deref().and_then(parse_number) {
                 return Ok(e);
             }
             let fresh = fastrand::u64(1..);
             self.inner
                 .store
+                .meta()
                 .raw_add(Route::First, &key, fresh.to_string().into_bytes())
                 .await?;
         }
@@ -159,7 +160,7 @@ impl MemcachedInvalidator {
 
     async fn read_counter(&self) -> Result<Option<u64>> {
         let c = self.counter();
-        let raw = self.inner.store.raw_get(Route::First, &c).await?;
+        let raw = self.inner.store.meta().raw_get(Route::First, &c).await?;
         Ok(raw.as_deref().and_then(parse_number))
     }
 
@@ -169,6 +170,7 @@ impl MemcachedInvalidator {
         let raw = self
             .inner
             .store
+            .meta()
             .raw_get(Route::First, &self.slot(n))
             .await?;
         let Some(raw) = raw else { return Ok(Ok(None)) };
@@ -211,6 +213,7 @@ impl Invalidator for MemcachedInvalidator {
         let n = self
             .inner
             .store
+            .meta()
             .raw_incr(Route::First, &self.counter())
             .await?;
         let mut value = n.to_be_bytes().to_vec();
@@ -218,6 +221,7 @@ impl Invalidator for MemcachedInvalidator {
         let ttl = self.inner.slot_ttl.as_secs().max(1);
         self.inner
             .store
+            .meta()
             .raw_set(Route::First, &self.slot(n), value, ttl)
             .await
     }

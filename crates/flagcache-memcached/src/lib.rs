@@ -1,14 +1,18 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod builder;
+mod chunks;
 mod invalidator;
+mod meta;
 mod pool;
 mod recache;
 mod ring;
 mod store;
 
+pub use builder::MemcachedStoreBuilder;
 pub use invalidator::MemcachedInvalidator;
 pub use recache::MemcachedRecache;
-pub use store::{MemcachedStore, MemcachedStoreBuilder};
+pub use store::MemcachedStore;
 
 const BACKEND: &str = "memcached";

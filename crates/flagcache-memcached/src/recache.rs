@@ -1,14 +1,128 @@
-//! Cross-process stampede protection with memcached's own recache flags.
+//! Cross-process stampede protection with memcached's own recache flags: the item
+//! operations (`mg … N` vivifies a miss and hands one client the win flag `W`, the
+//! others see `Z`; `md … I` marks an entry stale and re-arms its token) and
+//! [`MemcachedRecache`], the `Coalescer` built on them.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use async_memcached::MetaValue;
 use async_trait::async_trait;
 use flagcache_core::{
     Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, RefreshOutcome, Result,
 };
 
+use crate::meta::WireKey;
 use crate::MemcachedStore;
+
+/// How long a plain read's finding (stale, token won) waits for the recache path,
+/// which in `FlagCache` runs right after it.
+const STALE_READ_KEPT_FOR: Duration = Duration::from_secs(2);
+
+/// A plain read found an entry stale.
+#[derive(Debug, Clone, Copy)]
+struct StaleRead {
+    at: Instant,
+    /// It won the entry's recache token.
+    won: bool,
+    /// The stale entry's CAS.
+    cas: Option<u64>,
+}
+
+/// Entries a plain read of this process just found stale — and whether it won their
+/// recache token (memcached hands it to the first reader of a stale item, whatever the
+/// command) — for this process's recache path, which runs next. Keyed by wire key.
+#[derive(Debug, Default)]
+pub(crate) struct StaleReads(Mutex<HashMap<String, StaleRead>>);
+
+impl StaleReads {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, StaleRead>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes that a plain read found `wire`'s entry stale (`found`).
+    pub(crate) fn note(&self, wire: &WireKey, found: &MetaValue) {
+        let mut reads = self.lock();
+        if reads.len() >= 1024 {
+            reads.retain(|_, r| r.at.elapsed() < STALE_READ_KEPT_FOR);
+            if reads.len() >= 1024 {
+                // Tokens nobody acted on pass with their entry's grace anyway.
+                reads.clear();
+            }
+        }
+        reads.insert(
+            wire.text.clone(),
+            StaleRead {
+                at: Instant::now(),
+                won: found.is_recache_winner == Some(true),
+                cas: found.cas,
+            },
+        );
+    }
+
+    /// What a plain read found at `wire` a moment ago, if anything. Forgets it.
+    fn take(&self, wire: &WireKey) -> Option<StaleRead> {
+        self.lock()
+            .remove(&wire.text)
+            .filter(|r| r.at.elapsed() < STALE_READ_KEPT_FOR)
+    }
+}
+
+impl MemcachedStore {
+    /// `md <key> I [T<exptime>]`: marks the entry stale, keeping its value (for
+    /// `exptime` when given), and re-arms its recache token. Absent: fine.
+    pub(crate) async fn invalidate_in_place(
+        &self,
+        wire: &WireKey,
+        exptime: Option<u64>,
+    ) -> Result<()> {
+        let mut flags = vec!["I".to_string()];
+        flags.extend(exptime.map(|t| format!("T{t}")));
+        self.meta().delete_with("mark stale", wire, flags).await
+    }
+
+    /// Hands back a stale entry's recache token (`md <key> I C<cas>`), so that
+    /// another reader of the fleet refreshes it. The CAS keeps it from marking a value
+    /// stored meanwhile.
+    pub(crate) async fn rearm(&self, key: &FlagKey, cas: Option<u64>) {
+        let Ok(wire) = self.wire_key(key) else {
+            return;
+        };
+        let mut flags = vec!["I".to_string()];
+        flags.extend(cas.map(|c| format!("C{c}")));
+        if let Err(e) = self.meta().delete_with("rearm", &wire, flags).await {
+            tracing::debug!(error = %e, "could not hand back a recache token; it passes with the entry's grace");
+        }
+    }
+
+    /// What a plain read of this process found a moment ago: `key` stale, and maybe
+    /// its token won. Forgets it.
+    fn take_stale_read(&self, key: &FlagKey) -> Option<StaleRead> {
+        let wire = self.wire_key(key).ok()?;
+        self.stale_reads().take(&wire)
+    }
+
+    /// `mg <key> v c N<ttl>`: reads the entry or, on a miss, vivifies an empty
+    /// placeholder and tells exactly one caller it won the right to fill it (`W`); the
+    /// others learn that the win was already given (`Z`).
+    async fn recache_read(&self, key: &FlagKey, ttl_secs: u64) -> Result<Option<MetaValue>> {
+        let wire = self.wire_key(key)?;
+        let flags = vec!["v".to_string(), "c".to_string(), format!("N{ttl_secs}")];
+        self.meta().get_with("recache get", &wire, flags).await
+    }
+
+    /// Removes the recache placeholder of `key` if it is still the one with `cas`
+    /// (an abandoned fill), so that waiters elect a new winner at once.
+    async fn drop_placeholder(&self, key: &FlagKey, cas: u64) -> Result<()> {
+        let wire = self.wire_key(key)?;
+        // Gone already, or filled meanwhile (CAS mismatch): both fine.
+        self.meta()
+            .delete_with("recache drop", &wire, vec![format!("C{cas}")])
+            .await
+    }
+}
 
 /// A [`Coalescer`] for `FlagCacheBuilder::cross_process` built on the meta protocol's
 /// recache flags, with no lock keys of its own: on a miss, `mg <key> N<ttl>` vivifies an

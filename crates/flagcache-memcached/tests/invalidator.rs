@@ -6,13 +6,33 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use flagcache_core::conformance;
-use flagcache_core::{now_ms, FlagKey, Invalidation, Invalidator, ResyncReason, Signal, Target};
+use flagcache_core::{
+    now_ms, FlagKey, Invalidation, Invalidator, ResyncReason, Signal, Subscription, Target,
+};
 use flagcache_memcached::{MemcachedInvalidator, MemcachedStore};
 use flagcache_testkit::MemcachedServer;
 
 async fn log_on(server: &MemcachedServer) -> MemcachedInvalidator {
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
     MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(20))
+}
+
+/// Publishes `n` events for `k` and receives them on `sub`.
+async fn publish_and_receive(
+    publisher: &MemcachedInvalidator,
+    sub: &mut Subscription,
+    k: &FlagKey,
+    n: usize,
+) {
+    for _ in 0..n {
+        publisher
+            .publish(&Invalidation::key(k.clone()))
+            .await
+            .unwrap();
+    }
+    for _ in 0..n {
+        assert!(matches!(sub.recv().await, Some(Signal::Invalidated(_))));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,15 +89,7 @@ async fn a_restart_yields_resync() {
     let subscriber = publisher.peer();
     let mut sub = subscriber.subscribe().await.unwrap();
     let k = FlagKey::new("k").unwrap();
-    for _ in 0..3 {
-        publisher
-            .publish(&Invalidation::key(k.clone()))
-            .await
-            .unwrap();
-    }
-    for _ in 0..3 {
-        assert!(matches!(sub.recv().await, Some(Signal::Invalidated(_))));
-    }
+    publish_and_receive(&publisher, &mut sub, &k, 3).await;
     server.restart().unwrap();
     // The log restarts at 1: the subscriber must say Resync before the new event.
     let marker = FlagKey::new("after-restart").unwrap();
@@ -186,15 +198,7 @@ async fn a_reset_is_noticed_even_when_the_counter_climbs_back_past_the_subscribe
     let publisher = subscriber.peer();
     let mut sub = subscriber.subscribe().await.unwrap();
     let k = FlagKey::new("k").unwrap();
-    for _ in 0..3 {
-        publisher
-            .publish(&Invalidation::key(k.clone()))
-            .await
-            .unwrap();
-    }
-    for _ in 0..3 {
-        assert!(matches!(sub.recv().await, Some(Signal::Invalidated(_))));
-    }
+    publish_and_receive(&publisher, &mut sub, &k, 3).await;
     // The whole log is flushed — no connection drops, so no connection error gives it
     // away — then publishers take the counter back past 3 before the next poll.
     assert_eq!(server.request("flush_all\r\n").unwrap(), "OK");

@@ -1,64 +1,41 @@
-//! Cross-process stampede protection with the meta protocol's recache flags, and a
-//! server of a ring dying.
+//! Cross-process stampede protection with the meta protocol's recache flags: one load
+//! for a fleet's cold reads, an absent flag, and refreshes served stale while one
+//! process reloads.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flagcache_core::{CacheStatus, Error, FlagCache, FlagKey, FlagStore, StaleReason, Version};
-use flagcache_memcached::{MemcachedInvalidator, MemcachedRecache, MemcachedStore};
+use flagcache_core::{CacheStatus, FlagCache, FlagKey, FlagStore, StaleReason, Version};
+use flagcache_memcached::{MemcachedRecache, MemcachedStore};
 use flagcache_testkit::MemcachedServer;
 
-type Loader = Arc<
-    dyn Fn(
-            FlagKey,
-        ) -> futures_util::future::BoxFuture<
-            'static,
-            flagcache_core::Result<Option<(String, Version)>>,
-        > + Send
-        + Sync,
->;
+mod common;
+use common::{replicas, source};
 
-fn source(
-    calls: &Arc<AtomicUsize>,
-    latency: Duration,
-    up: Arc<std::sync::atomic::AtomicBool>,
-) -> Loader {
-    let calls = calls.clone();
-    Arc::new(move |k: FlagKey| {
-        let (calls, up) = (calls.clone(), up.clone());
-        Box::pin(async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(latency).await;
-            if up.load(Ordering::SeqCst) {
-                Ok(Some((format!("{k}@1"), Version::new(1))))
-            } else {
-                Err(Error::loader(&k, std::io::Error::other("source down")))
-            }
-        })
-    })
+/// What `cache` serves for `k`: read every 5 ms until it is `want`, at most `tries`
+/// times.
+async fn read_until(cache: &FlagCache<String>, k: &FlagKey, want: &str, tries: usize) -> String {
+    let mut got = String::new();
+    for _ in 0..tries {
+        got = cache.get(k).await.unwrap().unwrap().to_string();
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     let server = MemcachedServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let up = Arc::new(AtomicBool::new(true));
     let load = source(&calls, Duration::from_millis(200), up);
-    let mut replicas = Vec::new();
-    for _ in 0..8 {
-        let store = MemcachedStore::connect(&server.url()).await.unwrap();
-        let load = load.clone();
-        replicas.push(
-            FlagCache::<String>::builder(store.clone(), move |k| load(k))
-                .cross_process(MemcachedRecache::new(&store))
-                .build()
-                .await
-                .unwrap(),
-        );
-    }
+    let replicas = replicas(&server, 8, move |k| load(k), None, |r| r).await;
     let k = FlagKey::new("cold").unwrap();
     let mut reads = Vec::new();
     for cache in &replicas {
@@ -81,108 +58,21 @@ async fn eight_replicas_times_100_cold_reads_cost_one_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_dead_server_of_three_costs_only_its_keys() {
-    let mut servers: Vec<MemcachedServer> =
-        (0..3).map(|_| MemcachedServer::start().unwrap()).collect();
-    let urls: Vec<String> = servers.iter().map(MemcachedServer::url).collect();
-    let store = MemcachedStore::builder()
-        .servers(urls)
-        .timeout(Duration::from_millis(200))
-        .build()
-        .await
-        .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let load = source(&calls, Duration::from_millis(1), up.clone());
-    let cache = FlagCache::<String>::builder(store.clone(), move |k| load(k))
-        .fresh_for(Duration::from_millis(50))
-        .stale_for(Duration::ZERO)
-        .circuit_breaker(1_000, Duration::from_millis(100))
-        .build()
-        .await
-        .unwrap();
-    let keys: Vec<FlagKey> = (0..60)
-        .map(|i| FlagKey::new(format!("k{i}")).unwrap())
-        .collect();
-    for k in &keys {
-        cache.get(k).await.unwrap();
-    }
-    servers[1].stop();
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    // The other two servers keep answering; the dead one's keys miss.
-    let mut alive = 0;
-    let mut dead = 0;
-    for k in &keys {
-        match store.get(k).await {
-            Ok(Some(_)) => alive += 1,
-            Err(e) => {
-                assert!(e.is_transient(), "{e}");
-                dead += 1;
-            }
-            Ok(None) => panic!("{k} vanished from a live server"),
-        }
-    }
-    assert!(alive > 20 && dead > 5, "alive {alive}, dead {dead}");
-    // With the source down too, the cache answers every key: fresh from live servers,
-    // fail-safe for the dead one's.
-    up.store(false, Ordering::SeqCst);
-    for k in &keys {
-        let l = cache.lookup(k).await.unwrap();
-        assert!(
-            matches!(
-                l.status,
-                CacheStatus::HitL2 | CacheStatus::Stale(StaleReason::FailSafe)
-            ),
-            "{k}: {:?}",
-            l.status
-        );
-    }
-    // Restarted (empty): reads recover without restarting anything.
-    servers[1].restart().unwrap();
-    up.store(true, Ordering::SeqCst);
-    let mut recovered = 0;
-    for _ in 0..50 {
-        recovered = 0;
-        for k in &keys {
-            if store.get(k).await.is_ok() {
-                recovered += 1;
-            }
-        }
-        if recovered == keys.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        recovered,
-        keys.len(),
-        "the restarted server never came back"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
     let server = MemcachedServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut replicas = Vec::new();
-    for _ in 0..4 {
-        let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    let load = {
         let calls = calls.clone();
-        replicas.push(
-            FlagCache::<String>::builder(store.clone(), move |_k: FlagKey| {
-                let calls = calls.clone();
-                async move {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok(None)
-                }
-            })
-            .cross_process(MemcachedRecache::new(&store).ttl(Duration::from_secs(10)))
-            .build()
-            .await
-            .unwrap(),
-        );
-    }
+        move |_k: FlagKey| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(None)
+            }
+        }
+    };
+    let replicas = replicas(&server, 4, load, None, |r| r.ttl(Duration::from_secs(10))).await;
     let t = std::time::Instant::now();
     let k = FlagKey::new("ghost").unwrap();
     let reads: Vec<_> = replicas
@@ -210,7 +100,7 @@ async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
 /// by time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
-    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::atomic::AtomicU64;
     let server = MemcachedServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let version = Arc::new(AtomicU64::new(1));
@@ -245,22 +135,14 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
             }
         })
     };
-    let mut replicas = Vec::new();
-    for _ in 0..8 {
-        let store = MemcachedStore::connect(&server.url()).await.unwrap();
-        let log = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(10));
-        let load = load.clone();
-        replicas.push(
-            FlagCache::<String>::builder(store.clone(), move |k| load(k))
-                .invalidator(log)
-                .cross_process(
-                    MemcachedRecache::new(&store).poll_interval(Duration::from_millis(5)),
-                )
-                .build()
-                .await
-                .unwrap(),
-        );
-    }
+    let replicas = replicas(
+        &server,
+        8,
+        move |k| load(k),
+        Some(Duration::from_millis(10)),
+        |r| r.poll_interval(Duration::from_millis(5)),
+    )
+    .await;
     let k = FlagKey::new("rules").unwrap();
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "rules@1");
@@ -342,14 +224,7 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
     assert!(stale >= 70, "only {stale} stale answers");
     // Then the fleet converges on v2 without another load.
     for cache in &replicas {
-        let mut got = String::new();
-        for _ in 0..400 {
-            got = cache.get(&k).await.unwrap().unwrap().to_string();
-            if got == "rules@2" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let got = read_until(cache, &k, "rules@2", 400).await;
         assert_eq!(got, "rules@2");
     }
     stop.store(true, Ordering::SeqCst);
@@ -381,20 +256,14 @@ async fn a_refresh_is_not_fenced_by_its_own_notice() {
             }
         })
     };
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        let store = MemcachedStore::connect(&server.url()).await.unwrap();
-        let log = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(20));
-        let load = load.clone();
-        replicas.push(
-            FlagCache::<String>::builder(store.clone(), move |k| load(k))
-                .invalidator(log)
-                .cross_process(MemcachedRecache::new(&store))
-                .build()
-                .await
-                .unwrap(),
-        );
-    }
+    let replicas = replicas(
+        &server,
+        2,
+        move |k| load(k),
+        Some(Duration::from_millis(20)),
+        |r| r,
+    )
+    .await;
     let k = FlagKey::new("fenced").unwrap();
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@1");
@@ -407,14 +276,7 @@ async fn a_refresh_is_not_fenced_by_its_own_notice() {
     assert_eq!(got.as_str(), "fenced@2");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     // The other replica finds the refreshed value in L2.
-    let mut seen = String::new();
-    for _ in 0..200 {
-        seen = replicas[1].get(&k).await.unwrap().unwrap().to_string();
-        if seen == "fenced@2" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let seen = read_until(&replicas[1], &k, "fenced@2", 200).await;
     assert_eq!(seen, "fenced@2");
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@2");
@@ -430,7 +292,6 @@ async fn a_refresh_is_not_fenced_by_its_own_notice() {
 /// must not be undone by the refresh writing its value back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
-    use std::sync::atomic::AtomicBool;
     let server = MemcachedServer::start().unwrap();
     let present = Arc::new(AtomicBool::new(true));
     let release = Arc::new(tokio::sync::Notify::new());
@@ -476,129 +337,4 @@ async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
         None,
         "the refresh wrote a deleted flag back"
     );
-}
-
-/// Resumes a paused server even when the test fails first.
-struct Paused<'a>(&'a MemcachedServer);
-
-impl Drop for Paused<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.resume();
-    }
-}
-
-/// Concurrent misses are batched per server: with one of two servers hung (it takes
-/// requests and never answers), the keys on the other still come from L2 at once —
-/// no batch mixes the two — and only the hung server's keys fall to the loader.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
-    let (a, b) = (
-        MemcachedServer::start().unwrap(),
-        MemcachedServer::start().unwrap(),
-    );
-    let store = MemcachedStore::builder()
-        .servers([a.url(), b.url()])
-        .namespace("per-server")
-        .timeout(Duration::from_secs(2))
-        .build()
-        .await
-        .unwrap();
-    let keys: Vec<FlagKey> = (0..60)
-        .map(|i| FlagKey::new(format!("spread.{i}")).unwrap())
-        .collect();
-    for (i, k) in keys.iter().enumerate() {
-        flagcache_core::FlagStoreExt::put_value(
-            &store,
-            k,
-            &format!("l2:{i}"),
-            Version::new(1),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
-    }
-    let groups: Vec<u64> = keys.iter().map(|k| store.read_group(k).unwrap()).collect();
-    assert!(
-        groups.contains(&0) && groups.contains(&1),
-        "keys on both servers"
-    );
-    let calls = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let loader = source(&calls, Duration::ZERO, up);
-    let cache = FlagCache::<String>::builder(store, move |k| loader(k))
-        .l2_batch_after(1)
-        .l2_timeout(Duration::from_millis(400))
-        // Counts failures, not the hung server's keys: stays closed for this test.
-        .circuit_breaker(1_000, Duration::from_secs(1))
-        .build()
-        .await
-        .unwrap();
-    // Server index 1 is b (the ring keeps the configured order).
-    b.pause().unwrap();
-    let _resume = Paused(&b);
-    let started = std::time::Instant::now();
-    let reads: Vec<_> = keys
-        .iter()
-        .map(|k| {
-            let (cache, k) = (cache.clone(), k.clone());
-            tokio::spawn(async move {
-                let l = cache.lookup(&k).await;
-                (l, started.elapsed())
-            })
-        })
-        .collect();
-    for ((r, i), group) in reads.into_iter().zip(0..).zip(&groups) {
-        let (l, took) = r.await.unwrap();
-        let l = l.unwrap();
-        if *group == 0 {
-            assert_eq!(l.status, CacheStatus::HitL2, "key {i} on the live server");
-            assert_eq!(
-                l.value.as_deref().map(String::as_str),
-                Some(format!("l2:{i}").as_str())
-            );
-            assert!(
-                took < Duration::from_millis(300),
-                "key {i} on the live server took {took:?}"
-            );
-        } else {
-            assert_eq!(
-                l.status,
-                CacheStatus::Miss,
-                "key {i} on the hung server: loaded"
-            );
-        }
-    }
-    let on_b = groups.iter().filter(|g| **g == 1).count();
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        on_b,
-        "only the hung server's keys loaded"
-    );
-    assert!(cache.stats().l2_batches > 0, "{:?}", cache.stats());
-}
-
-/// Building a store probes its servers at once: two that hang cost one timeout in
-/// all, not one each — and the store still builds over the one that answers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn build_probes_every_server_at_once() {
-    let servers = [
-        MemcachedServer::start().unwrap(),
-        MemcachedServer::start().unwrap(),
-        MemcachedServer::start().unwrap(),
-    ];
-    servers[1].pause().unwrap();
-    let _resume1 = Paused(&servers[1]);
-    servers[2].pause().unwrap();
-    let _resume2 = Paused(&servers[2]);
-    let started = std::time::Instant::now();
-    let store = MemcachedStore::builder()
-        .servers(servers.iter().map(MemcachedServer::url))
-        .timeout(Duration::from_secs(1))
-        .build()
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    // One after the other, the two hung servers would take 2 s or more.
-    assert!(took < Duration::from_millis(1800), "build took {took:?}");
-    assert!(store.item_size_limit() > 0);
 }
