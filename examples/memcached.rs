@@ -38,7 +38,7 @@ async fn replica(
     FlagCache::builder(store.clone(), control_plane)
         .name(name)
         .invalidator(log.peer())
-        .cross_process(MemcachedRecache::new(store))
+        .coalescer(MemcachedRecache::new(store))
         .build()
         .await
 }

@@ -288,21 +288,31 @@ forward_impls!(Arc<T>, Box<T>, &T);
 #[async_trait]
 pub trait FlagStoreExt: FlagStore {
     /// Reads several entries in one batched read ([`FlagStore::get_each`]): one answer
-    /// per requested key, in order. An entry that does not decode is its key's miss, so
-    /// one corrupt entry cannot fail the batch.
+    /// per requested key, in order. An entry that does not decode is its key's miss,
+    /// and so is a key whose own read failed transiently while others were answered
+    /// (one server of a ring down costs its own keys, not the batch).
     ///
     /// # Errors
-    /// The first error other than [`Error::Corrupt`](crate::Error::Corrupt) (a backend
-    /// error or a timeout): the read as a whole failed.
+    /// A permanent error other than [`Error::Corrupt`](crate::Error::Corrupt) (a
+    /// refused request), or a transient one when no key was answered at all.
     async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        self.get_each(keys)
-            .await
-            .into_iter()
-            .map(|answer| match answer {
-                Err(crate::Error::Corrupt { .. }) => Ok(None),
-                other => other,
-            })
-            .collect()
+        let each = self.get_each(keys).await;
+        let refused = each.iter().find_map(|r| match r {
+            Err(e) if !e.is_transient() && !matches!(e, crate::Error::Corrupt { .. }) => Some(e),
+            _ => None,
+        });
+        if let Some(e) = refused {
+            return Err(e.clone());
+        }
+        if let Some(Err(e)) = each.first() {
+            if each
+                .iter()
+                .all(|r| r.as_ref().is_err_and(crate::Error::is_transient))
+            {
+                return Err(e.clone());
+            }
+        }
+        Ok(each.into_iter().map(|r| r.ok().flatten()).collect())
     }
 
     /// Reads and deserializes a value with its version.

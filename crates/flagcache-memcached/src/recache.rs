@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use async_memcached::MetaValue;
 use async_trait::async_trait;
 use flagcache_core::{
-    Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, RefreshOutcome, Result,
+    BoxFuture, Coalesced, Coalescer, FlagKey, FlagStore, Lease, LoadOutcome, ReleaseLease, Result,
+    Turn,
 };
 
 use crate::meta::WireKey;
@@ -124,7 +125,7 @@ impl MemcachedStore {
     }
 }
 
-/// A [`Coalescer`] for `FlagCacheBuilder::cross_process` built on the meta protocol's
+/// The cross-process [`Coalescer`] (see `FlagCacheBuilder::coalescer`) built on the meta protocol's
 /// recache flags, with no lock keys of its own: on a miss, `mg <key> N<ttl>` vivifies an
 /// empty placeholder and gives exactly one client in the fleet the win flag `W`; it
 /// loads and stores the value. The others see `Z` and poll for the winner's value; if
@@ -177,95 +178,18 @@ impl MemcachedRecache {
 }
 
 impl MemcachedRecache {
-    async fn run(&self, key: &FlagKey, fetch: Fetch, stale_ok: bool) -> Result<Coalesced> {
-        let fresh = |r: Result<Option<Entry>>| r.map(Coalesced::Fresh);
-        // What the plain read just before this found: the entry stale (and maybe the
-        // token, which memcached gives to a stale item's first reader of any kind).
-        let noted = self.store.take_stale_read(key);
-        let ttl_secs = self.ttl.as_secs().max(1);
-        let first = match self.store.recache_read(key, ttl_secs).await {
-            Ok(Some(v)) => v,
-            Ok(None) => return fresh(fetch.await),
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "recache read failed; loading unguarded");
-                return fresh(fetch.await);
-            }
-        };
-        let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
-        let stale = first.is_stale == Some(true);
-        if has_data && stale {
-            // A token won by the plain read, if the entry is still the one it saw (a
-            // later mark changes the CAS).
-            let won_before = noted.filter(|n| n.won && n.cas.is_some() && n.cas == first.cas);
-            if first.is_recache_winner == Some(true) || won_before.is_some() {
-                // Marked stale, and ours to refresh.
-                let cas = if first.is_recache_winner == Some(true) {
-                    first.cas
-                } else {
-                    won_before.and_then(|n| n.cas)
-                };
-                return fresh(self.refresh_stale(key, cas, fetch).await);
-            }
-            // Someone else is refreshing it: serve the stale value meanwhile.
-            if stale_ok {
-                if let Ok(Some(entry)) = self.store.read_entry(key, true).await {
-                    return Ok(Coalesced::Stale(entry));
-                }
-            }
-            return fresh(self.wait(key, ttl_secs, fetch).await);
-        }
-        if has_data && noted.is_some() {
-            // The plain read found it stale a moment ago and it no longer is: the
-            // refresh landed in between, and its value is the answer — not a reason to
-            // load again.
-            if let Ok(Some(entry)) = self.store.get(key).await {
-                return Ok(Coalesced::Fresh(Some(entry)));
-            }
-        }
-        if has_data || first.is_recache_winner != Some(false) {
-            // Either we won the right to fill it, or it holds a value — which the
-            // caller has just judged unusable (a miss, a stale version): load.
-            let placeholder = (!has_data).then_some(first.cas).flatten();
-            let result = fetch.await;
-            if let Some(cas) = placeholder {
-                if !matches!(result, Ok(Some(_))) {
-                    // Nothing was stored: free the key so waiters elect a new winner
-                    // instead of waiting out the placeholder.
-                    let _ = self.store.drop_placeholder(key, cas).await;
-                }
-            }
-            return fresh(result);
-        }
-        fresh(self.wait(key, ttl_secs, fetch).await)
-    }
-
-    /// Reloads an entry marked stale whose token this process holds. The source no
-    /// longer having the flag removes the stale entry (so the fleet stops serving
-    /// it); a failed load hands the token on.
-    async fn refresh_stale(
-        &self,
-        key: &FlagKey,
-        cas: Option<u64>,
-        fetch: Fetch,
-    ) -> Result<Option<Entry>> {
-        let (result, outcome) = flagcache_core::run_as_refresh(key, fetch).await;
-        match (outcome, cas) {
-            (Some(RefreshOutcome::Stored), _) => {}
-            // Gone at the source: remove the stale entry, so the fleet stops serving
-            // it (unless it changed meanwhile).
-            (Some(RefreshOutcome::Absent), Some(cas)) => {
-                let _ = self.store.drop_placeholder(key, cas).await;
-            }
-            // Not stored (fenced, or L2 failed), failed, or not reported: hand the
-            // token on, so that another process tries.
-            _ => self.store.rearm(key, cas).await,
-        }
-        result
+    /// A lease on `key` of the given kind.
+    fn lease(&self, key: &FlagKey, kind: Won) -> Turn {
+        Turn::Load(Lease::new(RecacheLease {
+            store: self.store.clone(),
+            key: key.clone(),
+            kind,
+        }))
     }
 
     /// Someone else is filling `key`: waits for their value, or for the win to pass
     /// to us, or for the placeholder's TTL — then loads.
-    async fn wait(&self, key: &FlagKey, ttl_secs: u64, fetch: Fetch) -> Result<Option<Entry>> {
+    async fn wait(&self, key: &FlagKey, ttl_secs: u64) -> Turn {
         let deadline = Instant::now() + self.ttl;
         while Instant::now() < deadline {
             tokio::time::sleep(self.poll.mul_f64(0.5 + fastrand::f64())).await;
@@ -277,41 +201,120 @@ impl MemcachedRecache {
             if has_data && !stale {
                 // Their value (a chunked one is assembled by `get`).
                 if let Ok(Some(entry)) = self.store.get(key).await {
-                    return Ok(Some(entry));
+                    return Turn::Answered(Coalesced::Fresh(Some(entry)));
                 }
             } else if now.is_recache_winner == Some(true) {
                 // The previous winner gave up: our turn.
-                if stale {
-                    return self.refresh_stale(key, now.cas, fetch).await;
-                }
-                let result = fetch.await;
-                if !matches!(result, Ok(Some(_))) {
-                    if let Some(cas) = now.cas {
-                        let _ = self.store.drop_placeholder(key, cas).await;
-                    }
-                }
-                return result;
+                let kind = if stale {
+                    Won::Stale(now.cas)
+                } else {
+                    Won::Placeholder(now.cas)
+                };
+                return self.lease(key, kind);
             }
         }
         tracing::warn!(%key, "the recache winner never filled the key; loading");
-        fetch.await
+        Turn::Load(Lease::unguarded())
     }
 }
 
 #[async_trait]
 impl Coalescer for MemcachedRecache {
-    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
-        match self.run(key, fetch, false).await? {
-            Coalesced::Fresh(entry) => Ok(entry),
-            Coalesced::Stale(entry) => Ok(Some(entry)),
-            Coalesced::Absent => Ok(None),
+    /// Reads `key` with the recache flags: the winner of a miss's placeholder, or of a
+    /// stale entry's token, loads; when the entry was marked stale
+    /// (`FlagStore::mark_stale`, `md … I`) and another process won the right to
+    /// refresh it, the answer is the stale value at once; otherwise this waits for the
+    /// winner's value.
+    async fn acquire(&self, key: &FlagKey) -> Result<Turn> {
+        // What the plain read just before this found: the entry stale (and maybe the
+        // token, which memcached gives to a stale item's first reader of any kind).
+        let noted = self.store.take_stale_read(key);
+        let ttl_secs = self.ttl.as_secs().max(1);
+        let first = match self.store.recache_read(key, ttl_secs).await {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Turn::Load(Lease::unguarded())),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "recache read failed; loading unguarded");
+                return Ok(Turn::Load(Lease::unguarded()));
+            }
+        };
+        let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
+        let stale = first.is_stale == Some(true);
+        if has_data && stale {
+            // A token won by the plain read, if the entry is still the one it saw (a
+            // later mark changes the CAS).
+            let won_before = noted.filter(|n| n.won && n.cas.is_some() && n.cas == first.cas);
+            if first.is_recache_winner == Some(true) {
+                return Ok(self.lease(key, Won::Stale(first.cas)));
+            }
+            if let Some(noted) = won_before {
+                return Ok(self.lease(key, Won::Stale(noted.cas)));
+            }
+            // Someone else is refreshing it: serve the stale value meanwhile.
+            if let Ok(Some(entry)) = self.store.read_entry(key, true).await {
+                return Ok(Turn::Answered(Coalesced::Stale(entry)));
+            }
+            return Ok(self.wait(key, ttl_secs).await);
         }
+        if has_data && noted.is_some() {
+            // The plain read found it stale a moment ago and it no longer is: the
+            // refresh landed in between, and its value is the answer — not a reason to
+            // load again.
+            if let Ok(Some(entry)) = self.store.get(key).await {
+                return Ok(Turn::Answered(Coalesced::Fresh(Some(entry))));
+            }
+        }
+        if has_data || first.is_recache_winner != Some(false) {
+            // Either we won the right to fill it, or it holds a value — which the
+            // caller has just judged unusable (a miss, a stale version): load.
+            let placeholder = (!has_data).then_some(first.cas).flatten();
+            return Ok(self.lease(key, Won::Placeholder(placeholder)));
+        }
+        Ok(self.wait(key, ttl_secs).await)
     }
+}
 
-    /// As `coalesce`, and when the entry was marked stale (`FlagStore::mark_stale`,
-    /// `md … I`) and another process won the right to refresh it, answers at once with
-    /// the stale value.
-    async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
-        self.run(key, fetch, true).await
+/// What a [`RecacheLease`]'s holder won, with the item's CAS.
+#[derive(Debug, Clone, Copy)]
+enum Won {
+    /// The right to fill a miss: the placeholder `N` vivified (`None`: the key held a
+    /// value the caller could not use, and there is no placeholder).
+    Placeholder(Option<u64>),
+    /// The token of an entry marked stale: the right to refresh it.
+    Stale(Option<u64>),
+}
+
+/// The lease of [`MemcachedRecache`]: what the winner does once its load ended.
+struct RecacheLease {
+    store: MemcachedStore,
+    key: FlagKey,
+    kind: Won,
+}
+
+impl ReleaseLease for RecacheLease {
+    fn release(self: Box<Self>, outcome: LoadOutcome) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let RecacheLease { store, key, kind } = *self;
+            match (kind, outcome) {
+                (Won::Stale(_), LoadOutcome::Stored(_)) => {}
+                // Gone at the source: remove the stale entry, so the fleet stops
+                // serving it (unless it changed meanwhile).
+                (Won::Stale(Some(cas)), LoadOutcome::Absent) => {
+                    let _ = store.drop_placeholder(&key, cas).await;
+                }
+                // Not stored (fenced, or L2 failed), failed or abandoned: hand the token
+                // on, so that another process tries.
+                (Won::Stale(cas), _) => store.rearm(&key, cas).await,
+                // A value is in L2 (or was loaded and the write failed).
+                (Won::Placeholder(_), LoadOutcome::Stored(_) | LoadOutcome::NotStored(Some(_))) => {
+                }
+                // Nothing was stored: free the key so waiters elect a new winner instead
+                // of waiting out the placeholder.
+                (Won::Placeholder(Some(cas)), _) => {
+                    let _ = store.drop_placeholder(&key, cas).await;
+                }
+                (Won::Placeholder(None), _) => {}
+            }
+        })
     }
 }

@@ -314,10 +314,6 @@ impl FlagStore for MemcachedStore {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            atomic_put: true,
-            batch_get: true,
-            native_get_checked: false,
-            shared: true,
             max_value_size: Some(self.max_value_size()),
             ttl_resolution: Duration::from_secs(1),
         }
@@ -329,29 +325,6 @@ impl FlagStore for MemcachedStore {
 
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
         self.read_entry(key, false).await
-    }
-
-    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        let each = self.read_each("get_many", keys).await;
-        // One unreadable entry is a miss in its slot, and one server down costs its own
-        // keys, not the whole batch; a refused request, or a batch no server answered,
-        // is an error.
-        let refused = each.iter().find_map(|r| match r {
-            Err(e) if !e.is_transient() && !matches!(e, Error::Corrupt { .. }) => Some(e),
-            _ => None,
-        });
-        if let Some(e) = refused {
-            return Err(e.clone());
-        }
-        if let Some(Err(e)) = each.first() {
-            if each
-                .iter()
-                .all(|r| r.as_ref().is_err_and(Error::is_transient))
-            {
-                return Err(e.clone());
-            }
-        }
-        Ok(each.into_iter().map(|r| r.ok().flatten()).collect())
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {

@@ -68,3 +68,21 @@ async fn a_ring_of_three_passes_the_suite() {
     };
     conformance::run_store_suite(Arc::new(store), &raw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recache_passes_the_coalescer_properties() {
+    use flagcache_core::Coalescer;
+    use flagcache_memcached::MemcachedRecache;
+    let server = MemcachedServer::start().unwrap();
+    // One store and one recache per simulated process, all on the one server.
+    let mut fleet: Vec<Arc<dyn Coalescer>> = Vec::new();
+    for _ in 0..6 {
+        let store = MemcachedStore::connect(&server.url()).await.unwrap();
+        fleet.push(Arc::new(
+            MemcachedRecache::new(&store).poll_interval(Duration::from_millis(5)),
+        ));
+    }
+    let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    conformance::one_load_per_burst(&fleet, Arc::new(store)).await;
+    conformance::abandoned_lease_frees_the_key(fleet[0].clone(), fleet[1].clone()).await;
+}

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use flagcache_core::{Entry, FlagKey, FlagStore, PutOutcome, Version};
+use flagcache_core::{Entry, FlagKey, FlagStore, FlagStoreExt, PutOutcome, Version};
 use flagcache_memcached::MemcachedStore;
 use flagcache_testkit::MemcachedServer;
 
@@ -40,7 +40,7 @@ async fn keys_too_long_for_memcached_are_digested_and_stay_distinct() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flags_named_like_internal_keys_do_not_collide_with_them() {
-    use flagcache_core::{FlagStoreExt, Invalidation, Invalidator};
+    use flagcache_core::{Invalidation, Invalidator};
     let server = MemcachedServer::start().unwrap();
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
     let log = flagcache_memcached::MemcachedInvalidator::new(&store);

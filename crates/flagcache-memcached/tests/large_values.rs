@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use async_memcached::MetaProtocol;
-use flagcache_core::{Entry, FlagStore, PutOutcome, Version};
+use flagcache_core::{Entry, FlagStore, FlagStoreExt, PutOutcome, Version};
 use flagcache_memcached::MemcachedStore;
 use flagcache_testkit::MemcachedServer;
 

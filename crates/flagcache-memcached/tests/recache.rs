@@ -313,7 +313,7 @@ async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
     };
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
     let cache = FlagCache::<String>::builder(store.clone(), load)
-        .cross_process(MemcachedRecache::new(&store))
+        .coalescer(MemcachedRecache::new(&store))
         .build()
         .await
         .unwrap();

@@ -85,7 +85,7 @@ pub async fn replicas(
         }
         replicas.push(
             builder
-                .cross_process(recache(MemcachedRecache::new(&store)))
+                .coalescer(recache(MemcachedRecache::new(&store)))
                 .build()
                 .await
                 .unwrap(),
