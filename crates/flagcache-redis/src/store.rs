@@ -208,6 +208,25 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
+    /// Runs `script` with KEYS[1] `key`'s entry and ARGV[1] the layout, then the
+    /// arguments `args` adds.
+    async fn run_script(
+        &self,
+        operation: &'static str,
+        script: &Script,
+        key: &FlagKey,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<Value> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.redis_key(key)).arg(self.layout());
+        args(&mut inv);
+        self.inner
+            .connection
+            .script(operation, inv)
+            .await
+            .map_err(|e| e.with_key(key))
+    }
+
     /// `MGET` of `keys`: one answer per key, in order.
     async fn mget(
         &self,
@@ -300,17 +319,11 @@ impl FlagStore for RedisStore {
     }
 
     async fn get_checked(&self, key: &FlagKey, expected: Version) -> Result<Checked> {
-        let script = &self.inner.get_checked;
-        let mut inv = script.prepare_invoke();
-        inv.key(self.redis_key(key))
-            .arg(self.layout())
-            .arg(self.version_arg(expected));
         let reply = self
-            .inner
-            .connection
-            .script("get_checked", inv)
-            .await
-            .map_err(|e| e.with_key(key))?;
+            .run_script("get_checked", &self.inner.get_checked, key, |inv| {
+                inv.arg(self.version_arg(expected));
+            })
+            .await?;
         match reply {
             Value::Nil => Ok(Checked::Miss),
             Value::Array(items) => match items.as_slice() {
@@ -348,19 +361,13 @@ impl FlagStore for RedisStore {
                 backend: BACKEND,
             });
         }
-        let script = &self.inner.put;
-        let mut inv = script.prepare_invoke();
-        inv.key(self.redis_key(key))
-            .arg(self.layout())
-            .arg(&bytes[..])
-            .arg(self.version_arg(entry.version))
-            .arg(ttl);
         let reply = self
-            .inner
-            .connection
-            .script("put", inv)
-            .await
-            .map_err(|e| e.with_key(key))?;
+            .run_script("put", &self.inner.put, key, |inv| {
+                inv.arg(&bytes[..])
+                    .arg(self.version_arg(entry.version))
+                    .arg(ttl);
+            })
+            .await?;
         match reply {
             Value::Array(items) => match items.as_slice() {
                 [Value::Int(1)] => Ok(PutOutcome::Stored),
