@@ -208,8 +208,8 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
-    /// Runs `script` with KEYS[1] `key`'s entry and ARGV[1] the layout, then the
-    /// arguments `args` adds.
+    /// Runs `script` with `key`'s entry as `KEYS[1]`, the layout as `ARGV[1]`, then
+    /// the arguments `args` adds.
     async fn run_script(
         &self,
         operation: &'static str,
