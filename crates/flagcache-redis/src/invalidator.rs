@@ -1,3 +1,7 @@
+//! Invalidation over Redis pub/sub ([`RedisInvalidator`]): sequence-numbered events,
+//! heartbeats that reveal a lost last event, and subscriptions that reconnect and
+//! signal `Resync`.
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -10,7 +14,8 @@ use flagcache_core::{
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::store::{backend_error, open_pubsub, with_conn, Conn, Target};
+use crate::connection::{answers_ping, Connection};
+use crate::target::{connection_methods, Target};
 use crate::BACKEND;
 
 const HEARTBEAT_MAGIC: [u8; 3] = [0xF1, 0xA8, 0x01];
@@ -85,7 +90,7 @@ impl Default for RedisInvalidatorBuilder {
 }
 
 impl RedisInvalidatorBuilder {
-    crate::store::connection_methods!();
+    connection_methods!();
 
     /// The pub/sub channel (default `flag_updates`).
     #[must_use]
@@ -119,15 +124,14 @@ impl RedisInvalidatorBuilder {
     /// # Errors
     /// As for `RedisStoreBuilder::build`.
     pub async fn build(self) -> Result<RedisInvalidator> {
-        let conn = self.target.connect().await?;
+        let connection = Connection::open(self.target).await?;
         let heartbeat = match (&self.codec, self.heartbeat_set) {
             (Codec::Json(_), false) => None,
             _ => self.heartbeat,
         };
         Ok(RedisInvalidator {
             inner: Arc::new(Inner {
-                conn,
-                target: self.target,
+                connection,
                 channel: self.channel,
                 codec: self.codec,
                 heartbeat,
@@ -139,8 +143,7 @@ impl RedisInvalidatorBuilder {
 }
 
 struct Inner {
-    conn: Conn,
-    target: Target,
+    connection: Connection,
     channel: String,
     codec: Codec,
     heartbeat: Option<Duration>,
@@ -169,7 +172,7 @@ impl fmt::Debug for RedisInvalidator {
         f.debug_struct("RedisInvalidator")
             .field("node", &self.inner.node)
             .field("channel", &self.inner.channel)
-            .field("target", &self.inner.target)
+            .field("target", self.inner.connection.target())
             .field("heartbeat", &self.inner.heartbeat)
             .finish_non_exhaustive()
     }
@@ -196,7 +199,7 @@ impl RedisInvalidator {
     /// As for [`RedisInvalidatorBuilder::build`].
     pub async fn peer(&self) -> Result<Self> {
         RedisInvalidatorBuilder {
-            target: self.inner.target.clone(),
+            target: self.inner.connection.target().clone(),
             channel: self.inner.channel.clone(),
             codec: self.inner.codec.clone(),
             heartbeat: self.inner.heartbeat,
@@ -209,9 +212,8 @@ impl RedisInvalidator {
     async fn send(&self, payload: Vec<u8>) -> Result<()> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(&self.inner.channel).arg(payload);
-        let r: redis::RedisResult<i64> =
-            with_conn!(self.inner.conn.clone(), c => cmd.query_async(&mut c).await);
-        r.map(drop).map_err(|e| backend_error("publish", e))
+        let _: i64 = self.inner.connection.query("publish", &cmd).await?;
+        Ok(())
     }
 
     /// Publishes "this node has sent N events" — only once it has sent any, so quiet
@@ -246,31 +248,14 @@ impl Invalidator for RedisInvalidator {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let pubsub = self.open_pubsub().await?;
+        let pubsub = self
+            .inner
+            .connection
+            .subscribe(&self.inner.channel, 0)
+            .await?;
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(listen(self.clone(), pubsub, tx));
         Ok(Subscription::from_receiver(rx))
-    }
-}
-
-impl RedisInvalidator {
-    /// A dedicated pub/sub connection, subscribed: to the first node given, or to the
-    /// current primary when connected through Sentinel.
-    async fn open_pubsub(&self) -> Result<redis::aio::PubSub> {
-        self.open_pubsub_at(0).await
-    }
-
-    /// As [`RedisInvalidator::open_pubsub`], to the `attempt`-th node given (modulo
-    /// their number): a reconnecting subscriber rotates through a cluster's seeds, so
-    /// the loss of one node does not leave it deaf.
-    async fn open_pubsub_at(&self, attempt: usize) -> Result<redis::aio::PubSub> {
-        open_pubsub(
-            &self.inner.conn,
-            &self.inner.target,
-            attempt,
-            &self.inner.channel,
-        )
-        .await
     }
 }
 
@@ -331,7 +316,8 @@ async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sen
     let codec = inv.inner.codec.clone();
     let channel = inv.inner.channel.clone();
     let every = inv.inner.heartbeat.unwrap_or(Duration::from_secs(1));
-    let reply_limit = inv.inner.target.response_timeout.max(every);
+    let connection = &inv.inner.connection;
+    let reply_limit = connection.target().response_timeout.max(every);
     let mut seqs = Sequences::default();
     let mut pubsub = pubsub;
     let mut attempt = 0usize;
@@ -353,8 +339,7 @@ async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sen
                     }
                 }
                 _ = ticker.tick() => {
-                    let alive = tokio::time::timeout(reply_limit, sink.ping::<redis::Value>()).await;
-                    if !matches!(alive, Ok(Ok(_))) {
+                    if !answers_ping(&mut sink, reply_limit).await {
                         break ResyncReason::HeartbeatMissed;
                     }
                     if inv.inner.heartbeat.is_some() {
@@ -381,8 +366,8 @@ async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sen
             let opened = tokio::select! {
                 _ = tx.closed() => return,
                 r = tokio::time::timeout(
-                    inv.inner.target.connection_timeout + inv.inner.target.response_timeout,
-                    inv.open_pubsub_at(attempt),
+                    connection.target().call_limit(),
+                    connection.subscribe(&channel, attempt),
                 ) => r,
             };
             match opened {

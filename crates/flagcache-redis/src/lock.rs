@@ -1,3 +1,6 @@
+//! The cross-process stampede lock ([`RedisLock`]): its keys, taking and releasing
+//! it, the absence marker its holder leaves, and waking its waiters on a release.
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -5,23 +8,65 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flagcache_core::{
-    run_as_refresh, Coalesced, Coalescer, Entry, Fetch, FlagKey, RefreshOutcome, Result,
+    run_as_refresh, Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, RefreshOutcome, Result,
 };
 use futures_util::StreamExt;
 use redis::{Script, Value};
 use tokio::sync::Notify;
 
+use crate::connection::answers_ping;
 use crate::{scripts, RedisStore};
+
+/// The Redis keys of one namespace's stampede locks, all in the cluster slot of the
+/// flag they guard: a flag's lock, `<namespace>:lock:{<flag key>}`, and the marker its
+/// holder leaves when the source has no such flag, `<namespace>:absent:{<flag key>}`;
+/// and the channel releases are announced on, `<namespace>:lock:released`.
+#[derive(Debug)]
+pub(crate) struct LockKeys {
+    lock_prefix: String,
+    absent_prefix: String,
+    release_channel: String,
+}
+
+impl LockKeys {
+    pub(crate) fn new(namespace: &str) -> Self {
+        LockKeys {
+            lock_prefix: format!("{namespace}:lock:{{"),
+            absent_prefix: format!("{namespace}:absent:{{"),
+            release_channel: format!("{namespace}:lock:released"),
+        }
+    }
+
+    /// The key of `key`'s lock.
+    pub(crate) fn lock(&self, key: &FlagKey) -> String {
+        format!("{}{}}}", self.lock_prefix, key.as_str())
+    }
+
+    /// The key of `key`'s absence marker; `None` when the key begins with `}` — an
+    /// empty hash tag, under which each key hashes whole, so the marker would not
+    /// share the lock's and the entry's slot. Such keys get no marker.
+    pub(crate) fn absent(&self, key: &FlagKey) -> Option<String> {
+        (!key.as_str().starts_with('}'))
+            .then(|| format!("{}{}}}", self.absent_prefix, key.as_str()))
+    }
+
+    /// The channel lock holders publish a released lock's key on.
+    pub(crate) fn release_channel(&self) -> &str {
+        &self.release_channel
+    }
+}
 
 /// Cross-process stampede protection: when many replicas miss the same key at once,
 /// one takes `SET <namespace>:lock:{<key>} <random token> NX PX <ttl>` and loads from
 /// the source; the others wait for the lock's release and then read the value from
 /// L2. The holder announces the release over pub/sub (one subscription per
 /// `RedisLock`, opened when it first waits), so waiters wake within a round trip;
-/// they also poll, in case the announcement is lost. If it was released or expired without a value (its holder died, or the flag does
-/// not exist), a waiter takes the lock over; a waiter that has waited twice the lock's
-/// TTL loads by itself. The holder releases the lock with a
-/// compare-and-delete script, so it never deletes a lock another process took over.
+/// they also poll, in case the announcement is lost. When the source has no such
+/// flag, the holder leaves a short-lived marker that tells the waiters so. If the
+/// lock is released or expires with neither a value nor a marker (its holder died,
+/// say), a waiter takes it over; a waiter that has waited twice the lock's TTL loads
+/// by itself. The holder releases the lock with a compare-and-delete script, so it
+/// never deletes a lock another process took over.
 ///
 /// If Redis cannot be asked, the fetch runs unguarded: slower for the source, never
 /// broken for the caller.
@@ -43,8 +88,8 @@ pub struct RedisLock {
     store: RedisStore,
     ttl: Duration,
     poll: Duration,
-    release: std::sync::Arc<Script>,
-    release_plain: std::sync::Arc<Script>,
+    release: Arc<Script>,
+    release_plain: Arc<Script>,
     releases: Arc<Releases>,
 }
 
@@ -65,8 +110,8 @@ impl RedisLock {
             store: store.clone(),
             ttl: Duration::from_secs(10),
             poll: Duration::from_millis(20),
-            release: std::sync::Arc::new(scripts::release()),
-            release_plain: std::sync::Arc::new(scripts::release_plain()),
+            release: Arc::new(scripts::release()),
+            release_plain: Arc::new(scripts::release_plain()),
             releases: Arc::new(Releases {
                 store: store.clone(),
                 waiting: Mutex::default(),
@@ -96,13 +141,14 @@ impl RedisLock {
         let ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let mut cmd = redis::cmd("SET");
         cmd.arg(lock).arg(token).arg("NX").arg("PX").arg(ms);
-        let reply: Value = self.store.query("lock", &cmd).await?;
+        let reply: Value = self.store.connection().query("lock", &cmd).await?;
         Ok(matches!(reply, Value::Okay) || matches!(&reply, Value::SimpleString(s) if s == "OK"))
     }
 
     async fn held(&self, lock: &str) -> Result<bool> {
         let n: i64 = self
             .store
+            .connection()
             .query("lock", redis::cmd("EXISTS").arg(lock))
             .await?;
         Ok(n > 0)
@@ -111,32 +157,52 @@ impl RedisLock {
     /// Releases `lock` if still held with `token`, announcing it; `absent`: the
     /// source has no such flag, which waiters learn from a short-lived marker.
     async fn release(&self, key: &FlagKey, lock: &str, token: &str, absent: bool) {
-        // Long enough for this round's waiters to read it, and no longer: a flag
-        // created meanwhile is then found by the next load.
-        let marker_ms = if absent {
-            let ms = (self.poll * 4).max(Duration::from_secs(1)).as_millis();
-            u64::try_from(ms).unwrap_or(u64::MAX).to_string()
-        } else {
-            String::new()
-        };
-        if !RedisStore::has_absent_marker(key) {
-            let mut inv = self.release_plain.prepare_invoke();
-            inv.key(lock).arg(token).arg(self.store.release_channel());
-            if let Err(e) = self.store.script("unlock", inv).await {
-                tracing::debug!(error = %e, "lock release failed");
+        let keys = self.store.lock_keys();
+        let inv = match keys.absent(key) {
+            None => {
+                let mut inv = self.release_plain.prepare_invoke();
+                inv.key(lock).arg(token).arg(keys.release_channel());
+                inv
             }
-            return;
-        }
-        let mut inv = self.release.prepare_invoke();
-        inv.key(lock)
-            .key(self.store.absent_key(key))
-            .arg(token)
-            .arg(self.store.release_channel())
-            .arg(marker_ms);
-        if let Err(e) = self.store.script("unlock", inv).await {
-            // It expires by itself.
+            Some(marker) => {
+                // Long enough for this round's waiters to read it, and no longer: a
+                // flag created meanwhile is then found by the next load.
+                let marker_ms = if absent {
+                    let ms = (self.poll * 4).max(Duration::from_secs(1)).as_millis();
+                    u64::try_from(ms).unwrap_or(u64::MAX).to_string()
+                } else {
+                    String::new()
+                };
+                let mut inv = self.release.prepare_invoke();
+                inv.key(lock)
+                    .key(marker)
+                    .arg(token)
+                    .arg(keys.release_channel())
+                    .arg(marker_ms);
+                inv
+            }
+        };
+        if let Err(e) = self.store.connection().script("unlock", inv).await {
+            // The lock expires by itself.
             tracing::debug!(error = %e, "lock release failed");
         }
+    }
+
+    /// `key`'s entry, and whether a lock holder marked it absent: one round trip.
+    async fn entry_or_absent(&self, key: &FlagKey) -> Result<(Option<Entry>, bool)> {
+        let Some(marker) = self.store.lock_keys().absent(key) else {
+            return Ok((self.store.get(key).await?, false));
+        };
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(self.store.key_arg(key)).arg(marker);
+        let raw: Vec<Option<Vec<u8>>> = self.store.connection().query("get", &cmd).await?;
+        let mut raw = raw.into_iter();
+        let entry = raw
+            .next()
+            .flatten()
+            .map(|b| self.store.decode(key, b))
+            .transpose()?;
+        Ok((entry, raw.next().flatten().is_some()))
     }
 }
 
@@ -154,7 +220,7 @@ impl Coalescer for RedisLock {
     /// waiters learn it from the marker it left ([`Coalesced::Absent`]) instead of each
     /// taking the lock in turn to ask the source again.
     async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
-        let lock = self.store.lock_key(key);
+        let lock = self.store.lock_keys().lock(key);
         let watch = self.releases.watch(&lock);
         let give_up = Instant::now() + self.ttl * 2;
         // Armed before each look at the lock, so a release right after it still wakes
@@ -197,7 +263,7 @@ impl Coalescer for RedisLock {
                 if self.held(&lock).await.unwrap_or(false) {
                     continue;
                 }
-                match self.store.get_or_absent(key).await {
+                match self.entry_or_absent(key).await {
                     Ok((Some(entry), _)) => return Ok(Coalesced::Fresh(Some(entry))),
                     Ok((None, true)) => return Ok(Coalesced::Absent),
                     _ => {}
@@ -322,11 +388,12 @@ async fn listen(
     attempt: usize,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let channel = store.release_channel().to_string();
-    let limit = store.call_limit();
+    let connection = store.connection();
+    let limit = connection.target().call_limit();
+    let channel = store.lock_keys().release_channel();
     let opened = tokio::select! {
         _ = &mut stop => return,
-        p = tokio::time::timeout(limit, store.open_pubsub(&channel, attempt)) => p,
+        p = tokio::time::timeout(limit, connection.subscribe(channel, attempt)) => p,
     };
     let (mut sink, mut messages) = match opened {
         Ok(Ok(pubsub)) => pubsub.split(),
@@ -347,8 +414,7 @@ async fn listen(
             _ = &mut stop => return,
             msg = messages.next() => msg,
             _ = ping.tick() => {
-                let alive = tokio::time::timeout(limit, sink.ping::<redis::Value>()).await;
-                if !matches!(alive, Ok(Ok(_))) {
+                if !answers_ping(&mut sink, limit).await {
                     tracing::debug!("lock release channel unresponsive; waiters poll");
                     return;
                 }

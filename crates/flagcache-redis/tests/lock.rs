@@ -2,10 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::key;
 use flagcache_core::{Error, FlagCache, FlagKey, Version};
 use flagcache_redis::{RedisLock, RedisStore};
 use flagcache_testkit::RedisServer;
@@ -60,21 +63,35 @@ async fn replicas(
     replicas
 }
 
+/// `cache.get(k)` on a task of its own.
+fn spawn_get(
+    cache: &FlagCache<String>,
+    k: &FlagKey,
+) -> tokio::task::JoinHandle<flagcache_core::Result<Option<Arc<String>>>> {
+    let (c, k) = (cache.clone(), k.clone());
+    tokio::spawn(async move { c.get(&k).await })
+}
+
+/// `per_replica` concurrent reads of `k` on every replica.
+fn read_storm(
+    replicas: &[FlagCache<String>],
+    k: &FlagKey,
+    per_replica: usize,
+) -> Vec<tokio::task::JoinHandle<flagcache_core::Result<Option<Arc<String>>>>> {
+    replicas
+        .iter()
+        .flat_map(|cache| (0..per_replica).map(move |_| spawn_get(cache, k)))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     let server = RedisServer::start().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let source = slow_source(&calls, Duration::from_millis(200));
     let replicas = replicas(&server, 8, &source, |l| l, false).await;
-    let k = FlagKey::new("cold").unwrap();
-    let mut reads = Vec::new();
-    for cache in &replicas {
-        for _ in 0..100 {
-            let (c, k) = (cache.clone(), k.clone());
-            reads.push(tokio::spawn(async move { c.get(&k).await }));
-        }
-    }
-    for r in reads {
+    let k = key("cold");
+    for r in read_storm(&replicas, &k, 100) {
         let v = r.await.unwrap().unwrap();
         assert_eq!(v.as_deref().map(String::as_str), Some("cold@1"));
     }
@@ -106,7 +123,7 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
         .await
         .unwrap();
     let t = Instant::now();
-    let v = cache.get(&FlagKey::new("orphan").unwrap()).await.unwrap();
+    let v = cache.get(&key("orphan")).await.unwrap();
     assert_eq!(v.as_deref().map(String::as_str), Some("orphan@1"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let waited = t.elapsed();
@@ -130,12 +147,9 @@ async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
     let source = slow_source(&calls, Duration::from_millis(300));
     let slow_poll = |l: RedisLock| l.poll_interval(Duration::from_secs(10));
     let replicas = replicas(&server, 3, &source, slow_poll, false).await;
-    let k = FlagKey::new("announced").unwrap();
+    let k = key("announced");
     let started = Instant::now();
-    let first = {
-        let (c, k) = (replicas[0].clone(), k.clone());
-        tokio::spawn(async move { c.get(&k).await })
-    };
+    let first = spawn_get(&replicas[0], &k);
     // The others arrive while the first holds the lock.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let others: Vec<_> = replicas[1..]
@@ -178,15 +192,8 @@ async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
         })
     });
     let replicas = replicas(&server, 8, &absent, |l| l, false).await;
-    let k = FlagKey::new("not-created-yet").unwrap();
-    let mut reads = Vec::new();
-    for cache in &replicas {
-        for _ in 0..50 {
-            let (c, k) = (cache.clone(), k.clone());
-            reads.push(tokio::spawn(async move { c.get(&k).await }));
-        }
-    }
-    for r in reads {
+    let k = key("not-created-yet");
+    for r in read_storm(&replicas, &k, 50) {
         assert_eq!(r.await.unwrap().unwrap(), None, "no such flag");
     }
     assert_eq!(
@@ -224,16 +231,10 @@ async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
         })
     });
     let replicas = replicas(&server, 2, &source, |l| l, true).await;
-    let k = FlagKey::new("created-meanwhile").unwrap();
-    let holder = {
-        let (c, k) = (replicas[0].clone(), k.clone());
-        tokio::spawn(async move { c.get(&k).await })
-    };
+    let k = key("created-meanwhile");
+    let holder = spawn_get(&replicas[0], &k);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let waiter = {
-        let (c, k) = (replicas[1].clone(), k.clone());
-        tokio::spawn(async move { c.get(&k).await })
-    };
+    let waiter = spawn_get(&replicas[1], &k);
     // The control plane creates the flag and tells the fleet, mid-load.
     tokio::time::sleep(Duration::from_millis(100)).await;
     replicas[1].invalidate(&k).await.unwrap();

@@ -3,8 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{assert_round_trip, key, next_within};
 use flagcache_core::{
     FlagKey, FlagStore, FlagStoreExt, Invalidation, Invalidator, PutOutcome, Signal, Target,
     Version,
@@ -31,7 +34,7 @@ async fn store_and_invalidator_carry_on_after_a_failover() {
         .unwrap();
     let subscriber = publisher.peer().await.unwrap();
     let mut sub = subscriber.subscribe().await.unwrap();
-    let k = FlagKey::new("k").unwrap();
+    let k = key("k");
     let ttl = Duration::from_secs(60);
     assert_eq!(
         store
@@ -46,10 +49,8 @@ async fn store_and_invalidator_carry_on_after_a_failover() {
         .await
         .unwrap();
     assert!(matches!(
-        tokio::time::timeout(Duration::from_secs(5), sub.recv())
-            .await
-            .unwrap(),
-        Some(Signal::Invalidated(_))
+        next_within(&mut sub, Duration::from_secs(5)).await,
+        Signal::Invalidated(_)
     ));
 
     // The primary dies; the sentinel promotes the replica.
@@ -81,7 +82,7 @@ async fn store_and_invalidator_carry_on_after_a_failover() {
     assert!(store.get(&k).await.unwrap().is_some());
 
     // The subscriber reconnects to the new primary and says Resync before new events.
-    let marker = FlagKey::new("after-failover").unwrap();
+    let marker = key("after-failover");
     let mut resynced = false;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(30) {
@@ -122,15 +123,8 @@ async fn data_nodes_with_a_password() {
         !format!("{store:?}").contains("n0de-secret"),
         "Debug shows the password"
     );
-    let k = FlagKey::new("k").unwrap();
-    store
-        .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(
-        store.get_value::<u32>(&k).await.unwrap(),
-        Some((1, Version::new(1)))
-    );
+    let k = key("k");
+    assert_round_trip(&store, &k, 1).await;
     let inv = RedisInvalidator::builder()
         .sentinel(sentinels, RedisSentinel::SERVICE)
         .sentinel_node_auth(None, Some("n0de-secret"), 0)
@@ -140,10 +134,8 @@ async fn data_nodes_with_a_password() {
     let mut sub = inv.subscribe().await.unwrap();
     inv.publish(&Invalidation::key(k.clone())).await.unwrap();
     assert!(matches!(
-        tokio::time::timeout(Duration::from_secs(5), sub.recv())
-            .await
-            .unwrap(),
-        Some(Signal::Invalidated(_))
+        next_within(&mut sub, Duration::from_secs(5)).await,
+        Signal::Invalidated(_)
     ));
 }
 
@@ -166,7 +158,7 @@ async fn store_with_a_flag(setup: &RedisSentinel, response: Duration) -> (RedisS
         .build()
         .await
         .unwrap();
-    let k = FlagKey::new("k").unwrap();
+    let k = key("k");
     store
         .put_value(&k, &1u32, Version::new(1), Duration::from_secs(60))
         .await
