@@ -42,7 +42,7 @@ async fn replica(url: &str, name: &str) -> Result<FlagCache<Checkout>> {
     FlagCache::builder(store.clone(), control_plane)
         .name(name)
         .invalidator(invalidator)
-        .cross_process(RedisLock::new(&store))
+        .coalescer(RedisLock::new(&store))
         .build()
         .await
 }

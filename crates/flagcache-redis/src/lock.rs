@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flagcache_core::{
-    run_as_refresh, Coalesced, Coalescer, Entry, Fetch, FlagKey, FlagStore, RefreshOutcome, Result,
+    BoxFuture, Coalesced, Coalescer, Entry, FlagKey, FlagStore, Lease, LoadOutcome, ReleaseLease,
+    Result, Turn,
 };
 use futures_util::StreamExt;
 use redis::{Script, Value};
@@ -78,7 +79,7 @@ impl LockKeys {
 ///
 /// let loader = |_k: FlagKey| async { Ok(Some((true, Version::new(1)))) };
 /// let cache = FlagCache::<bool>::builder(store.clone(), loader)
-///     .cross_process(RedisLock::new(&store))
+///     .coalescer(RedisLock::new(&store))
 ///     .build()
 ///     .await?;
 /// # let _ = cache; Ok(()) }
@@ -137,7 +138,7 @@ impl RedisLock {
         self
     }
 
-    async fn acquire(&self, lock: &str, token: &str) -> Result<bool> {
+    async fn try_lock(&self, lock: &str, token: &str) -> Result<bool> {
         let ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let mut cmd = redis::cmd("SET");
         cmd.arg(lock).arg(token).arg("NX").arg("PX").arg(ms);
@@ -208,18 +209,11 @@ impl RedisLock {
 
 #[async_trait]
 impl Coalescer for RedisLock {
-    async fn coalesce(&self, key: &FlagKey, fetch: Fetch) -> Result<Option<Entry>> {
-        match self.coalesce_or_stale(key, fetch).await? {
-            Coalesced::Fresh(entry) => Ok(entry),
-            Coalesced::Stale(entry) => Ok(Some(entry)),
-            Coalesced::Absent => Ok(None),
-        }
-    }
-
-    /// As `coalesce`; and when the holder found that the source has no such flag, the
-    /// waiters learn it from the marker it left ([`Coalesced::Absent`]) instead of each
+    /// Takes the lock, or waits for its holder's release and answers with what the
+    /// holder stored — or, when the holder found that the source has no such flag,
+    /// with [`Coalesced::Absent`] from the marker it left, instead of each waiter
     /// taking the lock in turn to ask the source again.
-    async fn coalesce_or_stale(&self, key: &FlagKey, fetch: Fetch) -> Result<Coalesced> {
+    async fn acquire(&self, key: &FlagKey) -> Result<Turn> {
         let lock = self.store.lock_keys().lock(key);
         let watch = self.releases.watch(&lock);
         let give_up = Instant::now() + self.ttl * 2;
@@ -231,18 +225,19 @@ impl Coalescer for RedisLock {
         loop {
             released.as_mut().enable();
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            match self.acquire(&lock, &token).await {
+            match self.try_lock(&lock, &token).await {
                 Ok(true) => {
-                    let (result, outcome) = run_as_refresh(key, fetch).await;
-                    let absent =
-                        matches!(result, Ok(None)) && outcome == Some(RefreshOutcome::Absent);
-                    self.release(key, &lock, &token, absent).await;
-                    return result.map(Coalesced::Fresh);
+                    return Ok(Turn::Load(Lease::new(Held {
+                        lock: self.clone(),
+                        key: key.clone(),
+                        lock_key: lock.clone(),
+                        token,
+                    })));
                 }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(%key, error = %e, "stampede lock unavailable; loading unguarded");
-                    return fetch.await.map(Coalesced::Fresh);
+                    return Ok(Turn::Load(Lease::unguarded()));
                 }
             }
             // Someone else is loading. Wait until they release the lock, then read L2
@@ -258,19 +253,41 @@ impl Coalescer for RedisLock {
                 released.as_mut().enable();
                 if Instant::now() > give_up {
                     tracing::warn!(%key, "waited twice the lock's TTL; loading");
-                    return fetch.await.map(Coalesced::Fresh);
+                    return Ok(Turn::Load(Lease::unguarded()));
                 }
                 if self.held(&lock).await.unwrap_or(false) {
                     continue;
                 }
                 match self.entry_or_absent(key).await {
-                    Ok((Some(entry), _)) => return Ok(Coalesced::Fresh(Some(entry))),
-                    Ok((None, true)) => return Ok(Coalesced::Absent),
+                    Ok((Some(entry), _)) => {
+                        return Ok(Turn::Answered(Coalesced::Fresh(Some(entry))))
+                    }
+                    Ok((None, true)) => return Ok(Turn::Answered(Coalesced::Absent)),
                     _ => {}
                 }
                 break; // released or expired without a value: try to take it over
             }
         }
+    }
+}
+
+/// A held lock, as a [`Lease`]: released with the compare-and-delete script, leaving
+/// the absence marker when the source has no such flag.
+struct Held {
+    lock: RedisLock,
+    key: FlagKey,
+    lock_key: String,
+    token: String,
+}
+
+impl ReleaseLease for Held {
+    fn release(self: Box<Self>, outcome: LoadOutcome) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let absent = matches!(outcome, LoadOutcome::Absent);
+            self.lock
+                .release(&self.key, &self.lock_key, &self.token, absent)
+                .await;
+        })
     }
 }
 

@@ -267,10 +267,6 @@ impl FlagStore for RedisStore {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            atomic_put: true,
-            batch_get: true,
-            native_get_checked: true,
-            shared: true,
             max_value_size: Some(self.inner.max_value_size),
             ..Default::default()
         }
@@ -288,16 +284,6 @@ impl FlagStore for RedisStore {
             .await
             .map_err(|e| e.with_key(key))?;
         raw.map(|b| self.decode(key, b)).transpose()
-    }
-
-    async fn get_many(&self, keys: &[FlagKey]) -> Result<Vec<Option<Entry>>> {
-        let raw = self.mget("get_many", keys).await?;
-        // One unreadable entry is a miss in its slot, not a failed batch.
-        Ok(keys
-            .iter()
-            .zip(raw)
-            .map(|(k, b)| b.and_then(|b| self.decode(k, b).ok()))
-            .collect())
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {

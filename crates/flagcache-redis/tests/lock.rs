@@ -51,7 +51,7 @@ async fn replicas(
         let source = source.clone();
         let mut builder = FlagCache::<String>::builder(store.clone(), move |k| source(k))
             .name(format!("replica-{i}"))
-            .cross_process(lock(RedisLock::new(&store)));
+            .coalescer(lock(RedisLock::new(&store)));
         if invalidate {
             let inv = flagcache_redis::RedisInvalidator::connect(&server.url())
                 .await
@@ -118,7 +118,7 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
     let calls = Arc::new(AtomicUsize::new(0));
     let source = slow_source(&calls, Duration::from_millis(1));
     let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
-        .cross_process(RedisLock::new(&store).ttl(Duration::from_millis(300)))
+        .coalescer(RedisLock::new(&store).ttl(Duration::from_millis(300)))
         .build()
         .await
         .unwrap();
@@ -253,4 +253,19 @@ async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
         Some("created-meanwhile@1"),
         "the waiter found the new flag"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_passes_the_coalescer_properties() {
+    use flagcache_core::{conformance, Coalescer};
+    let server = RedisServer::start().unwrap();
+    // One store and one lock per simulated process, all on the one server.
+    let mut fleet: Vec<Arc<dyn Coalescer>> = Vec::new();
+    for _ in 0..6 {
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        fleet.push(Arc::new(RedisLock::new(&store)));
+    }
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    conformance::one_load_per_burst(&fleet, Arc::new(store)).await;
+    conformance::abandoned_lease_frees_the_key(fleet[0].clone(), fleet[1].clone()).await;
 }
