@@ -50,7 +50,9 @@ pub async fn run(list: &str) -> Result<()> {
         .namespace("flagcache-example")
         .build()
         .await?;
-    let log = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(50));
+    let log = MemcachedInvalidator::builder(&store)
+        .poll_interval(Duration::from_millis(50))
+        .build();
     let a = replica(&store, &log, "a").await?;
     let b = replica(&store, &log, "b").await?;
     let key = FlagKey::new(format!("new-checkout-{:x}", fastrand::u32(..)))?;

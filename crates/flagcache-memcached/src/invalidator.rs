@@ -33,9 +33,65 @@ use crate::MemcachedStore;
 
 /// An [`Invalidator`] over an invalidation log kept in memcached: see the
 /// [crate docs](crate) for how it works and when it signals `Resync`.
+///
+/// Built as every adapter's invalidator is: [`builder`](MemcachedInvalidator::builder),
+/// its settings, `build()` — or [`new`](MemcachedInvalidator::new) with the defaults;
+/// [`peer`](MemcachedInvalidator::peer) adds another node on the same log. Clones are
+/// the same node.
 #[derive(Clone)]
 pub struct MemcachedInvalidator {
     inner: Arc<Inner>,
+}
+
+/// Configures a [`MemcachedInvalidator`]: a ring of 1,024 slots, polled every 100 ms,
+/// with a 1 s grace for missing slots, by default. Slots are kept for an hour.
+#[derive(Debug, Clone)]
+pub struct MemcachedInvalidatorBuilder {
+    store: MemcachedStore,
+    ring_size: u64,
+    poll: Duration,
+    grace: Duration,
+}
+
+impl MemcachedInvalidatorBuilder {
+    /// How many events the log holds before the oldest is overwritten (default 1,024).
+    /// A subscriber that falls further behind signals `Resync`.
+    #[must_use]
+    pub fn ring_size(mut self, slots: u64) -> Self {
+        self.ring_size = slots.max(1);
+        self
+    }
+
+    /// How often subscribers poll (default 100 ms): the propagation bound.
+    #[must_use]
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a subscriber waits for a slot whose number was taken but that was not
+    /// written yet, before it gives up on it and signals `Resync` (default 1 s).
+    #[must_use]
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The invalidator: a first node on the log.
+    pub fn build(self) -> MemcachedInvalidator {
+        MemcachedInvalidator {
+            inner: Arc::new(Inner {
+                store: self.store,
+                node: NodeId::random(),
+                seq: AtomicU64::new(0),
+                ring_size: self.ring_size,
+                poll: self.poll,
+                grace: self.grace,
+                slot_ttl: Duration::from_secs(3600),
+                publishing: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
 }
 
 struct Inner {
@@ -61,68 +117,37 @@ impl fmt::Debug for MemcachedInvalidator {
 }
 
 impl MemcachedInvalidator {
-    /// A log next to `store`'s entries (same servers, same namespace), with a ring of
-    /// 1,024 slots, polled every 100 ms, a 1 s grace for missing slots, and slots kept
-    /// for an hour.
+    /// A log next to `store`'s entries with the default settings (see
+    /// [`MemcachedInvalidatorBuilder`]).
     pub fn new(store: &MemcachedStore) -> Self {
-        MemcachedInvalidator {
-            inner: Arc::new(Inner {
-                store: store.clone(),
-                node: NodeId::random(),
-                seq: AtomicU64::new(0),
-                ring_size: 1024,
-                poll: Duration::from_millis(100),
-                grace: Duration::from_secs(1),
-                slot_ttl: Duration::from_secs(3600),
-                publishing: tokio::sync::Mutex::new(()),
-            }),
+        Self::builder(store).build()
+    }
+
+    /// Configures a log next to `store`'s entries (same servers, same namespace).
+    pub fn builder(store: &MemcachedStore) -> MemcachedInvalidatorBuilder {
+        MemcachedInvalidatorBuilder {
+            store: store.clone(),
+            ring_size: 1024,
+            poll: Duration::from_millis(100),
+            grace: Duration::from_secs(1),
         }
-    }
-
-    fn with(self, f: impl FnOnce(&mut Inner)) -> Self {
-        let mut inner = Inner {
-            store: self.inner.store.clone(),
-            node: self.inner.node,
-            seq: AtomicU64::new(self.inner.seq.load(Ordering::SeqCst)),
-            ring_size: self.inner.ring_size,
-            poll: self.inner.poll,
-            grace: self.inner.grace,
-            slot_ttl: self.inner.slot_ttl,
-            publishing: tokio::sync::Mutex::new(()),
-        };
-        f(&mut inner);
-        MemcachedInvalidator {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// How many events the log holds before the oldest is overwritten (default 1,024).
-    /// A subscriber that falls further behind signals `Resync`.
-    #[must_use]
-    pub fn ring_size(self, slots: u64) -> Self {
-        self.with(|i| i.ring_size = slots.max(1))
-    }
-
-    /// How often subscribers poll (default 100 ms): the propagation bound.
-    #[must_use]
-    pub fn poll_interval(self, every: Duration) -> Self {
-        self.with(|i| i.poll = every.max(Duration::from_millis(1)))
-    }
-
-    /// How long a subscriber waits for a slot whose number was taken but that was not
-    /// written yet, before it gives up on it and signals `Resync` (default 1 s).
-    #[must_use]
-    pub fn grace(self, grace: Duration) -> Self {
-        self.with(|i| i.grace = grace)
     }
 
     /// Another node on the same log (its own node id and sequence): a simulated
     /// replica in tests.
     pub fn peer(&self) -> Self {
-        self.clone().with(|i| {
-            i.node = NodeId::random();
-            i.seq = AtomicU64::new(0);
-        })
+        MemcachedInvalidator {
+            inner: Arc::new(Inner {
+                store: self.inner.store.clone(),
+                node: NodeId::random(),
+                seq: AtomicU64::new(0),
+                ring_size: self.inner.ring_size,
+                poll: self.inner.poll,
+                grace: self.inner.grace,
+                slot_ttl: self.inner.slot_ttl,
+                publishing: tokio::sync::Mutex::new(()),
+            }),
+        }
     }
 
     fn counter(&self) -> WireKey {

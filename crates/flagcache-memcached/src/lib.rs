@@ -11,7 +11,7 @@ mod ring;
 mod store;
 
 pub use builder::MemcachedStoreBuilder;
-pub use invalidator::MemcachedInvalidator;
+pub use invalidator::{MemcachedInvalidator, MemcachedInvalidatorBuilder};
 pub use recache::MemcachedRecache;
 pub use store::MemcachedStore;
 

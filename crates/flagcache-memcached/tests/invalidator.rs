@@ -14,7 +14,9 @@ use flagcache_testkit::MemcachedServer;
 
 async fn log_on(server: &MemcachedServer) -> MemcachedInvalidator {
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
-    MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(20))
+    MemcachedInvalidator::builder(&store)
+        .poll_interval(Duration::from_millis(20))
+        .build()
 }
 
 /// Publishes `n` events for `k` and receives them on `sub`.
@@ -113,9 +115,10 @@ async fn a_restart_yields_resync() {
 async fn a_subscriber_left_behind_by_more_than_the_ring_resyncs() {
     let server = MemcachedServer::start().unwrap();
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
-    let slow = MemcachedInvalidator::new(&store)
+    let slow = MemcachedInvalidator::builder(&store)
         .ring_size(8)
-        .poll_interval(Duration::from_millis(400));
+        .poll_interval(Duration::from_millis(400))
+        .build();
     let publisher = slow.peer();
     let flood = async {
         // 20 events within one poll of the subscriber: the ring of 8 is overwritten.
@@ -131,9 +134,10 @@ async fn a_subscriber_left_behind_by_more_than_the_ring_resyncs() {
 async fn a_slot_that_never_arrives_is_a_resync_after_the_grace() {
     let server = MemcachedServer::start().unwrap();
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
-    let inv = MemcachedInvalidator::new(&store)
+    let inv = MemcachedInvalidator::builder(&store)
         .poll_interval(Duration::from_millis(20))
-        .grace(Duration::from_millis(200));
+        .grace(Duration::from_millis(200))
+        .build();
     let mut sub = inv.subscribe().await.unwrap();
     // A publisher took number 1 and died before writing its slot.
     assert_eq!(
@@ -162,7 +166,9 @@ async fn two_flag_caches_over_memcached_see_each_others_writes() {
     use flagcache_core::{FlagCache, Version};
     let server = MemcachedServer::start().unwrap();
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
-    let log = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(20));
+    let log = MemcachedInvalidator::builder(&store)
+        .poll_interval(Duration::from_millis(20))
+        .build();
     let loader = |k: FlagKey| async move { Ok(Some((format!("{k}@1"), Version::new(1)))) };
     let a = FlagCache::<String>::builder(store.clone(), loader)
         .invalidator(log.peer())
@@ -194,7 +200,9 @@ async fn two_flag_caches_over_memcached_see_each_others_writes() {
 async fn a_reset_is_noticed_even_when_the_counter_climbs_back_past_the_subscriber() {
     let server = MemcachedServer::start().unwrap();
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
-    let subscriber = MemcachedInvalidator::new(&store).poll_interval(Duration::from_millis(300));
+    let subscriber = MemcachedInvalidator::builder(&store)
+        .poll_interval(Duration::from_millis(300))
+        .build();
     let publisher = subscriber.peer();
     let mut sub = subscriber.subscribe().await.unwrap();
     let k = FlagKey::new("k").unwrap();

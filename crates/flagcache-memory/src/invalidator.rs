@@ -1,3 +1,6 @@
+//! [`MemoryInvalidator`]: invalidation events over a Tokio broadcast channel, for the
+//! nodes of one process.
+
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,7 +13,9 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 /// An [`Invalidator`] over a Tokio broadcast channel, for one process.
 ///
-/// `new` makes a bus and a first node on it; [`peer`](MemoryInvalidator::peer) adds
+/// Built as every adapter's invalidator is: [`builder`](MemoryInvalidator::builder),
+/// its settings, `build()` — or [`new`](MemoryInvalidator::new) with the defaults —
+/// which makes a bus and a first node on it; [`peer`](MemoryInvalidator::peer) adds
 /// another node (another simulated replica) to the same bus. Clones are the same node.
 ///
 /// The bus holds the last `capacity` events; a subscriber that falls further behind
@@ -31,6 +36,28 @@ impl fmt::Debug for MemoryInvalidator {
     }
 }
 
+/// Configures a [`MemoryInvalidator`]'s bus.
+#[derive(Debug, Clone)]
+pub struct MemoryInvalidatorBuilder {
+    capacity: usize,
+}
+
+impl MemoryInvalidatorBuilder {
+    /// How many events the bus buffers per subscriber (at least 1; default
+    /// [`MemoryInvalidator::DEFAULT_CAPACITY`]).
+    #[must_use]
+    pub fn capacity(mut self, events: usize) -> Self {
+        self.capacity = events.max(1);
+        self
+    }
+
+    /// A new bus, and a first node on it.
+    pub fn build(self) -> MemoryInvalidator {
+        let (bus, _) = broadcast::channel(self.capacity);
+        MemoryInvalidator::node_on(bus)
+    }
+}
+
 impl Default for MemoryInvalidator {
     fn default() -> Self {
         Self::new()
@@ -41,15 +68,16 @@ impl MemoryInvalidator {
     /// Default number of events the bus buffers per subscriber.
     pub const DEFAULT_CAPACITY: usize = 1024;
 
-    /// A new bus with the default capacity, and a first node on it.
+    /// A new bus with the default settings, and a first node on it.
     pub fn new() -> Self {
-        Self::with_capacity(Self::DEFAULT_CAPACITY)
+        Self::builder().build()
     }
 
-    /// A new bus buffering `capacity` events (at least 1), and a first node on it.
-    pub fn with_capacity(capacity: usize) -> Self {
-        let (bus, _) = broadcast::channel(capacity.max(1));
-        Self::node_on(bus)
+    /// Configures a bus.
+    pub fn builder() -> MemoryInvalidatorBuilder {
+        MemoryInvalidatorBuilder {
+            capacity: Self::DEFAULT_CAPACITY,
+        }
     }
 
     /// Another node on the same bus, with its own node id and sequence.

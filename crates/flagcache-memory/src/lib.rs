@@ -4,5 +4,5 @@
 mod invalidator;
 mod store;
 
-pub use invalidator::MemoryInvalidator;
+pub use invalidator::{MemoryInvalidator, MemoryInvalidatorBuilder};
 pub use store::{MemoryStore, MemoryStoreBuilder};

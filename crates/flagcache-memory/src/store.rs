@@ -1,3 +1,6 @@
+//! [`MemoryStore`]: the embedded store — entries in process memory, encoded as a shared
+//! store would hold them, version-guarded, with a TTL each.
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -79,7 +79,7 @@ async fn invalidation_reaches_every_subscriber() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagged_subscriber_gets_resync() {
-    let a = MemoryInvalidator::with_capacity(8);
+    let a = MemoryInvalidator::builder().capacity(8).build();
     let b = a.peer();
     let flood = async {
         // Overflow the 8-event buffer while the subscriber is not reading.

@@ -79,7 +79,7 @@ async fn refused_write_keeps_the_ttl_of_the_stored_entry() {
 
 #[tokio::test]
 async fn lag_reports_how_many_events_were_missed() {
-    let a = MemoryInvalidator::with_capacity(4);
+    let a = MemoryInvalidator::builder().capacity(4).build();
     let mut sub = a.subscribe().await.unwrap();
     for i in 0..10 {
         a.publish(&Invalidation::key(key(&format!("k{i}"))))

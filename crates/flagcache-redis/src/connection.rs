@@ -49,7 +49,8 @@ macro_rules! with_conn {
 }
 
 /// A connection and the [`Target`] it was opened from (which the pub/sub connections
-/// opened beside it and the callers' timeouts read).
+/// opened beside it and the callers' timeouts read). Clones share the connection.
+#[derive(Clone)]
 pub(crate) struct Connection {
     conn: Conn,
     target: Target,

@@ -161,6 +161,9 @@ struct Inner {
 /// subscription alive and reveal a lost last event. A subscription reconnects by itself
 /// and signals `Resync` before any event received after the reconnection.
 ///
+/// Built as every adapter's invalidator is: [`builder`](RedisInvalidator::builder),
+/// its settings, `build()` — or [`connect`](RedisInvalidator::connect) with the
+/// defaults; [`peer`](RedisInvalidator::peer) adds another node on the same channel.
 /// Clones are the same node.
 #[derive(Clone)]
 pub struct RedisInvalidator {
@@ -193,20 +196,19 @@ impl RedisInvalidator {
     }
 
     /// Another node on the same channel and server, with its own node id and sequence
-    /// (a simulated replica in tests). It opens its own connection.
-    ///
-    /// # Errors
-    /// As for [`RedisInvalidatorBuilder::build`].
-    pub async fn peer(&self) -> Result<Self> {
-        RedisInvalidatorBuilder {
-            target: self.inner.connection.target().clone(),
-            channel: self.inner.channel.clone(),
-            codec: self.inner.codec.clone(),
-            heartbeat: self.inner.heartbeat,
-            heartbeat_set: true,
+    /// (a simulated replica in tests). It publishes over this node's connection; its
+    /// subscriptions open their own, as every subscription does.
+    pub fn peer(&self) -> Self {
+        RedisInvalidator {
+            inner: Arc::new(Inner {
+                connection: self.inner.connection.clone(),
+                channel: self.inner.channel.clone(),
+                codec: self.inner.codec.clone(),
+                heartbeat: self.inner.heartbeat,
+                node: NodeId::random(),
+                send: Mutex::new(0),
+            }),
         }
-        .build()
-        .await
     }
 
     async fn send(&self, payload: Vec<u8>) -> Result<()> {

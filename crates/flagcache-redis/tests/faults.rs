@@ -22,7 +22,7 @@ async fn a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first()
     let mut server = RedisServer::start().unwrap();
     let store = store_with_timeouts(&server.url(), Duration::from_millis(300)).await;
     let publisher = invalidator_with_heartbeat(&server.url(), Duration::from_millis(100)).await;
-    let subscriber = publisher.peer().await.unwrap();
+    let subscriber = publisher.peer();
     let mut sub = subscriber.subscribe().await.unwrap();
     let k = key("k");
     store

@@ -98,7 +98,7 @@ async fn quiet_subscribers_publish_no_heartbeats() {
 async fn a_healthy_subscription_never_resyncs() {
     let server = RedisServer::start().unwrap();
     let a = invalidator_with_heartbeat(&server.url(), Duration::from_millis(20)).await;
-    let b = a.peer().await.unwrap();
+    let b = a.peer();
     let mut sub = b.subscribe().await.unwrap();
     let _a_sub = a.subscribe().await.unwrap(); // so A sends heartbeats too
     for i in 0..20 {

@@ -32,7 +32,7 @@ async fn store_and_invalidator_carry_on_after_a_failover() {
         .build()
         .await
         .unwrap();
-    let subscriber = publisher.peer().await.unwrap();
+    let subscriber = publisher.peer();
     let mut sub = subscriber.subscribe().await.unwrap();
     let k = key("k");
     let ttl = Duration::from_secs(60);

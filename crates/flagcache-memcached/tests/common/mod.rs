@@ -81,7 +81,11 @@ pub async fn replicas(
         let store = MemcachedStore::connect(&server.url()).await.unwrap();
         let mut builder = FlagCache::<String>::builder(store.clone(), load.clone());
         if let Some(every) = log_poll {
-            builder = builder.invalidator(MemcachedInvalidator::new(&store).poll_interval(every));
+            builder = builder.invalidator(
+                MemcachedInvalidator::builder(&store)
+                    .poll_interval(every)
+                    .build(),
+            );
         }
         replicas.push(
             builder
