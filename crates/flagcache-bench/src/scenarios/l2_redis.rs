@@ -1,0 +1,54 @@
+//! The L2-hit scenario over Redis: `FlagCache` with L1 off (and the Redis store
+//! alone) against a raw `redis-rs` GET of the same stored bytes on one multiplexed
+//! connection. The figures are ratios to the raw GET (see [`super::l2`]).
+
+use std::sync::Arc;
+
+use flagcache_redis::RedisStore;
+
+use super::l2::{l2_hit, l2_setup, L2Setup, MakeSetup};
+use super::rounds::op;
+use super::{err, Plan, Res, Section, Servers};
+
+/// L2 hit over Redis: `FlagCache` with L1 off against a raw `redis-rs` GET of the
+/// same stored bytes.
+pub async fn l2_hit_redis(servers: &mut Servers, plan: Plan) -> Res<Section> {
+    let url = servers.redis_url()?;
+    let make: MakeSetup = Arc::new(move || Box::pin(redis_l2_setup(url.clone())));
+    l2_hit("L2 hit, Redis", plan, make).await
+}
+
+async fn redis_l2_setup(url: String) -> Res<L2Setup> {
+    let store = RedisStore::builder()
+        .url(&url)
+        .namespace("bench-l2")
+        .build()
+        .await
+        .map_err(err)?;
+    let client = redis::Client::open(url.as_str()).map_err(err)?;
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(err)?;
+    let raw = move |names: Arc<Vec<String>>| {
+        op(move |task| {
+            let (mut conn, name) = (conn.clone(), names[task % names.len()].clone());
+            async move {
+                let v: Option<Vec<u8>> = redis::AsyncCommands::get(&mut conn, &name)
+                    .await
+                    .map_err(err)?;
+                match v {
+                    Some(b) if b.len() >= 1000 => Ok(()),
+                    _ => Err("raw GET missed".to_string()),
+                }
+            }
+        })
+    };
+    l2_setup(
+        "L2 hit, Redis",
+        store,
+        RedisStore::redis_key,
+        ("raw redis-rs GET", Box::new(raw)),
+    )
+    .await
+}
