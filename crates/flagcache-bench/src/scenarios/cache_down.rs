@@ -9,11 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use flagcache_core::{CacheStatus, FlagCache, FlagKey, StaleReason, Version};
+use flagcache_core::{CacheStatus, FlagCache, StaleReason};
 use flagcache_testkit::RedisServer;
 
 use super::replicas::redis_pair;
-use super::{err, key, payload, Check, Plan, Res, Row, Section};
+use super::{err, redis_conn, seeded_keys, Check, Plan, Res, Row, Section};
 use crate::source::Source;
 use crate::stats::Samples;
 
@@ -31,12 +31,7 @@ pub async fn cache_down(plan: Plan) -> Res<Section> {
     let url = server.url();
     let mut section = Section::default();
     let source = Source::new(Duration::from_millis(2));
-    let keys: Vec<FlagKey> = (0..FLAGS)
-        .map(|i| key(&format!("down.{i}")))
-        .collect::<Res<_>>()?;
-    for k in &keys {
-        source.set(k, payload(300), Version::new(1));
-    }
+    let keys = seeded_keys(&source, "down", FLAGS, 300)?;
     let mut caches = Vec::new();
     for i in 0..REPLICAS {
         let (store, inv) = redis_pair(&url, "bench-down", "bench-down").await?;
@@ -131,11 +126,7 @@ pub async fn cache_down(plan: Plan) -> Res<Section> {
 
     // Baseline: a raw GET per evaluation, with the same 50 ms limit.
     tokio::task::block_in_place(|| server.restart()).map_err(err)?;
-    let client = redis::Client::open(url.as_str()).map_err(err)?;
-    let conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(err)?;
+    let conn = redis_conn(&url).await?;
     let start = Instant::now();
     let kill_at = start + run_for / 3;
     let deadline = start + run_for;

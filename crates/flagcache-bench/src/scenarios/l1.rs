@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flagcache_core::{FlagCache, FlagKey, Version};
+use flagcache_core::{FlagCache, FlagKey};
 use futures_util::FutureExt;
 
-use super::{err, key, payload, Check, Plan, Res, Row, Section};
+use super::{err, payload, seeded_keys, Check, Plan, Res, Row, Section};
 use crate::source::Source;
 use crate::stats::Samples;
 
@@ -22,18 +22,13 @@ pub async fn l1_hit(plan: Plan) -> Res<Section> {
     const KEYS: usize = 1_000;
     let rounds = 5;
     let per_round = plan.n(2_000_000, 20_000);
-    let keys: Vec<FlagKey> = (0..KEYS)
-        .map(|i| key(&format!("flag.key.{i}")))
-        .collect::<Res<_>>()?;
+    let source = Source::new(Duration::ZERO);
+    let keys = seeded_keys(&source, "flag.key", KEYS, 100)?;
     let mut rng = fastrand::Rng::with_seed(7);
     let order: Vec<usize> = (0..4096).map(|_| rng.usize(..KEYS)).collect();
     let quick = quick_cache::sync::Cache::<FlagKey, (Arc<String>, u64)>::new(10_000);
     for k in &keys {
         quick.insert(k.clone(), (Arc::new(payload(100)), 1));
-    }
-    let source = Source::new(Duration::ZERO);
-    for k in &keys {
-        source.set(k, payload(100), Version::new(1));
     }
     let cache = FlagCache::<String>::builder(flagcache_memory::MemoryStore::new(), source.loader())
         .fresh_for(Duration::from_secs(3600))

@@ -8,7 +8,7 @@ use flagcache_redis::RedisStore;
 
 use super::l2::{l2_hit, l2_setup, L2Setup, MakeSetup};
 use super::rounds::op;
-use super::{err, Plan, Res, Section, Servers};
+use super::{err, redis_conn, Plan, Res, Section, Servers};
 
 /// L2 hit over Redis: `FlagCache` with L1 off against a raw `redis-rs` GET of the
 /// same stored bytes.
@@ -25,11 +25,7 @@ async fn redis_l2_setup(url: String) -> Res<L2Setup> {
         .build()
         .await
         .map_err(err)?;
-    let client = redis::Client::open(url.as_str()).map_err(err)?;
-    let conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(err)?;
+    let conn = redis_conn(&url).await?;
     let raw = move |names: Arc<Vec<String>>| {
         op(move |task| {
             let (mut conn, name) = (conn.clone(), names[task % names.len()].clone());

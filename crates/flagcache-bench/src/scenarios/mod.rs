@@ -1,6 +1,7 @@
 //! The scenarios, each beside its baseline in the same run (one file per scenario),
 //! and what they share: what a scenario is given ([`Plan`], [`Servers`]), what it adds
-//! to the report ([`Section`]), and the keys and payloads they read.
+//! to the report ([`Section`]), the keys and payloads they read, and the raw Redis
+//! connection of their baselines.
 
 mod cache_down;
 mod gate;
@@ -17,9 +18,10 @@ mod storm;
 
 use std::time::Duration;
 
-use flagcache_core::FlagKey;
+use flagcache_core::{FlagKey, Version};
 
 use crate::report::{Check, Row};
+use crate::source::Source;
 
 pub use cache_down::cache_down;
 pub use l1::l1_hit;
@@ -85,4 +87,22 @@ fn key(name: &str) -> Res<FlagKey> {
 /// A unique key per run, so reruns against a given server start cold.
 fn fresh_key(prefix: &str) -> Res<FlagKey> {
     key(&format!("{prefix}.{:x}", fastrand::u64(..)))
+}
+
+/// Keys `{prefix}.0` … `{prefix}.{count - 1}`, each set in `source` to a payload of
+/// `len` bytes at version 1.
+fn seeded_keys(source: &Source, prefix: &str, count: usize, len: usize) -> Res<Vec<FlagKey>> {
+    let keys: Vec<FlagKey> = (0..count)
+        .map(|i| key(&format!("{prefix}.{i}")))
+        .collect::<Res<_>>()?;
+    for k in &keys {
+        source.set(k, payload(len), Version::new(1));
+    }
+    Ok(keys)
+}
+
+/// A raw `redis-rs` multiplexed connection to `url`: the baselines' client.
+async fn redis_conn(url: &str) -> Res<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url).map_err(err)?;
+    client.get_multiplexed_async_connection().await.map_err(err)
 }

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flagcache_core::{FlagKey, Version};
+use flagcache_core::Version;
 
 use super::replicas::{redis_pair, replica};
-use super::{err, key, payload, Check, Plan, Res, Row, Section, Servers};
+use super::{err, payload, redis_conn, seeded_keys, Check, Plan, Res, Row, Section, Servers};
 use crate::source::Source;
 use crate::stats::Samples;
 
@@ -44,12 +44,7 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
     let mut section = Section::default();
     let source = Source::new(Duration::from_millis(2));
     let prefix = format!("rollout.{:x}", fastrand::u32(..));
-    let keys: Vec<FlagKey> = (0..FLAGS)
-        .map(|i| key(&format!("{prefix}.{i}")))
-        .collect::<Res<_>>()?;
-    for k in &keys {
-        source.set(k, payload(300), Version::new(1));
-    }
+    let keys = seeded_keys(&source, &prefix, FLAGS, 300)?;
     let channel = format!("bench-rollout-{prefix}");
     let mut caches = Vec::new();
     for i in 0..=REPLICAS {
@@ -165,11 +160,7 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
     drop(publisher);
 
     // Baseline: a raw GET per evaluation, the same pacing, half the time.
-    let client = redis::Client::open(url.as_str()).map_err(err)?;
-    let conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(err)?;
+    let conn = redis_conn(&url).await?;
     let names: Arc<Vec<String>> = Arc::new(keys.iter().map(|k| k.as_str().to_string()).collect());
     {
         let mut c = conn.clone();

@@ -25,24 +25,38 @@ impl Servers {
     }
 
     pub fn redis_url(&mut self) -> Res<String> {
-        if let Some(u) = &self.redis_url {
-            return Ok(u.clone());
-        }
-        let server = tokio::task::block_in_place(RedisServer::start).map_err(err)?;
-        let url = server.url();
-        self.redis = Some(server);
-        self.redis_url = Some(url.clone());
-        Ok(url)
+        url_or_start(
+            &mut self.redis_url,
+            &mut self.redis,
+            RedisServer::start,
+            RedisServer::url,
+        )
     }
 
     pub fn memcached_url(&mut self) -> Res<String> {
-        if let Some(u) = &self.memcached_url {
-            return Ok(u.clone());
-        }
-        let server = tokio::task::block_in_place(MemcachedServer::start).map_err(err)?;
-        let url = server.url();
-        self.memcached = Some(server);
-        self.memcached_url = Some(url.clone());
-        Ok(url)
+        url_or_start(
+            &mut self.memcached_url,
+            &mut self.memcached,
+            MemcachedServer::start,
+            MemcachedServer::url,
+        )
     }
+}
+
+/// The URL in `url`, or that of a server started now and kept in `server` (and its URL
+/// in `url`).
+fn url_or_start<S, E: std::fmt::Display>(
+    url: &mut Option<String>,
+    server: &mut Option<S>,
+    start: fn() -> Result<S, E>,
+    url_of: fn(&S) -> String,
+) -> Res<String> {
+    if let Some(u) = url {
+        return Ok(u.clone());
+    }
+    let started = tokio::task::block_in_place(start).map_err(err)?;
+    let u = url_of(&started);
+    *server = Some(started);
+    *url = Some(u.clone());
+    Ok(u)
 }

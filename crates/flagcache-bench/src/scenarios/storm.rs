@@ -16,17 +16,13 @@ use flagcache_core::{FlagCache, Version};
 use flagcache_redis::{RedisLock, RedisStore};
 
 use super::gate::storm;
-use super::{err, fresh_key, payload, Check, Plan, Res, Row, Section, Servers};
+use super::{err, fresh_key, payload, redis_conn, Check, Plan, Res, Row, Section, Servers};
 use crate::source::Source;
 use crate::stats::Samples;
 
 /// The median round trip of a raw PING: the unit of the storm's bound.
 async fn redis_rtt(url: &str) -> Res<Duration> {
-    let client = redis::Client::open(url).map_err(err)?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(err)?;
+    let mut conn = redis_conn(url).await?;
     let mut s = Samples::default();
     for _ in 0..200 {
         let t = Instant::now();
@@ -60,10 +56,7 @@ pub async fn cold_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
         total,
         move |_| {
             let url = raw_url.clone();
-            Box::pin(async move {
-                let client = redis::Client::open(url.as_str()).map_err(err)?;
-                client.get_multiplexed_async_connection().await.map_err(err)
-            })
+            Box::pin(async move { redis_conn(&url).await })
         },
         move |conn, _| {
             let (mut conn, k, loader) = (conn.clone(), k.clone(), loader.clone());
