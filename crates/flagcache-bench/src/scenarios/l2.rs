@@ -14,13 +14,16 @@ use std::time::Duration;
 
 use flagcache_core::{FlagCache, FlagKey, Version};
 
-use super::rounds::{measure, op, Contenders, Op};
+use super::rounds::{keyed_op, measure, Contenders, Op};
 use super::{err, fresh_key, key, payload, Check, Plan, Res, Section};
 use crate::source::Source;
 
 /// Tasks in the throughput comparison; each reads its own key, so that `FlagCache`'s
 /// coalescing of concurrent reads of one key does not flatter it.
 const TASKS: usize = 50;
+
+/// The size of every value read, in bytes.
+const VALUE_LEN: usize = 1000;
 
 /// One key per task, each holding a 1 KiB value in L2.
 async fn l2_keys(cache: &FlagCache<String>, prefix: &str) -> Res<Vec<FlagKey>> {
@@ -29,7 +32,7 @@ async fn l2_keys(cache: &FlagCache<String>, prefix: &str) -> Res<Vec<FlagKey>> {
     for i in 0..TASKS {
         let k = key(&format!("{run}.{i}"))?;
         cache
-            .set(&k, payload(1000), Version::new(1))
+            .set(&k, payload(VALUE_LEN), Version::new(1))
             .await
             .map_err(err)?;
         keys.push(k);
@@ -37,36 +40,37 @@ async fn l2_keys(cache: &FlagCache<String>, prefix: &str) -> Res<Vec<FlagKey>> {
     Ok(keys)
 }
 
+/// A raw client's answer, which must be a whole stored value; `what` names the read
+/// in the error.
+pub(super) fn raw_hit(value: Option<Vec<u8>>, what: &str) -> Res<()> {
+    match value {
+        Some(b) if b.len() >= VALUE_LEN => Ok(()),
+        _ => Err(format!("{what} missed")),
+    }
+}
+
 /// A store read of the task's key that must hit.
 fn store_op<S: flagcache_core::FlagStore + Clone + 'static>(store: &S, keys: &[FlagKey]) -> Op {
-    let (store, keys) = (store.clone(), Arc::new(keys.to_vec()));
-    op(move |task| {
-        let (store, key) = (store.clone(), keys[task % keys.len()].clone());
-        async move {
-            match store.get(&key).await.map_err(err)? {
-                Some(_) => Ok(()),
-                None => Err(format!("{key}: not in the store")),
-            }
+    keyed_op(store.clone(), keys.to_vec(), |store, key| async move {
+        match store.get(&key).await.map_err(err)? {
+            Some(_) => Ok(()),
+            None => Err(format!("{key}: not in the store")),
         }
     })
 }
 
 /// A `FlagCache` read of the task's key that must hit.
 fn cache_op(cache: &FlagCache<String>, keys: &[FlagKey]) -> Op {
-    let (cache, keys) = (cache.clone(), Arc::new(keys.to_vec()));
-    op(move |task| {
-        let (cache, key) = (cache.clone(), keys[task % keys.len()].clone());
-        async move {
-            match cache.get(&key).await.map_err(err)? {
-                Some(_) => Ok(()),
-                None => Err(format!("{key}: no value")),
-            }
+    keyed_op(cache.clone(), keys.to_vec(), |cache, key| async move {
+        match cache.get(&key).await.map_err(err)? {
+            Some(_) => Ok(()),
+            None => Err(format!("{key}: no value")),
         }
     })
 }
 
 /// Builds the raw client's operation from each key's name in the store.
-type MakeOp = Box<dyn FnOnce(Arc<Vec<String>>) -> Op + Send>;
+type MakeOp = Box<dyn FnOnce(Vec<String>) -> Op + Send>;
 
 /// What an L2-hit scenario compares, and the source whose calls must stay at zero.
 pub(super) struct L2Setup {
@@ -98,7 +102,7 @@ where
         .await
         .map_err(err)?;
     let keys = l2_keys(&cache, "l2").await?;
-    let names = Arc::new(keys.iter().map(|k| name_of(&store, k)).collect());
+    let names = keys.iter().map(|k| name_of(&store, k)).collect();
     let (raw_name, make_raw) = raw;
     Ok(L2Setup {
         contenders: [

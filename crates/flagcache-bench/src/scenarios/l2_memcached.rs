@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use flagcache_memcached::MemcachedStore;
 
-use super::l2::{l2_hit, l2_setup, L2Setup, MakeSetup};
-use super::rounds::op;
+use super::l2::{l2_hit, l2_setup, raw_hit, L2Setup, MakeSetup};
+use super::rounds::keyed_op;
 use super::{err, Plan, Res, Section, Servers};
 
 /// A small pool of raw `async-memcached` clients: the baseline's fair equivalent of
@@ -63,15 +63,9 @@ async fn memcached_l2_setup(url: String) -> Res<L2Setup> {
         conns: std::sync::Mutex::new(Vec::new()),
         permits: tokio::sync::Semaphore::new(POOL),
     });
-    let raw = move |names: Arc<Vec<String>>| {
-        op(move |task| {
-            let (pool, name) = (pool.clone(), names[task % names.len()].clone());
-            async move {
-                match pool.get(&name).await? {
-                    Some(b) if b.len() >= 1000 => Ok(()),
-                    _ => Err("raw get missed".to_string()),
-                }
-            }
+    let raw = move |names: Vec<String>| {
+        keyed_op(pool, names, |pool, name| async move {
+            raw_hit(pool.get(&name).await?, "raw get")
         })
     };
     l2_setup(

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use flagcache_redis::RedisStore;
 
-use super::l2::{l2_hit, l2_setup, L2Setup, MakeSetup};
-use super::rounds::op;
+use super::l2::{l2_hit, l2_setup, raw_hit, L2Setup, MakeSetup};
+use super::replicas::redis_store;
+use super::rounds::keyed_op;
 use super::{err, redis_conn, Plan, Res, Section, Servers};
 
 /// L2 hit over Redis: `FlagCache` with L1 off against a raw `redis-rs` GET of the
@@ -19,25 +20,14 @@ pub async fn l2_hit_redis(servers: &mut Servers, plan: Plan) -> Res<Section> {
 }
 
 async fn redis_l2_setup(url: String) -> Res<L2Setup> {
-    let store = RedisStore::builder()
-        .url(&url)
-        .namespace("bench-l2")
-        .build()
-        .await
-        .map_err(err)?;
+    let store = redis_store(&url, "bench-l2").await?;
     let conn = redis_conn(&url).await?;
-    let raw = move |names: Arc<Vec<String>>| {
-        op(move |task| {
-            let (mut conn, name) = (conn.clone(), names[task % names.len()].clone());
-            async move {
-                let v: Option<Vec<u8>> = redis::AsyncCommands::get(&mut conn, &name)
-                    .await
-                    .map_err(err)?;
-                match v {
-                    Some(b) if b.len() >= 1000 => Ok(()),
-                    _ => Err("raw GET missed".to_string()),
-                }
-            }
+    let raw = move |names: Vec<String>| {
+        keyed_op(conn, names, |mut conn, name| async move {
+            let v: Option<Vec<u8>> = redis::AsyncCommands::get(&mut conn, &name)
+                .await
+                .map_err(err)?;
+            raw_hit(v, "raw GET")
         })
     };
     l2_setup(

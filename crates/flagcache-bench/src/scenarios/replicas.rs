@@ -10,18 +10,23 @@ use flagcache_redis::{RedisInvalidator, RedisStore};
 use super::{err, Res};
 use crate::source::Source;
 
+/// A replica's Redis store, under `namespace`.
+pub(super) async fn redis_store(url: &str, namespace: &str) -> Res<RedisStore> {
+    RedisStore::builder()
+        .url(url)
+        .namespace(namespace)
+        .build()
+        .await
+        .map_err(err)
+}
+
 /// A replica's Redis store (under `namespace`) and invalidator (on `channel`).
 pub(super) async fn redis_pair(
     url: &str,
     namespace: &str,
     channel: &str,
 ) -> Res<(RedisStore, RedisInvalidator)> {
-    let store = RedisStore::builder()
-        .url(url)
-        .namespace(namespace)
-        .build()
-        .await
-        .map_err(err)?;
+    let store = redis_store(url, namespace).await?;
     let inv = RedisInvalidator::builder()
         .url(url)
         .channel(channel)

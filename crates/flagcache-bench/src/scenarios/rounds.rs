@@ -75,10 +75,14 @@ pub(super) async fn measure(
     Ok((rows, figures))
 }
 
-pub(super) fn op<F, Fut>(f: F) -> Op
+/// An operation that reads the task's key, `keys[task % keys.len()]`, through its own
+/// clone of `client`: `read(client, key)`.
+pub(super) fn keyed_op<C, K, F, Fut>(client: C, keys: Vec<K>, read: F) -> Op
 where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    C: Clone + Send + Sync + 'static,
+    K: Clone + Send + Sync + 'static,
+    F: Fn(C, K) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Res<()>> + Send + 'static,
 {
-    Arc::new(move |task| Box::pin(f(task)) as BoxFut)
+    Arc::new(move |task| Box::pin(read(client.clone(), keys[task % keys.len()].clone())) as BoxFut)
 }

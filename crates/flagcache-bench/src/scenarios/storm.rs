@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flagcache_core::{FlagCache, Version};
-use flagcache_redis::{RedisLock, RedisStore};
+use flagcache_redis::RedisLock;
 
 use super::gate::storm;
+use super::replicas::redis_store;
 use super::{err, fresh_key, payload, redis_conn, Check, Plan, Res, Row, Section, Servers};
 use crate::source::Source;
 use crate::stats::Samples;
@@ -130,12 +131,7 @@ pub async fn cold_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
         move |r| {
             let (url, source) = (url.clone(), loader.clone());
             Box::pin(async move {
-                let store = RedisStore::builder()
-                    .url(&url)
-                    .namespace("bench-storm")
-                    .build()
-                    .await
-                    .map_err(err)?;
+                let store = redis_store(&url, "bench-storm").await?;
                 let lock = RedisLock::new(&store);
                 FlagCache::<String>::builder(store, source.loader())
                     .name(format!("storm-{r}"))
