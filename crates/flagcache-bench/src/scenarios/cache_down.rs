@@ -9,22 +9,161 @@
 
 use std::time::{Duration, Instant};
 
-use flagcache_core::{CacheStatus, FlagCache, StaleReason};
+use flagcache_core::{CacheStatus, FlagCache, FlagKey, Lookup, StaleReason};
 use flagcache_testkit::RedisServer;
+use tokio::time::error::Elapsed;
 
+use super::paced::{self, Pace, Reader};
 use super::replicas::redis_pair;
 use super::{err, redis_conn, seeded_keys, Check, Plan, Res, Row, Section};
 use crate::source::Source;
-use crate::stats::Samples;
+use crate::stats::{Samples, Summary};
+
+const REPLICAS: usize = 4;
+/// Reading tasks per replica.
+const TASKS: usize = 16;
+const FLAGS: usize = 50;
+/// `FlagCache`'s limit on an L2 read and on a load, and the baseline's on a GET.
+const L2_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// What the tasks of one contender saw after the kill.
+#[derive(Debug, Default)]
+struct AfterKill {
+    /// Every evaluation's latency.
+    evaluations: Samples,
+    /// The latency of the evaluations answered from fail-safe.
+    fail_safe: Samples,
+    errors: u64,
+    /// Evaluations that waited for the 50 ms limit.
+    timeouts: u64,
+}
+
+impl AfterKill {
+    fn add(&mut self, other: AfterKill) {
+        self.evaluations.extend(other.evaluations);
+        self.fail_safe.extend(other.fail_safe);
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+    }
+
+    /// A row of `latency`, with these counts.
+    fn row(&self, scenario: &str, contender: &str, latency: Summary) -> Row {
+        Row::new(scenario, contender, latency)
+            .count("evaluations after kill", self.evaluations.len() as f64)
+            .count("paid a timeout", self.timeouts as f64)
+            .count("errors", self.errors as f64)
+    }
+}
+
+/// A task evaluating one flag after another through `client`, and what it saw after
+/// the kill.
+struct Task<C> {
+    client: C,
+    rng: fastrand::Rng,
+    kill_at: Instant,
+    seen: AfterKill,
+}
+
+/// A replica, and the flags its tasks evaluate.
+struct Replica {
+    cache: FlagCache<String>,
+    keys: Vec<FlagKey>,
+}
+
+impl Reader for Task<Replica> {
+    type Answer = flagcache_core::Result<Lookup<String>>;
+
+    async fn read(&mut self) -> Self::Answer {
+        let Replica { cache, keys } = &self.client;
+        cache.lookup(&keys[self.rng.usize(..FLAGS)]).await
+    }
+
+    fn record(&mut self, at: Instant, took: Duration, answer: Self::Answer) -> Res<()> {
+        if at >= self.kill_at {
+            let seen = &mut self.seen;
+            seen.evaluations.push(took);
+            if took >= L2_TIMEOUT {
+                seen.timeouts += 1;
+            }
+            match answer {
+                Ok(l) if l.status == CacheStatus::Stale(StaleReason::FailSafe) => {
+                    seen.fail_safe.push(took)
+                }
+                Ok(_) => {}
+                Err(_) => seen.errors += 1,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The baseline's task: a raw GET per evaluation, with the same limit.
+impl Reader for Task<redis::aio::MultiplexedConnection> {
+    type Answer = Result<redis::RedisResult<Option<Vec<u8>>>, Elapsed>;
+
+    async fn read(&mut self) -> Self::Answer {
+        let name = format!("down.{}", self.rng.usize(..FLAGS));
+        tokio::time::timeout(
+            L2_TIMEOUT,
+            redis::AsyncCommands::get(&mut self.client, name),
+        )
+        .await
+    }
+
+    fn record(&mut self, at: Instant, took: Duration, answer: Self::Answer) -> Res<()> {
+        if at >= self.kill_at {
+            let seen = &mut self.seen;
+            seen.evaluations.push(took);
+            match answer {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => seen.errors += 1,
+                Err(_) => {
+                    seen.errors += 1;
+                    seen.timeouts += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One task per client, each evaluating a flag every 1 ms for `run_for`, with `kill`
+/// called a third of the way through; what the tasks saw after it.
+async fn phase<C>(
+    clients: impl IntoIterator<Item = C>,
+    run_for: Duration,
+    kill: impl FnOnce(),
+) -> Res<AfterKill>
+where
+    Task<C>: Reader,
+{
+    let start = Instant::now();
+    let kill_at = start + run_for / 3;
+    let tasks = clients.into_iter().map(|client| Task {
+        client,
+        rng: fastrand::Rng::new(),
+        kill_at,
+        seen: AfterKill::default(),
+    });
+    let pace = Pace {
+        reads: 1,
+        pause: Duration::from_millis(1),
+        until: start + run_for,
+    };
+    let running = paced::spawn(tasks, pace);
+    tokio::time::sleep_until(kill_at.into()).await;
+    kill();
+    let mut seen = AfterKill::default();
+    for task in running.join().await? {
+        seen.add(task.seen);
+    }
+    Ok(seen)
+}
 
 /// Cache down: Redis is killed a third of the way through (and the control plane
 /// goes down with it); `FlagCache` keeps answering from fail-safe, against a raw GET
 /// per evaluation. Uses its own Redis.
 pub async fn cache_down(plan: Plan) -> Res<Section> {
-    const REPLICAS: usize = 4;
-    const TASKS: usize = 16;
-    const FLAGS: usize = 50;
-    let l2_timeout = Duration::from_millis(50);
     let run_for = plan.secs(6.0, 1.5);
     let scenario = format!("cache down, {REPLICAS}×{TASKS} tasks, Redis killed at ⅓");
     let mut server = tokio::task::block_in_place(RedisServer::start).map_err(err)?;
@@ -40,8 +179,8 @@ pub async fn cache_down(plan: Plan) -> Res<Section> {
             .invalidator(inv)
             .fresh_for(Duration::from_millis(200))
             .max_staleness(Duration::from_secs(600))
-            .l2_timeout(l2_timeout)
-            .loader_timeout(l2_timeout)
+            .l2_timeout(L2_TIMEOUT)
+            .loader_timeout(L2_TIMEOUT)
             .circuit_breaker(3, Duration::from_secs(1))
             .build()
             .await
@@ -49,136 +188,54 @@ pub async fn cache_down(plan: Plan) -> Res<Section> {
         cache.warm(&keys).await;
         caches.push(cache);
     }
-    let start = Instant::now();
-    let kill_at = start + run_for / 3;
-    let deadline = start + run_for;
-    let handles: Vec<_> = (0..REPLICAS * TASKS)
-        .map(|t| {
-            let (cache, keys) = (caches[t % REPLICAS].clone(), keys.clone());
-            tokio::spawn(async move {
-                let mut after = Samples::default();
-                let mut fail_safe = Samples::default();
-                let (mut errors, mut timeouts) = (0u64, 0u64);
-                let mut rng = fastrand::Rng::new();
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let got = cache.lookup(&keys[rng.usize(..FLAGS)]).await;
-                    let took = t.elapsed();
-                    if t >= kill_at {
-                        after.push(took);
-                        if took >= l2_timeout {
-                            timeouts += 1;
-                        }
-                        match got {
-                            Ok(l) if l.status == CacheStatus::Stale(StaleReason::FailSafe) => {
-                                fail_safe.push(took)
-                            }
-                            Ok(_) => {}
-                            Err(_) => errors += 1,
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                (after, fail_safe, errors, timeouts)
-            })
-        })
-        .collect();
-    tokio::time::sleep_until(kill_at.into()).await;
-    server.stop();
-    source.go_down();
-    let (mut after, mut fail_safe, mut errors, mut timeouts) =
-        (Samples::default(), Samples::default(), 0, 0);
-    for h in handles {
-        let (a, f, e, t) = h.await.map_err(err)?;
-        after.extend(a);
-        fail_safe.extend(f);
-        errors += e;
-        timeouts += t;
-    }
-    let served = after.len();
-    let fail_safe_count = fail_safe.len();
-    let fs = fail_safe.summary();
+    let replicas = (0..REPLICAS * TASKS).map(|t| Replica {
+        cache: caches[t % REPLICAS].clone(),
+        keys: keys.clone(),
+    });
+    let mut seen = phase(replicas, run_for, || {
+        server.stop();
+        source.go_down();
+    })
+    .await?;
+    let fail_safe = std::mem::take(&mut seen.fail_safe);
     section.checks.push(
         Check::at_most(
             "cache down: failed evaluations",
-            errors as f64,
+            seen.errors as f64,
             0.0,
             "reads",
         )
         .correctness(),
     );
+    let fail_safe_count = fail_safe.len() as f64;
     section.rows.push(
-        Row::new(&scenario, "FlagCache, fail-safe answers", fs)
-            .count("evaluations after kill", served as f64)
-            .count("fail-safe", fail_safe_count as f64)
-            .count("paid a timeout", timeouts as f64)
-            .count("errors", errors as f64),
+        seen.row(
+            &scenario,
+            "FlagCache, fail-safe answers",
+            fail_safe.summary(),
+        )
+        .count("fail-safe", fail_safe_count),
     );
+    let served = seen.evaluations.len() as f64;
     section.rows.push(
         Row::new(
             &scenario,
             "FlagCache, every evaluation after kill",
-            after.summary(),
+            seen.evaluations.summary(),
         )
-        .count("evaluations after kill", served as f64),
+        .count("evaluations after kill", served),
     );
     drop(caches);
 
     // Baseline: a raw GET per evaluation, with the same 50 ms limit.
     tokio::task::block_in_place(|| server.restart()).map_err(err)?;
     let conn = redis_conn(&url).await?;
-    let start = Instant::now();
-    let kill_at = start + run_for / 3;
-    let deadline = start + run_for;
-    let handles: Vec<_> = (0..REPLICAS * TASKS)
-        .map(|_| {
-            let mut conn = conn.clone();
-            tokio::spawn(async move {
-                let mut after = Samples::default();
-                let (mut errors, mut timeouts) = (0u64, 0u64);
-                let mut rng = fastrand::Rng::new();
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let name = format!("down.{}", rng.usize(..FLAGS));
-                    let got = tokio::time::timeout(
-                        l2_timeout,
-                        redis::AsyncCommands::get::<_, Option<Vec<u8>>>(&mut conn, name),
-                    )
-                    .await;
-                    let took = t.elapsed();
-                    if t >= kill_at {
-                        after.push(took);
-                        match got {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(_)) => errors += 1,
-                            Err(_) => {
-                                errors += 1;
-                                timeouts += 1;
-                            }
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                (after, errors, timeouts)
-            })
-        })
-        .collect();
-    tokio::time::sleep_until(kill_at.into()).await;
-    server.stop();
-    let (mut after, mut errors, mut timeouts) = (Samples::default(), 0, 0);
-    for h in handles {
-        let (a, e, t) = h.await.map_err(err)?;
-        after.extend(a);
-        errors += e;
-        timeouts += t;
-    }
-    let served = after.len();
+    let conns = (0..REPLICAS * TASKS).map(|_| conn.clone());
+    let seen = phase(conns, run_for, || server.stop()).await?;
+    let latency = seen.evaluations.clone().summary();
     section.rows.insert(
         0,
-        Row::new(&scenario, "raw redis-rs GET, 50 ms limit", after.summary())
-            .count("evaluations after kill", served as f64)
-            .count("paid a timeout", timeouts as f64)
-            .count("errors", errors as f64),
+        seen.row(&scenario, "raw redis-rs GET, 50 ms limit", latency),
     );
     Ok(section)
 }

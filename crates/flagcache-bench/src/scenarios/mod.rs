@@ -9,6 +9,7 @@ mod l1;
 mod l2;
 mod l2_memcached;
 mod l2_redis;
+mod paced;
 mod propagation;
 mod replicas;
 mod rollout;

@@ -6,16 +6,34 @@
 //! second, and stale reads — a read of an older version than the latest flip, counted
 //! within 10 ms of the flip (allowed) and later (not allowed).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flagcache_core::Version;
+use flagcache_core::{FlagCache, FlagKey, Lookup, Version};
 
+use super::paced::{self, Pace, Reader};
 use super::replicas::{redis_pair, replica};
 use super::{err, payload, redis_conn, seeded_keys, Check, Plan, Res, Row, Section, Servers};
 use crate::source::Source;
 use crate::stats::Samples;
+
+const REPLICAS: usize = 8;
+/// Reading tasks per replica.
+const TASKS: usize = 64;
+const FLAGS: usize = 200;
+/// How long after a flip a read of the older version is allowed.
+const BOUND: Duration = Duration::from_millis(10);
+
+/// One request: 10 evaluations, then the next request in 10 ms.
+fn request_pace(until: Instant) -> Pace {
+    Pace {
+        reads: 10,
+        pause: Duration::from_millis(10),
+        until,
+    }
+}
 
 /// The latest flip of each flag, for the stale-read check: the version, and when its
 /// `set` returned (µs since the run's start). The time is written before the version.
@@ -31,13 +49,80 @@ impl Flips {
     }
 }
 
+/// A task evaluating flags on one replica, and what it saw.
+struct CacheReader {
+    cache: FlagCache<String>,
+    keys: Vec<FlagKey>,
+    flips: Arc<Flips>,
+    rng: fastrand::Rng,
+    /// The latest flip of the flag being read, as the read starts: its version, and
+    /// when its `set` returned.
+    pending: (u64, u64),
+    samples: Samples,
+    stale_within: u64,
+    stale_past: u64,
+    errors: u64,
+}
+
+impl Reader for CacheReader {
+    type Answer = flagcache_core::Result<Lookup<String>>;
+
+    fn read(&mut self) -> impl Future<Output = Self::Answer> + Send + '_ {
+        let i = self.rng.usize(..FLAGS);
+        self.pending = (
+            self.flips.version[i].load(Ordering::Acquire),
+            self.flips.done_at_us[i].load(Ordering::Acquire),
+        );
+        self.cache.lookup(&self.keys[i])
+    }
+
+    fn record(&mut self, _: Instant, took: Duration, answer: Self::Answer) -> Res<()> {
+        self.samples.push(took);
+        let (latest, done) = self.pending;
+        match answer {
+            Ok(l) => {
+                let v = l.version.map_or(0, |v| v.get());
+                if v < latest {
+                    let late = self.flips.now_us().saturating_sub(done);
+                    if late > BOUND.as_micros() as u64 {
+                        self.stale_past += 1;
+                    } else {
+                        self.stale_within += 1;
+                    }
+                }
+            }
+            Err(_) => self.errors += 1,
+        }
+        Ok(())
+    }
+}
+
+/// A task of the baseline: a raw GET per evaluation.
+struct RawReader {
+    conn: redis::aio::MultiplexedConnection,
+    names: Arc<Vec<String>>,
+    rng: fastrand::Rng,
+    samples: Samples,
+}
+
+impl Reader for RawReader {
+    type Answer = redis::RedisResult<Option<Vec<u8>>>;
+
+    async fn read(&mut self) -> Self::Answer {
+        let name = &self.names[self.rng.usize(..FLAGS)];
+        redis::AsyncCommands::get(&mut self.conn, name).await
+    }
+
+    fn record(&mut self, _: Instant, took: Duration, answer: Self::Answer) -> Res<()> {
+        answer.map_err(err)?;
+        self.samples.push(took);
+        Ok(())
+    }
+}
+
 /// Rollout storm: 8 replicas × 64 tasks evaluating 200 flags (L1 + Redis) while a
 /// publisher flips one flag every 100 ms; against a raw GET per evaluation.
 pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
-    const REPLICAS: usize = 8;
-    const TASKS: usize = 64;
-    const FLAGS: usize = 200;
-    const BOUND: Duration = Duration::from_millis(10);
     let url = servers.redis_url()?;
     let run_for = plan.secs(10.0, 1.0);
     let scenario = format!("rollout storm, {REPLICAS}×{TASKS} tasks, {FLAGS} flags");
@@ -60,47 +145,19 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
         version: (0..FLAGS).map(|_| AtomicU64::new(1)).collect(),
         done_at_us: (0..FLAGS).map(|_| AtomicU64::new(0)).collect(),
     });
-    let stale_within = Arc::new(AtomicU64::new(0));
-    let stale_past = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + run_for;
-    let mut handles = Vec::new();
-    for r in 0..REPLICAS * TASKS {
-        let cache = caches[r % REPLICAS].clone();
-        let (keys, flips) = (keys.clone(), flips.clone());
-        let (within, past) = (stale_within.clone(), stale_past.clone());
-        handles.push(tokio::spawn(async move {
-            let mut s = Samples::with_capacity(10_000);
-            let mut errors = 0u64;
-            let mut rng = fastrand::Rng::new();
-            while Instant::now() < deadline {
-                // One request: 10 evaluations, then the next request in 10 ms.
-                for _ in 0..10 {
-                    let i = rng.usize(..FLAGS);
-                    let latest = flips.version[i].load(Ordering::Acquire);
-                    let done = flips.done_at_us[i].load(Ordering::Acquire);
-                    let t = Instant::now();
-                    let got = cache.lookup(&keys[i]).await;
-                    s.push(t.elapsed());
-                    match got {
-                        Ok(l) => {
-                            let v = l.version.map_or(0, |v| v.get());
-                            if v < latest {
-                                let late = flips.now_us().saturating_sub(done);
-                                if late > BOUND.as_micros() as u64 {
-                                    past.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    within.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (s, errors)
-        }));
-    }
+    let readers = (0..REPLICAS * TASKS).map(|r| CacheReader {
+        cache: caches[r % REPLICAS].clone(),
+        keys: keys.clone(),
+        flips: flips.clone(),
+        rng: fastrand::Rng::new(),
+        pending: (0, 0),
+        samples: Samples::with_capacity(10_000),
+        stale_within: 0,
+        stale_past: 0,
+        errors: 0,
+    });
+    let running = paced::spawn(readers, request_pace(deadline));
     // The publisher: one flip every 100 ms.
     let mut flipped = 0u64;
     let mut version = 1u64;
@@ -118,16 +175,15 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
         flips.version[i].store(version, Ordering::Release);
         flipped += 1;
     }
-    let mut samples = Samples::default();
-    let mut errors = 0;
-    for h in handles {
-        let (s, e) = h.await.map_err(err)?;
-        samples.extend(s);
-        errors += e;
+    let (mut samples, mut within, mut past, mut errors) = (Samples::default(), 0, 0, 0);
+    for r in running.join().await? {
+        samples.extend(r.samples);
+        within += r.stale_within;
+        past += r.stale_past;
+        errors += r.errors;
     }
     let evaluations = samples.len();
     let summary = samples.summary();
-    let past = stale_past.load(Ordering::SeqCst);
     section.checks.push(Check::at_most(
         "rollout storm: p99 evaluation with L1",
         summary.p99_us,
@@ -151,7 +207,7 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
             .ops(evaluations as f64 / run_for.as_secs_f64())
             .count("evaluations", evaluations as f64)
             .count("flips", flipped as f64)
-            .count("stale ≤ bound", stale_within.load(Ordering::SeqCst) as f64)
+            .count("stale ≤ bound", within as f64)
             .count("stale > bound", past as f64)
             .count("loader calls", (source.calls() - loads_before) as f64)
             .count("errors", errors as f64),
@@ -171,31 +227,16 @@ pub async fn rollout_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
         }
     }
     let run_for = run_for / 2;
-    let deadline = Instant::now() + run_for;
-    let handles: Vec<_> = (0..REPLICAS * TASKS)
-        .map(|_| {
-            let (mut conn, names) = (conn.clone(), names.clone());
-            tokio::spawn(async move {
-                let mut s = Samples::with_capacity(5_000);
-                let mut rng = fastrand::Rng::new();
-                while Instant::now() < deadline {
-                    for _ in 0..10 {
-                        let t = Instant::now();
-                        let _: Option<Vec<u8>> =
-                            redis::AsyncCommands::get(&mut conn, &names[rng.usize(..FLAGS)])
-                                .await
-                                .map_err(err)?;
-                        s.push(t.elapsed());
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Ok::<_, String>(s)
-            })
-        })
-        .collect();
+    let readers = (0..REPLICAS * TASKS).map(|_| RawReader {
+        conn: conn.clone(),
+        names: names.clone(),
+        rng: fastrand::Rng::new(),
+        samples: Samples::with_capacity(5_000),
+    });
+    let running = paced::spawn(readers, request_pace(Instant::now() + run_for));
     let mut samples = Samples::default();
-    for h in handles {
-        samples.extend(h.await.map_err(err)??);
+    for r in running.join().await? {
+        samples.extend(r.samples);
     }
     let evaluations = samples.len();
     section.rows.insert(
