@@ -123,7 +123,8 @@ where
 /// their own clients: there, the reading task and the client's connection driver
 /// always share the thread. On the multi-threaded runtime, whether they happen to
 /// land on the same worker moves p50 by a factor of 3 either way — for the raw
-/// client and ours alike — and the ratio measured the scheduler, not the code.
+/// client and ours alike — so a ratio measured there measures the scheduler, not
+/// the code.
 pub(super) async fn l2_hit(scenario: &str, plan: Plan, make: MakeSetup) -> Res<Section> {
     let mut section = Section::default();
     let (one, one_calls) = {

@@ -36,7 +36,8 @@ pub(super) async fn redis_pair(
     Ok((store, inv))
 }
 
-/// Replicas sharing one backend: the store and invalidator of replica `i`.
+/// Replica `name`: a `FlagCache` over `store` and `inv` that loads from `source`; its
+/// L1 serves an entry as fresh for 5 minutes, longer than a scenario runs.
 pub(super) async fn replica<S, I>(
     name: String,
     source: &Arc<Source>,
