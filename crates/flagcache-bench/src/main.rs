@@ -4,13 +4,14 @@
 //!
 //! ```text
 //! cargo run --release -p flagcache-bench -- [--quick] [--only NAME,…] [--out DIR]
-//!     [--readme README.md] [--redis URL] [--memcached URL]
+//!     [--benchmarks BENCHMARKS.md] [--redis URL] [--memcached URL]
 //! ```
 //!
 //! Scenarios: `l1`, `l2-redis`, `l2-memcached`, `storm`, `rollout`, `propagation`,
 //! `down`. `--quick` runs each with tiny counts (a smoke run: figures mean nothing,
 //! but every path runs and the correctness targets must hold). The exit status is
-//! non-zero when a scenario fails or a correctness target is missed.
+//! non-zero when a scenario fails or a correctness target is missed. `--benchmarks
+//! FILE` rewrites the block between the bench markers in FILE with this run's tables.
 //!
 //! The runtime has one worker per core; `BENCH_WORKERS=N` overrides it.
 
@@ -40,7 +41,7 @@ struct Args {
     quick: bool,
     only: Vec<String>,
     out: PathBuf,
-    readme: Option<PathBuf>,
+    benchmarks: Option<PathBuf>,
     redis: Option<String>,
     memcached: Option<String>,
 }
@@ -50,7 +51,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Res<Args> {
         quick: false,
         only: ALL.iter().map(|s| s.to_string()).collect(),
         out: PathBuf::from("target/bench"),
-        readme: None,
+        benchmarks: None,
         redis: None,
         memcached: None,
     };
@@ -65,12 +66,12 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Res<Args> {
                 }
             }
             "--out" => args.out = PathBuf::from(value()?),
-            "--readme" => args.readme = Some(PathBuf::from(value()?)),
+            "--benchmarks" => args.benchmarks = Some(PathBuf::from(value()?)),
             "--redis" => args.redis = Some(value()?),
             "--memcached" => args.memcached = Some(value()?),
             "-h" | "--help" => {
                 return Err(format!(
-                    "usage: flagcache-bench [--quick] [--only {}] [--out DIR] [--readme FILE] [--redis URL] [--memcached URL]",
+                    "usage: flagcache-bench [--quick] [--only {}] [--out DIR] [--benchmarks FILE] [--redis URL] [--memcached URL]",
                     ALL.join(",")
                 ))
             }
@@ -140,8 +141,8 @@ fn main() -> ExitCode {
         .map_err(|e| e.to_string())
         .and_then(|()| report.write_json(&args.out.join("bench.json")))
         .and_then(|()| report.write_svg(&args.out.join("latency.svg")))
-        .and_then(|()| match &args.readme {
-            Some(readme) => report.update_readme(readme, "scripts/bench"),
+        .and_then(|()| match &args.benchmarks {
+            Some(file) => report.update_block(file, "scripts/bench"),
             None => Ok(()),
         });
     if let Err(e) = written {

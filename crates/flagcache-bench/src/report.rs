@@ -1,5 +1,5 @@
 //! The results of a run: rows (one per scenario and contender), target checks, and
-//! their renderings — a table, JSON, an SVG chart and the README block.
+//! their renderings — a table, JSON, an SVG chart and the block in `BENCHMARKS.md`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -223,13 +223,13 @@ impl Report {
     }
 
     /// Replaces the block between `<!-- bench:start -->` and `<!-- bench:end -->` in
-    /// `readme` with this run's tables.
-    pub fn update_readme(&self, readme: &Path, command: &str) -> Result<(), String> {
+    /// `file` (`BENCHMARKS.md`) with this run's tables.
+    pub fn update_block(&self, file: &Path, command: &str) -> Result<(), String> {
         const START: &str = "<!-- bench:start -->";
         const END: &str = "<!-- bench:end -->";
-        let text = std::fs::read_to_string(readme).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
         let (Some(a), Some(b)) = (text.find(START), text.find(END)) else {
-            return Err(format!("{} has no {START} … {END} block", readme.display()));
+            return Err(format!("{} has no {START} … {END} block", file.display()));
         };
         if b < a {
             return Err(format!("{END} comes before {START}"));
@@ -238,13 +238,14 @@ impl Report {
             "{START}\nMeasured by `{command}` on {} cores (servers on loopback, in the same run).\n\n{}\n{}{END}",
             self.cores,
             self.targets(),
-            self.table_for_readme()
+            self.every_figure()
         );
         let updated = format!("{}{}{}", &text[..a], block, &text[b + END.len()..]);
-        std::fs::write(readme, updated).map_err(|e| e.to_string())
+        std::fs::write(file, updated).map_err(|e| e.to_string())
     }
 
-    fn table_for_readme(&self) -> String {
+    /// Every figure, in a section the reader opens.
+    fn every_figure(&self) -> String {
         format!(
             "<details><summary>Every figure</summary>\n\n{}\n</details>\n",
             self.table()
