@@ -162,6 +162,46 @@ impl Drop for Proc {
     }
 }
 
+/// A server's process while it runs, and the signals a test sends it: pause and resume
+/// (SIGSTOP, SIGCONT) and stop (SIGKILL). Empty when stopped.
+#[derive(Default)]
+pub(crate) struct Running(Option<Proc>);
+
+impl Running {
+    /// Takes `proc` as the running process.
+    pub fn set(&mut self, proc: Proc) {
+        self.0 = Some(proc);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Freezes the process (SIGSTOP).
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        match &self.0 {
+            Some(p) => p.signal(sig),
+            None => Err(std::io::Error::other("the server is not running").into()),
+        }
+    }
+
+    /// Kills the process (SIGKILL, like a crash) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.0.take() {
+            p.kill();
+        }
+    }
+}
+
 pub(crate) fn log_tail(path: &PathBuf) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

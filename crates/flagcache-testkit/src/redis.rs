@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::process::{self, Proc, REDIS_CLI, REDIS_SERVER};
+use crate::process::{self, Proc, Running, REDIS_CLI, REDIS_SERVER};
 use crate::{resp, Error, Result};
 
 /// Extra `redis-server` settings, as `--name value` pairs.
@@ -87,7 +87,7 @@ impl RedisServerBuilder {
                 args,
                 port,
                 tls_port,
-                proc: None,
+                proc: Running::default(),
                 _dir: None,
             };
             match server.spawn() {
@@ -112,7 +112,7 @@ pub struct RedisServer {
     args: Vec<String>,
     port: u16,
     tls_port: Option<u16>,
-    proc: Option<Proc>,
+    proc: Running,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -191,7 +191,7 @@ impl fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisServer")
             .field("port", &self.port)
-            .field("running", &self.proc.is_some())
+            .field("running", &self.proc.is_running())
             .field("dir", &self.dir)
             .finish()
     }
@@ -238,7 +238,7 @@ impl RedisServer {
             // With requirepass, an auth error still proves the server is up.
             Some(_) => resp::send(s, &["PING"]).is_ok(),
         })?;
-        self.proc = Some(proc);
+        self.proc.set(proc);
         Ok(())
     }
 
@@ -287,7 +287,7 @@ impl RedisServer {
 
     /// Whether the process is running (not stopped by [`RedisServer::stop`]).
     pub fn is_running(&self) -> bool {
-        self.proc.is_some()
+        self.proc.is_running()
     }
 
     /// Sends one command and returns the reply as text (see the crate docs).
@@ -329,7 +329,7 @@ impl RedisServer {
     /// # Errors
     /// When the signal cannot be sent.
     pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")
+        self.proc.pause()
     }
 
     /// Lets a paused server run again (SIGCONT).
@@ -337,22 +337,13 @@ impl RedisServer {
     /// # Errors
     /// When the signal cannot be sent.
     pub fn resume(&self) -> Result<()> {
-        self.signal("-CONT")
-    }
-
-    fn signal(&self, sig: &str) -> Result<()> {
-        match &self.proc {
-            Some(p) => p.signal(sig),
-            None => Err(std::io::Error::other("the server is not running").into()),
-        }
+        self.proc.resume()
     }
 
     /// Kills the server (SIGKILL, like a crash). Its port stays reserved for
     /// [`RedisServer::restart`]; data is lost (no persistence).
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill();
-        }
+        self.proc.stop();
     }
 
     /// Starts the server again on the same port, after [`RedisServer::stop`].
