@@ -1,3 +1,5 @@
+//! `memcached` on a free loopback port: [`MemcachedServer`] and its builder.
+
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
