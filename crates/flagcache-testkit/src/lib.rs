@@ -5,10 +5,12 @@ mod memcached;
 mod process;
 mod redis;
 mod resp;
+mod runs;
 mod source;
 
 pub use memcached::{MemcachedServer, MemcachedServerBuilder};
 pub use redis::{RedisCluster, RedisSentinel, RedisServer, RedisServerBuilder};
+pub use runs::reap_orphans;
 pub use source::{Answer, CountingSource};
 
 /// Why a test server could not be provided.

@@ -153,6 +153,11 @@ impl MemcachedServer {
         self.proc.is_running()
     }
 
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// Sends one request line (and, for a set, its data block: pass the whole request)
     /// and returns the response: one line, or for `VA <n>` the line and the value, or
     /// for classic `get` everything up to `END`. Line endings are stripped from the end.

@@ -229,6 +229,11 @@ impl RedisServer {
         self.proc.is_running()
     }
 
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// Sends one command and returns the reply as text (see the crate docs).
     ///
     /// # Errors
