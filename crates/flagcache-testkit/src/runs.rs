@@ -169,7 +169,7 @@ impl Drop for Record {
 /// its recorded PID is still that server (same start time); nothing of a live run is
 /// touched. Returns the PIDs it stopped.
 ///
-/// Every process runs this once, before it starts its first server;
+/// Every process runs this once, when it starts its first server;
 /// `cargo run -p flagcache-testkit --bin flagcache-testkit-reap` runs it on its own.
 pub fn reap_orphans() -> Vec<u32> {
     let Ok(runs) = fs::read_dir(root()) else {
