@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
-use flagcache::{FlagKey, FlagStore, FlagStoreExt, Invalidator, LocalCoalescer, Version};
+use flagcache::{FlagKey, FlagStore, FlagStoreExt, Invalidator, Loader, LocalCoalescer, Version};
+use flagcache_testkit::CountingSource;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_an_invalidator_and_a_coalescer_through_the_facade() {
@@ -16,19 +17,18 @@ async fn a_store_an_invalidator_and_a_coalescer_through_the_facade() {
     let key = FlagKey::new("facade").unwrap();
 
     let mut sub = bus.subscribe().await.unwrap();
-    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = CountingSource::answering(1, |_, _| 42u64).with_latency(Duration::from_millis(20));
     let reads = (0..64).map(|_| {
-        let (store, key, loads) = (store.clone(), key.clone(), loads.clone());
+        let (store, key, source) = (store.clone(), key.clone(), source.clone());
         let coalescer = coalescer.clone();
         tokio::spawn(async move {
             coalescer
                 .run(&key.clone(), move || async move {
-                    loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let (value, version) = source.load(&key).await?.expect("a value");
                     store
-                        .put_value(&key, &42u64, Version::new(1), Duration::from_secs(5))
+                        .put_value(&key, &value, version, Duration::from_secs(5))
                         .await?;
-                    Ok(42)
+                    Ok(value)
                 })
                 .await
         })
@@ -36,7 +36,7 @@ async fn a_store_an_invalidator_and_a_coalescer_through_the_facade() {
     for r in futures_util::future::join_all(reads).await {
         assert_eq!(r.unwrap().unwrap(), 42);
     }
-    assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(source.calls(), 1);
     assert_eq!(
         store.get_value::<u64>(&key).await.unwrap(),
         Some((42, Version::new(1)))

@@ -5,9 +5,13 @@ mod memcached;
 mod process;
 mod redis;
 mod resp;
+mod runs;
+mod source;
 
 pub use memcached::{MemcachedServer, MemcachedServerBuilder};
 pub use redis::{RedisCluster, RedisSentinel, RedisServer, RedisServerBuilder};
+pub use runs::reap_orphans;
+pub use source::{Answer, CountingSource};
 
 /// Why a test server could not be provided.
 #[derive(Debug, thiserror::Error)]

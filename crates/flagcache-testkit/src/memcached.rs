@@ -1,3 +1,5 @@
+//! `memcached` on a free loopback port: [`MemcachedServer`] and its builder.
+
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -5,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{self, Proc, MEMCACHED};
+use crate::process::{self, Proc, Running, MEMCACHED};
 use crate::{Error, Result};
 
 /// Extra `memcached` settings.
@@ -43,7 +45,7 @@ impl MemcachedServerBuilder {
                 dir: dir.path().to_path_buf(),
                 args: self.args.clone(),
                 port: process::free_port(None)?,
-                proc: None,
+                proc: Running::default(),
                 _dir: None,
             };
             match server.spawn() {
@@ -67,7 +69,7 @@ pub struct MemcachedServer {
     dir: PathBuf,
     args: Vec<String>,
     port: u16,
-    proc: Option<Proc>,
+    proc: Running,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -75,7 +77,7 @@ impl fmt::Debug for MemcachedServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemcachedServer")
             .field("port", &self.port)
-            .field("running", &self.proc.is_some())
+            .field("running", &self.proc.is_running())
             .finish()
     }
 }
@@ -127,7 +129,7 @@ impl MemcachedServer {
                     && line.starts_with("VERSION ")
             }
         })?;
-        self.proc = Some(proc);
+        self.proc.set(proc);
         Ok(())
     }
 
@@ -148,7 +150,12 @@ impl MemcachedServer {
 
     /// Whether the process is running (not stopped by [`MemcachedServer::stop`]).
     pub fn is_running(&self) -> bool {
-        self.proc.is_some()
+        self.proc.is_running()
+    }
+
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// Sends one request line (and, for a set, its data block: pass the whole request)
@@ -196,7 +203,7 @@ impl MemcachedServer {
     /// # Errors
     /// When the signal cannot be sent.
     pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")
+        self.proc.pause()
     }
 
     /// Lets a paused server run again (SIGCONT).
@@ -204,21 +211,12 @@ impl MemcachedServer {
     /// # Errors
     /// When the signal cannot be sent.
     pub fn resume(&self) -> Result<()> {
-        self.signal("-CONT")
-    }
-
-    fn signal(&self, sig: &str) -> Result<()> {
-        match &self.proc {
-            Some(p) => p.signal(sig),
-            None => Err(std::io::Error::other("the server is not running").into()),
-        }
+        self.proc.resume()
     }
 
     /// Kills the server (SIGKILL, like a crash); all items are lost.
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill();
-        }
+        self.proc.stop();
     }
 
     /// Starts the server again on the same port, after [`MemcachedServer::stop`].

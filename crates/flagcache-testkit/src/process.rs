@@ -1,10 +1,12 @@
-//! Shared process plumbing: binaries, free ports, readiness, logs.
+//! Shared process plumbing: binaries, free ports, spawning and readiness, logs, and
+//! the signals a test sends a running server.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::runs::Record;
 use crate::{Error, Result};
 
 /// How long a server may take to answer after spawning.
@@ -82,10 +84,12 @@ pub(crate) fn free_port(also_plus: Option<u16>) -> Result<u16> {
     )))
 }
 
-/// A spawned server process with its log file.
+/// A spawned server process with its log file, recorded in this process's run
+/// directory until it is killed.
 pub(crate) struct Proc {
     pub child: Child,
     pub log: PathBuf,
+    record: Option<Record>,
 }
 
 impl Proc {
@@ -112,7 +116,8 @@ impl Proc {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()?;
-        Ok(Proc { child, log })
+        let record = Record::new(child.id(), cmd.get_current_dir());
+        Ok(Proc { child, log, record })
     }
 
     /// Waits until `probe` succeeds against `addr`, failing early if the process exits.
@@ -149,16 +154,62 @@ impl Proc {
         }
     }
 
-    /// Kills the process (SIGKILL: a crash, as a fault test wants) and reaps it.
+    /// Kills the process (SIGKILL: a crash, as a fault test wants), reaps it, and
+    /// removes its record.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.record = None;
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A server's process while it runs, and the signals a test sends it: pause and resume
+/// (SIGSTOP, SIGCONT) and stop (SIGKILL). Empty when stopped.
+#[derive(Default)]
+pub(crate) struct Running(Option<Proc>);
+
+impl Running {
+    /// Takes `proc` as the running process.
+    pub fn set(&mut self, proc: Proc) {
+        self.0 = Some(proc);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(|p| p.child.id())
+    }
+
+    /// Freezes the process (SIGSTOP).
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        match &self.0 {
+            Some(p) => p.signal(sig),
+            None => Err(std::io::Error::other("the server is not running").into()),
+        }
+    }
+
+    /// Kills the process (SIGKILL, like a crash) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.0.take() {
+            p.kill();
+        }
     }
 }
 

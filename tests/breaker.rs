@@ -1,0 +1,77 @@
+//! The circuit breaker: a dead or hanging L2 costs a bounded number of calls, not one
+//! per read.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use flagcache::layer::Op;
+use flagcache::memory::MemoryStore;
+use flagcache::{FlagCache, FlagStoreExt, Version};
+use flagcache_testkit::CountingSource;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_breaker_bounds_what_a_dead_cache_costs() {
+    let mem = MemoryStore::new();
+    let (store, faults) = faulty(&mem);
+    faults.fail_all(true);
+    let src = CountingSource::new(1);
+    let cache = FlagCache::builder(store, src.clone())
+        .circuit_breaker(3, Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // 50 cold keys: each read would cost an L2 read and an L2 write.
+    for i in 0..50 {
+        cache.get(&key(&format!("k{i}"))).await.unwrap();
+    }
+    let l2_calls = faults.calls(Op::Read) + faults.calls(Op::Put);
+    assert_eq!(l2_calls, 3, "L2 was called after the breaker opened");
+    let st = cache.stats();
+    assert!(st.breaker_open && st.breaker_opened == 1, "{st:?}");
+    assert_eq!(
+        st.loads, 50,
+        "reads were served by the loader: slower, not broken"
+    );
+    // After the back-off, one probe; L2 is back, so the breaker closes.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    faults.fail_all(false);
+    cache.get(&key("after")).await.unwrap();
+    assert_eq!(faults.calls(Op::Read), 2 + 1, "one probe read");
+    assert!(!cache.stats().breaker_open);
+    cache.get(&key("after2")).await.unwrap();
+    assert_eq!(
+        mem.get_value::<Config>(&key("after2"))
+            .await
+            .unwrap()
+            .map(|v| v.1),
+        Some(Version::new(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l2_that_hangs_costs_one_timeout_per_backoff_not_per_request() {
+    let mem = MemoryStore::new();
+    let (store, faults) = faulty(&mem);
+    faults.set_latency(Duration::from_secs(5));
+    let src = CountingSource::new(1);
+    let cache = FlagCache::builder(store, src.clone())
+        .l2_timeout(Duration::from_millis(20))
+        .circuit_breaker(2, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for i in 0..100 {
+        cache.get(&key(&format!("k{i}"))).await.unwrap();
+    }
+    // Two timeouts (20 ms each) opened the breaker; 98 reads paid none.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let st = cache.stats();
+    assert_eq!(st.l2_timeouts, 2);
+    assert!(st.l2_skipped >= 98 * 2 - 1, "{st:?}");
+}
