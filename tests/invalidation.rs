@@ -149,7 +149,7 @@ async fn refresh_without_stale_support_reloads_everywhere() {
 async fn resync_stops_l1_from_serving_as_fresh() {
     let store = MemoryStore::new();
     let src = CountingSource::new(1);
-    let bus = MemoryInvalidator::with_capacity(1);
+    let bus = MemoryInvalidator::builder().capacity(1).build();
     let b = FlagCache::builder(store.clone(), src.clone())
         .invalidator(bus.peer())
         .build()

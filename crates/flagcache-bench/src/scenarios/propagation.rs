@@ -139,7 +139,9 @@ pub async fn propagation_both(servers: &mut Servers, plan: Plan) -> Res<Section>
             .build()
             .await
             .map_err(err)?;
-        let inv = MemcachedInvalidator::new(&store).poll_interval(poll);
+        let inv = MemcachedInvalidator::builder(&store)
+            .poll_interval(poll)
+            .build();
         caches.push(replica(format!("prop-memcached-{i}"), &source, store, inv).await?);
     }
     let bound = (poll + Duration::from_millis(20)).as_secs_f64() * 1e6;

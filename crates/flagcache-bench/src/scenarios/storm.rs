@@ -135,7 +135,7 @@ pub async fn cold_storm(servers: &mut Servers, plan: Plan) -> Res<Section> {
                 let lock = RedisLock::new(&store);
                 FlagCache::<String>::builder(store, source.loader())
                     .name(format!("storm-{r}"))
-                    .cross_process(lock)
+                    .coalescer(lock)
                     .build()
                     .await
                     .map_err(err)
