@@ -48,7 +48,7 @@ where
     }
 }
 
-/// Where [version-stamped reads](FlagCacheBuilder::version_source) get the version a
+/// Where [version-stamped reads](crate::FlagCacheBuilder::version_source) get the version a
 /// key should have: a cheap metadata lookup (a version table, a control-plane
 /// endpoint) that costs less than loading the value.
 #[async_trait]

@@ -11,7 +11,7 @@ use super::fill::Tier;
 use super::Inner;
 use crate::{Error, FlagKey, FlagStoreExt};
 
-/// What [`FlagCache::warm`] did.
+/// What [`FlagCache::warm`](crate::FlagCache::warm) did.
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct WarmReport {
@@ -24,7 +24,7 @@ pub struct WarmReport {
     /// Keys the source does not have.
     pub absent: usize,
     /// Keys answered with a value marked stale, which another process is reloading
-    /// (see [`FlagCache::refresh`]); held in L1 as stale, not fresh.
+    /// (see [`FlagCache::refresh`](crate::FlagCache::refresh)); held in L1 as stale, not fresh.
     pub stale: usize,
     /// Keys that could not be filled, with why.
     pub failed: Vec<(FlagKey, Error)>,

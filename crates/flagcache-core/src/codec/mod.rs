@@ -28,13 +28,17 @@
 //! [`Error::Corrupt`] — it never panics, and decompression stops at a cap so that a gzip
 //! bomb is refused rather than exhausting memory.
 
-use std::io::{Read, Write};
-
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{Entry, Error, FlagKey, Invalidation, NodeId, Result, Target, Version};
+use crate::{Entry, Error, Invalidation, Result, Version};
+
+mod envelope;
+mod json;
+
+pub use envelope::EnvelopeCodec;
+pub use json::JsonCodec;
 
 /// The envelope's magic bytes.
 pub const MAGIC: [u8; 2] = [0xF1, 0xA6];
@@ -161,7 +165,7 @@ impl Codec {
                     .map_err(|e| Error::codec("event serialization failed", e))?;
                 Ok(out.into())
             }
-            Codec::Json(_) => json_event::encode(event),
+            Codec::Json(_) => json::json_event::encode(event),
         }
     }
 
@@ -179,407 +183,18 @@ impl Codec {
                 rmp_serde::from_slice(body)
                     .map_err(|e| Error::corrupt(format!("invalidation event: {e}")))
             }
-            Codec::Json(_) => json_event::decode(bytes),
+            Codec::Json(_) => json::json_event::decode(bytes),
         }
-    }
-}
-
-/// The binary envelope layout: a [`HEADER_LEN`]-byte header (the version big-endian at [`VERSION_OFFSET`]), then the payload.
-///
-/// ```
-/// use flagcache_core::{Codec, EnvelopeCodec, Entry, Version};
-///
-/// let codec = Codec::from(EnvelopeCodec::new().compress_above(512));
-/// let payload = codec.encode_value(&vec!["on"; 400])?;
-/// let stored = codec.encode_entry(&Entry::new(Version::new(3), payload.clone()))?;
-/// assert!(stored.len() < payload.len()); // gzip'd: it was over 512 bytes
-/// let back = codec.decode_entry(stored)?;
-/// assert_eq!((back.version, back.payload), (Version::new(3), payload));
-/// # Ok::<(), flagcache_core::Error>(())
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvelopeCodec {
-    compress_above: usize,
-    max_decompressed: usize,
-    level: u32,
-}
-
-impl Default for EnvelopeCodec {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-struct Header {
-    version: Version,
-    stamp_ms: u64,
-    flags: u8,
-}
-
-impl EnvelopeCodec {
-    /// Default compression threshold: payloads larger than 1 KiB are gzip'd.
-    pub const DEFAULT_COMPRESS_ABOVE: usize = 1024;
-    /// Default cap on a decompressed payload: 16 MiB.
-    pub const DEFAULT_MAX_DECOMPRESSED: usize = 16 << 20;
-
-    /// The default settings.
-    pub const fn new() -> Self {
-        EnvelopeCodec {
-            compress_above: Self::DEFAULT_COMPRESS_ABOVE,
-            max_decompressed: Self::DEFAULT_MAX_DECOMPRESSED,
-            level: 6,
-        }
-    }
-
-    /// Gzip payloads larger than `bytes` (`usize::MAX` turns compression off). Below
-    /// about 500 bytes gzip costs more than it saves.
-    #[must_use]
-    pub const fn compress_above(mut self, bytes: usize) -> Self {
-        self.compress_above = bytes;
-        self
-    }
-
-    /// Refuse, as corrupt, a payload that decompresses to more than `bytes`.
-    #[must_use]
-    pub const fn max_decompressed(mut self, bytes: usize) -> Self {
-        self.max_decompressed = bytes;
-        self
-    }
-
-    /// The gzip level, 0 (none) to 9 (best); default 6.
-    #[must_use]
-    pub const fn level(mut self, level: u32) -> Self {
-        self.level = if level > 9 { 9 } else { level };
-        self
-    }
-
-    fn encode(&self, entry: &Entry) -> Result<Bytes> {
-        let raw = &entry.payload[..];
-        let gz = if raw.len() > self.compress_above {
-            let mut enc = flate2::write::GzEncoder::new(
-                Vec::with_capacity(raw.len() / 2),
-                flate2::Compression::new(self.level),
-            );
-            enc.write_all(raw)
-                .and_then(|()| enc.finish())
-                .map(Some)
-                .map_err(|e| Error::codec("gzip failed", e))?
-                .filter(|z| z.len() < raw.len())
-        } else {
-            None
-        };
-        let (flags, body) = match &gz {
-            Some(z) => (FLAG_GZIP, &z[..]),
-            None => (0, raw),
-        };
-        let len = u32::try_from(body.len()).map_err(|_| Error::Codec {
-            reason: "payload over 4 GiB".into(),
-            source: None,
-        })?;
-        let mut crc = flate2::Crc::new();
-        crc.update(body);
-        let mut out = BytesMut::with_capacity(HEADER_LEN + body.len());
-        out.put_slice(&MAGIC);
-        out.put_u8(FORMAT);
-        out.put_u8(flags);
-        out.put_u64(entry.version.get());
-        out.put_u64(entry.stamp_ms);
-        out.put_u32(len);
-        out.put_u32(crc.sum());
-        out.put_slice(body);
-        Ok(out.freeze())
-    }
-
-    fn header(bytes: &[u8]) -> Result<Header> {
-        let h = bytes
-            .get(..HEADER_LEN)
-            .ok_or_else(|| Error::corrupt("shorter than the envelope header"))?;
-        if h[..2] != MAGIC {
-            return Err(Error::corrupt("not a flagcache envelope (bad magic)"));
-        }
-        if h[2] != FORMAT {
-            return Err(Error::corrupt(format!("unknown envelope format {}", h[2])));
-        }
-        let flags = h[3];
-        if flags & !FLAG_GZIP != 0 {
-            return Err(Error::corrupt(format!(
-                "unknown envelope flags {flags:#04x}"
-            )));
-        }
-        let be64 = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
-        Ok(Header {
-            version: Version(be64(VERSION_OFFSET)),
-            stamp_ms: be64(12),
-            flags,
-        })
-    }
-
-    fn decode(&self, bytes: Bytes) -> Result<Entry> {
-        let header = Self::header(&bytes)?;
-        let mut be32 = [0u8; 4];
-        be32.copy_from_slice(&bytes[20..24]);
-        let len = u32::from_be_bytes(be32) as usize;
-        be32.copy_from_slice(&bytes[24..28]);
-        let want_crc = u32::from_be_bytes(be32);
-        // Advanced, not sliced: a slice of bytes read into a `Vec` would allocate.
-        let mut body = bytes;
-        bytes::Buf::advance(&mut body, HEADER_LEN);
-        if body.len() != len {
-            return Err(Error::corrupt(format!(
-                "payload is {} bytes, header says {len}",
-                body.len()
-            )));
-        }
-        let mut crc = flate2::Crc::new();
-        crc.update(&body);
-        if crc.sum() != want_crc {
-            return Err(Error::corrupt("payload checksum mismatch"));
-        }
-        let payload = if header.flags & FLAG_GZIP != 0 {
-            self.gunzip(&body)?
-        } else {
-            body
-        };
-        Ok(Entry {
-            version: header.version,
-            stamp_ms: header.stamp_ms,
-            payload,
-        })
-    }
-
-    fn gunzip(&self, body: &[u8]) -> Result<Bytes> {
-        let cap = self.max_decompressed;
-        let limit = u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1);
-        let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(cap));
-        flate2::read::GzDecoder::new(body)
-            .take(limit)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::corrupt(format!("gzip payload: {e}")))?;
-        if out.len() > cap {
-            return Err(Error::corrupt(format!(
-                "payload decompresses to more than the {cap}-byte cap"
-            )));
-        }
-        Ok(out.into())
-    }
-}
-
-/// The JSON interop layout: entries `{"flagConfig": …, "version": N}` (this crate adds
-/// `"stampMs"`, which other readers ignore) and events
-/// `{"flagKey": "…", "version": N}`.
-///
-/// ```
-/// use flagcache_core::{Codec, Entry, JsonCodec, Version};
-///
-/// let codec = Codec::from(JsonCodec::new());
-/// // Written by another service:
-/// let stored = br#"{"flagConfig": {"enabled": true}, "version": 12}"#;
-/// let entry = codec.decode_entry(stored.to_vec().into())?;
-/// assert_eq!(entry.version, Version::new(12));
-/// let value: serde_json::Value = codec.decode_value(&entry.payload)?;
-/// assert_eq!(value["enabled"], true);
-/// # Ok::<(), flagcache_core::Error>(())
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonCodec {
-    max_size: usize,
-}
-
-impl Default for JsonCodec {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct JsonEntryIn<'a> {
-    #[serde(rename = "flagConfig", borrow)]
-    flag_config: &'a serde_json::value::RawValue,
-    version: serde_json::Number,
-    #[serde(rename = "stampMs", default)]
-    stamp_ms: u64,
-}
-
-#[derive(serde::Serialize)]
-struct JsonEntryOut<'a> {
-    #[serde(rename = "flagConfig")]
-    flag_config: &'a serde_json::value::RawValue,
-    version: u64,
-    #[serde(rename = "stampMs")]
-    stamp_ms: u64,
-}
-
-/// Reads a JSON number as a version: an integer, or an integral float (JavaScript
-/// writers), below 2^53.
-fn json_version(n: &serde_json::Number) -> Result<Version> {
-    let v = match (n.as_u64(), n.as_f64()) {
-        (Some(v), _) => v,
-        (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f <= JSON_MAX_VERSION as f64 => f as u64,
-        _ => {
-            return Err(Error::corrupt(format!(
-                "version {n} is not a valid version"
-            )))
-        }
-    };
-    if v > JSON_MAX_VERSION {
-        return Err(Error::corrupt(format!("version {v} is above 2^53 - 1")));
-    }
-    Ok(Version(v))
-}
-
-fn json_check_version(v: Version) -> Result<u64> {
-    if v.get() > JSON_MAX_VERSION {
-        return Err(Error::Codec {
-            reason: format!("version {v} does not fit the JSON layout (max 2^53 - 1)").into(),
-            source: None,
-        });
-    }
-    Ok(v.get())
-}
-
-impl JsonCodec {
-    /// Default cap on a stored JSON document: 16 MiB.
-    pub const DEFAULT_MAX_SIZE: usize = 16 << 20;
-
-    /// The default settings.
-    pub const fn new() -> Self {
-        JsonCodec {
-            max_size: Self::DEFAULT_MAX_SIZE,
-        }
-    }
-
-    /// Refuse, as corrupt, a stored document larger than `bytes`.
-    #[must_use]
-    pub const fn max_size(mut self, bytes: usize) -> Self {
-        self.max_size = bytes;
-        self
-    }
-
-    fn encode(&self, entry: &Entry) -> Result<Bytes> {
-        let version = json_check_version(entry.version)?;
-        let text = std::str::from_utf8(&entry.payload)
-            .map_err(|e| Error::codec("JSON layout payload is not UTF-8", e))?;
-        let raw: &serde_json::value::RawValue = serde_json::from_str(text)
-            .map_err(|e| Error::codec("JSON layout payload is not a JSON value", e))?;
-        let out = serde_json::to_vec(&JsonEntryOut {
-            flag_config: raw,
-            version,
-            stamp_ms: entry.stamp_ms,
-        })
-        .map_err(|e| Error::codec("JSON serialization failed", e))?;
-        Ok(out.into())
-    }
-
-    fn decode(&self, bytes: &[u8]) -> Result<Entry> {
-        if bytes.len() > self.max_size {
-            return Err(Error::corrupt(format!(
-                "JSON document of {} bytes is over the {}-byte cap",
-                bytes.len(),
-                self.max_size
-            )));
-        }
-        let wire: JsonEntryIn<'_> = serde_json::from_slice(bytes)
-            .map_err(|e| Error::corrupt(format!("JSON layout entry: {e}")))?;
-        Ok(Entry {
-            version: json_version(&wire.version)?,
-            stamp_ms: wire.stamp_ms,
-            payload: Bytes::copy_from_slice(wire.flag_config.get().as_bytes()),
-        })
-    }
-}
-
-mod json_event {
-    use super::*;
-
-    #[derive(serde::Serialize, serde::Deserialize, Default)]
-    struct Wire {
-        #[serde(rename = "flagKey", default, skip_serializing_if = "Option::is_none")]
-        flag_key: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        tag: Option<String>,
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        all: bool,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        version: Option<serde_json::Number>,
-        /// Hex, so that JavaScript readers do not round it.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        origin: Option<String>,
-        #[serde(default, skip_serializing_if = "is_zero")]
-        seq: u64,
-        #[serde(rename = "sentAtMs", default, skip_serializing_if = "is_zero")]
-        sent_at_ms: u64,
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        purge: bool,
-    }
-
-    fn is_zero(v: &u64) -> bool {
-        *v == 0
-    }
-
-    pub(super) fn encode(ev: &Invalidation) -> Result<Bytes> {
-        let mut w = Wire::default();
-        match &ev.target {
-            Target::Key(k) => w.flag_key = Some(k.to_string()),
-            Target::Tag(t) => w.tag = Some(t.clone()),
-            Target::All => w.all = true,
-        }
-        if let Some(v) = ev.version {
-            w.version = Some(json_check_version(v)?.into());
-        }
-        if ev.origin != NodeId::UNKNOWN {
-            w.origin = Some(ev.origin.to_string());
-        }
-        w.seq = ev.seq;
-        w.sent_at_ms = ev.sent_at_ms;
-        w.purge = ev.purge_shared;
-        serde_json::to_vec(&w)
-            .map(Bytes::from)
-            .map_err(|e| Error::codec("JSON serialization failed", e))
-    }
-
-    pub(super) fn decode(bytes: &[u8]) -> Result<Invalidation> {
-        let w: Wire = serde_json::from_slice(bytes)
-            .map_err(|e| Error::corrupt(format!("JSON invalidation event: {e}")))?;
-        let target = match (w.flag_key, w.tag, w.all) {
-            (Some(k), None, false) => Target::Key(FlagKey::new(k)?),
-            (None, Some(t), false) => Target::Tag(t),
-            (None, None, true) => Target::All,
-            _ => {
-                return Err(Error::corrupt(
-                    "JSON invalidation event needs exactly one of flagKey, tag, all",
-                ))
-            }
-        };
-        let origin = match w.origin {
-            None => NodeId::UNKNOWN,
-            Some(hex) => u64::from_str_radix(&hex, 16)
-                .map(NodeId)
-                .map_err(|_| Error::corrupt(format!("origin {hex:?} is not a hex node id")))?,
-        };
-        let mut ev = Invalidation {
-            target,
-            version: None,
-            origin,
-            seq: w.seq,
-            sent_at_ms: w.sent_at_ms,
-            purge_shared: w.purge,
-        };
-        if let Some(n) = w.version {
-            ev.version = Some(json_version(&n)?);
-        }
-        Ok(ev)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{FlagKey, NodeId, Target};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+    use std::io::Write;
 
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
     struct FlagConfig {

@@ -1,0 +1,227 @@
+//! Tests of [`LocalCoalescer`](super::LocalCoalescer): one fetch per burst, cancellation,
+//! errors and panics shared and not remembered, `forget`.
+
+use super::*;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+fn key(s: &str) -> FlagKey {
+    FlagKey::new(s).unwrap()
+}
+
+/// Polls `cond` until it holds, for at most 10 s.
+async fn until(mut cond: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("condition not reached in 10 s");
+}
+
+/// A fetch that counts its calls and finishes only when released.
+fn gated(
+    calls: &Arc<AtomicUsize>,
+    gate: &Arc<Notify>,
+    result: Result<u32>,
+) -> impl Future<Output = Result<u32>> + Send + 'static {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let gate = gate.clone();
+    async move {
+        gate.notified().await;
+        result
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_callers_one_fetch() {
+    let c = LocalCoalescer::<u32>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let k = key("cold");
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+            tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(7))).await })
+        })
+        .collect();
+    // Every caller has joined the one fetch before it is allowed to finish.
+    until(|| c.coalesced_waits() == 999).await;
+    assert_eq!(c.in_flight(), 1);
+    gate.notify_one();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 7);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(c.fetches(), 1);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_keys_do_not_share() {
+    let c = LocalCoalescer::<String>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reads = (0..10).map(|i| {
+        let calls = calls.clone();
+        let k = key(&format!("k{i}"));
+        let c = c.clone();
+        async move {
+            c.run(&k, move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(format!("v{i}"))
+            })
+            .await
+        }
+    });
+    let got = futures_util::future::try_join_all(reads).await.unwrap();
+    assert_eq!(got, (0..10).map(|i| format!("v{i}")).collect::<Vec<_>>());
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_caller_drives_the_fetch_in_its_own_task() {
+    let c = LocalCoalescer::<Option<tokio::task::Id>>::new();
+    let caller = tokio::spawn(async move {
+        let fetched_in = c
+            .run(&key("k"), || async { Ok(tokio::task::try_id()) })
+            .await
+            .unwrap();
+        (tokio::task::id(), fetched_in)
+    });
+    let (caller, fetched_in) = caller.await.unwrap();
+    assert_eq!(fetched_in, Some(caller), "no task hop on a miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_first_caller_does_not_cancel_the_fetch() {
+    let c = LocalCoalescer::<u32>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let k = key("k");
+    let first = {
+        let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(42))).await })
+    };
+    until(|| c.in_flight() == 1).await;
+    let second = {
+        let (c, k) = (c.clone(), k.clone());
+        tokio::spawn(async move {
+            c.run(&k, || async { unreachable!("a second fetch must not run") })
+                .await
+        })
+    };
+    until(|| c.coalesced_waits() == 1).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    gate.notify_one();
+    assert_eq!(second.await.unwrap().unwrap(), 42);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_reach_every_waiter_and_are_not_remembered() {
+    let c = LocalCoalescer::<u32>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let k = key("k");
+    let failing = Err(Error::Timeout {
+        backend: "loader",
+        operation: "load",
+        after: Duration::from_millis(1),
+    });
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+            let failing = failing.clone();
+            tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, failing)).await })
+        })
+        .collect();
+    until(|| c.coalesced_waits() == 49).await;
+    gate.notify_one();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Err(Error::Timeout { .. })));
+    }
+    assert_eq!(c.in_flight(), 0);
+    // Not remembered: the next call fetches again, and succeeds.
+    let v = c
+        .run(&k, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok(5) }
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 5);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_fetch_is_an_error_for_all_and_the_coalescer_lives_on() {
+    let c = LocalCoalescer::<u32>::new();
+    let k = key("k");
+    let gate = Arc::new(Notify::new());
+    let leader = {
+        let (c, k, gate) = (c.clone(), k.clone(), gate.clone());
+        tokio::spawn(async move {
+            c.run(&k, move || async move {
+                gate.notified().await;
+                panic!("loader bug");
+            })
+            .await
+        })
+    };
+    until(|| c.in_flight() == 1).await;
+    let waiter = {
+        let (c, k) = (c.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || async { Ok(0) }).await })
+    };
+    until(|| c.coalesced_waits() == 1).await;
+    gate.notify_one();
+    for t in [leader, waiter] {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Loader { .. }), "{err}");
+        assert!(err.to_string().contains("loader bug"), "{err}");
+    }
+    assert_eq!(c.in_flight(), 0);
+    assert_eq!(c.run(&k, || async { Ok(1) }).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_detaches_the_fetch_in_flight() {
+    let c = LocalCoalescer::<u32>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (old_gate, new_gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let k = key("k");
+    let before = {
+        let (c, calls, gate, k) = (c.clone(), calls.clone(), old_gate.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(1))).await })
+    };
+    until(|| c.in_flight() == 1).await;
+    c.forget(&k);
+    assert_eq!(c.in_flight(), 0);
+    let after = {
+        let (c, calls, gate, k) = (c.clone(), calls.clone(), new_gate.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(2))).await })
+    };
+    until(|| c.in_flight() == 1).await;
+    // The old fetch finishing must not remove the new one from the map.
+    old_gate.notify_one();
+    assert_eq!(before.await.unwrap().unwrap(), 1);
+    assert_eq!(c.in_flight(), 1);
+    new_gate.notify_one();
+    assert_eq!(after.await.unwrap().unwrap(), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn no_runtime_is_an_error_not_a_panic() {
+    let c = LocalCoalescer::<u32>::new();
+    let k = key("k");
+    let fut = c.run(&k, || async { Ok(1) });
+    let r = futures_util::FutureExt::now_or_never(fut);
+    assert!(matches!(r, Some(Err(Error::Closed(_)))));
+}
