@@ -4,16 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flagcache_core::{CacheStatus, FlagCache, FlagKey, FlagStore, StaleReason, Version};
+use flagcache_core::{CacheStatus, FlagCache, FlagKey, FlagStore, StaleReason};
 use flagcache_memcached::{MemcachedRecache, MemcachedStore};
-use flagcache_testkit::MemcachedServer;
+use flagcache_testkit::{Answer, CountingSource, MemcachedServer};
 
 mod common;
-use common::{replicas, source};
+use common::replicas;
 
 /// What `cache` serves for `k`: read every 5 ms until it is `want`, at most `tries`
 /// times.
@@ -32,10 +32,8 @@ async fn read_until(cache: &FlagCache<String>, k: &FlagKey, want: &str, tries: u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     let server = MemcachedServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(AtomicBool::new(true));
-    let load = source(&calls, Duration::from_millis(200), up);
-    let replicas = replicas(&server, 8, move |k| load(k), None, |r| r).await;
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(200));
+    let replicas = replicas(&server, 8, source.clone(), None, |r| r).await;
     let k = FlagKey::new("cold").unwrap();
     let mut reads = Vec::new();
     for cache in &replicas {
@@ -50,29 +48,18 @@ async fn eight_replicas_times_100_cold_reads_cost_one_load() {
             Some("cold@1")
         );
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "loader calls across 8 replicas"
-    );
+    assert_eq!(source.calls(), 1, "loader calls across 8 replicas");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
     let server = MemcachedServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let calls = calls.clone();
-        move |_k: FlagKey| {
-            let calls = calls.clone();
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Ok(None)
-            }
-        }
-    };
-    let replicas = replicas(&server, 4, load, None, |r| r.ttl(Duration::from_secs(10))).await;
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(100));
+    source.set_answer(Answer::Absent);
+    let replicas = replicas(&server, 4, source.clone(), None, |r| {
+        r.ttl(Duration::from_secs(10))
+    })
+    .await;
     let t = std::time::Instant::now();
     let k = FlagKey::new("ghost").unwrap();
     let reads: Vec<_> = replicas
@@ -91,7 +78,7 @@ async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
         "took {:?}",
         t.elapsed()
     );
-    assert!(calls.load(Ordering::SeqCst) <= 4);
+    assert!(source.calls() <= 4);
 }
 
 /// `FlagCache::refresh` marks the entry stale (`md … I`): exactly one process of the
@@ -100,45 +87,12 @@ async fn an_absent_flag_does_not_make_the_fleet_wait_out_the_placeholder() {
 /// by time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
-    use std::sync::atomic::AtomicU64;
     let server = MemcachedServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let version = Arc::new(AtomicU64::new(1));
-    let ended = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let hold = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (calls, version, ended, release, hold) = (
-            calls.clone(),
-            version.clone(),
-            ended.clone(),
-            release.clone(),
-            hold.clone(),
-        );
-        Arc::new(move |k: FlagKey| {
-            let (calls, version, ended, release, hold) = (
-                calls.clone(),
-                version.clone(),
-                ended.clone(),
-                release.clone(),
-                hold.clone(),
-            );
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let v = version.load(Ordering::SeqCst);
-                if hold.load(Ordering::SeqCst) {
-                    // The refresh: held open until the test has seen the stale answers.
-                    release.notified().await;
-                    ended.store(true, Ordering::SeqCst);
-                }
-                Ok(Some((format!("{k}@{v}"), Version::new(v))))
-            }
-        })
-    };
+    let source = CountingSource::new(1);
     let replicas = replicas(
         &server,
         8,
-        move |k| load(k),
+        source.clone(),
         Some(Duration::from_millis(10)),
         |r| r.poll_interval(Duration::from_millis(5)),
     )
@@ -147,11 +101,12 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "rules@1");
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(source.calls(), 1);
 
-    // The source moves to v2; replica 0 asks the fleet to refresh.
-    version.store(2, Ordering::SeqCst);
-    hold.store(true, Ordering::SeqCst);
+    // The source moves to v2; replica 0 asks the fleet to refresh, whose load is held
+    // open until the test has seen the stale answers.
+    source.set_version(2);
+    source.hold();
     replicas[0].refresh(&k).await.unwrap();
     for cache in &replicas[1..] {
         for _ in 0..400 {
@@ -168,10 +123,11 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
     let mut reads = Vec::new();
     for cache in &replicas {
         for _ in 0..10 {
-            let (c, k, ended) = (cache.clone(), k.clone(), ended.clone());
+            let (c, k, source) = (cache.clone(), k.clone(), source.clone());
             reads.push(tokio::spawn(async move {
                 let l = c.lookup(&k).await.unwrap();
-                (l, !ended.load(Ordering::SeqCst))
+                // `true` while the refresh's load, the source's second call, is open.
+                (l, source.completed() < 2)
             }));
         }
     }
@@ -183,11 +139,7 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        2,
-        "exactly one process reloads"
-    );
+    assert_eq!(source.calls(), 2, "exactly one process reloads");
     // A replica that is not the reloader (all its reads answered) reports a warm-up
     // of the key as stale, not as loaded.
     let bystander = (0..replicas.len())
@@ -208,7 +160,7 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
             }
         }));
     }
-    release.notify_one();
+    source.release();
     let mut stale = 0;
     for r in reads {
         let (l, during_load) = r.await.unwrap();
@@ -231,7 +183,7 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
     for p in pollers {
         p.await.unwrap();
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "convergence cost a load");
+    assert_eq!(source.calls(), 2, "convergence cost a load");
 }
 
 /// The refresh's own notice comes back to the refresher while it reloads (here: a
@@ -240,26 +192,12 @@ async fn refresh_reloads_once_while_the_fleet_serves_the_stale_value() {
 /// second load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_is_not_fenced_by_its_own_notice() {
-    use std::sync::atomic::AtomicU64;
     let server = MemcachedServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let version = Arc::new(AtomicU64::new(1));
-    let load = {
-        let (calls, version) = (calls.clone(), version.clone());
-        Arc::new(move |k: FlagKey| {
-            let (calls, version) = (calls.clone(), version.clone());
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let v = version.load(Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                Ok(Some((format!("{k}@{v}"), Version::new(v))))
-            }
-        })
-    };
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(150));
     let replicas = replicas(
         &server,
         2,
-        move |k| load(k),
+        source.clone(),
         Some(Duration::from_millis(20)),
         |r| r,
     )
@@ -268,24 +206,20 @@ async fn a_refresh_is_not_fenced_by_its_own_notice() {
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@1");
     }
-    version.store(2, Ordering::SeqCst);
+    source.set_version(2);
     replicas[0].refresh(&k).await.unwrap();
     // Replica 0 reads at once: it wins the refresh, and its own notice lands while it
     // loads.
     let got = replicas[0].get(&k).await.unwrap().unwrap();
     assert_eq!(got.as_str(), "fenced@2");
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(source.calls(), 2);
     // The other replica finds the refreshed value in L2.
     let seen = read_until(&replicas[1], &k, "fenced@2", 200).await;
     assert_eq!(seen, "fenced@2");
     for cache in &replicas {
         assert_eq!(cache.get(&k).await.unwrap().unwrap().as_str(), "fenced@2");
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        2,
-        "the refresh was loaded twice"
-    );
+    assert_eq!(source.calls(), 2, "the refresh was loaded twice");
 }
 
 /// A hard `invalidate` during a refresh's load (the flag was deleted at the source)
@@ -293,33 +227,16 @@ async fn a_refresh_is_not_fenced_by_its_own_notice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
     let server = MemcachedServer::start().unwrap();
-    let present = Arc::new(AtomicBool::new(true));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let hold = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (present, release, hold) = (present.clone(), release.clone(), hold.clone());
-        move |k: FlagKey| {
-            let (present, release, hold) = (present.clone(), release.clone(), hold.clone());
-            async move {
-                let answer = present
-                    .load(Ordering::SeqCst)
-                    .then(|| (format!("{k}@1"), Version::new(1)));
-                if hold.load(Ordering::SeqCst) {
-                    release.notified().await;
-                }
-                Ok(answer)
-            }
-        }
-    };
+    let source = CountingSource::new(1);
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
-    let cache = FlagCache::<String>::builder(store.clone(), load)
+    let cache = FlagCache::<String>::builder(store.clone(), source.clone())
         .coalescer(MemcachedRecache::new(&store))
         .build()
         .await
         .unwrap();
     let k = FlagKey::new("doomed").unwrap();
     cache.get(&k).await.unwrap();
-    hold.store(true, Ordering::SeqCst);
+    source.hold();
     cache.refresh(&k).await.unwrap();
     // The refresh's load reads the source while the flag is still there…
     let reading = {
@@ -328,9 +245,9 @@ async fn an_invalidate_during_a_refresh_is_not_undone_by_it() {
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     // …and then the flag is deleted and invalidated everywhere.
-    present.store(false, Ordering::SeqCst);
+    source.set_answer(Answer::Absent);
     cache.invalidate(&k).await.unwrap();
-    release.notify_one();
+    source.release();
     let _ = reading.await.unwrap();
     assert_eq!(
         store.get(&k).await.unwrap(),

@@ -4,17 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use flagcache_core::bytes::Bytes;
 use flagcache_core::{CacheStatus, Entry, FlagCache, FlagStore, PutOutcome, StaleReason, Version};
 use flagcache_memcached::MemcachedStore;
-use flagcache_testkit::MemcachedServer;
+use flagcache_testkit::{Answer, CountingSource, MemcachedServer};
 
 mod common;
-use common::{keys, pause, source, start_servers, TTL};
+use common::{keys, pause, start_servers, TTL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_fails_no_operation_on_pooled_connections() {
@@ -58,10 +56,8 @@ async fn one_dead_server_of_three_costs_only_its_keys() {
         .build()
         .await
         .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(AtomicBool::new(true));
-    let load = source(&calls, Duration::from_millis(1), up.clone());
-    let cache = FlagCache::<String>::builder(store.clone(), move |k| load(k))
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(1));
+    let cache = FlagCache::<String>::builder(store.clone(), source.clone())
         .fresh_for(Duration::from_millis(50))
         .stale_for(Duration::ZERO)
         .circuit_breaker(1_000, Duration::from_millis(100))
@@ -90,7 +86,7 @@ async fn one_dead_server_of_three_costs_only_its_keys() {
     assert!(alive > 20 && dead > 5, "alive {alive}, dead {dead}");
     // With the source down too, the cache answers every key: fresh from live servers,
     // fail-safe for the dead one's.
-    up.store(false, Ordering::SeqCst);
+    source.set_answer(Answer::Error);
     for k in &keys {
         let l = cache.lookup(k).await.unwrap();
         assert!(
@@ -104,7 +100,7 @@ async fn one_dead_server_of_three_costs_only_its_keys() {
     }
     // Restarted (empty): reads recover without restarting anything.
     servers[1].restart().unwrap();
-    up.store(true, Ordering::SeqCst);
+    source.set_answer(Answer::Value);
     let mut recovered = 0;
     for _ in 0..50 {
         recovered = 0;
@@ -156,10 +152,8 @@ async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
         groups.contains(&0) && groups.contains(&1),
         "keys on both servers"
     );
-    let calls = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(AtomicBool::new(true));
-    let loader = source(&calls, Duration::ZERO, up);
-    let cache = FlagCache::<String>::builder(store, move |k| loader(k))
+    let source = CountingSource::new(1);
+    let cache = FlagCache::<String>::builder(store, source.clone())
         .l2_batch_after(1)
         .l2_timeout(Duration::from_millis(400))
         // Counts failures, not the hung server's keys: stays closed for this test.
@@ -202,10 +196,6 @@ async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
         }
     }
     let on_b = groups.iter().filter(|g| **g == 1).count();
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        on_b,
-        "only the hung server's keys loaded"
-    );
+    assert_eq!(source.calls(), on_b, "only the hung server's keys loaded");
     assert!(cache.stats().l2_batches > 0, "{:?}", cache.stats());
 }

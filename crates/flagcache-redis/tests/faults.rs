@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{invalidator_with_heartbeat, key, next, store_with_timeouts};
 use flagcache_core::{
-    CacheStatus, Checked, Entry, Error, FlagCache, FlagKey, FlagStore, FlagStoreExt, Invalidation,
-    Invalidator, PutOutcome, Signal, StaleReason, Target, Version,
+    CacheStatus, Checked, Entry, FlagCache, FlagStore, FlagStoreExt, Invalidation, Invalidator,
+    PutOutcome, Signal, StaleReason, Target, Version,
 };
 use flagcache_redis::RedisStore;
-use flagcache_testkit::RedisServer;
+use flagcache_testkit::{Answer, CountingSource, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first() {
@@ -105,21 +103,8 @@ async fn scripts_are_reloaded_after_script_flush() {
 async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
     let mut server = RedisServer::start().unwrap();
     let store = store_with_timeouts(&server.url(), Duration::from_millis(200)).await;
-    let loads = Arc::new(AtomicUsize::new(0));
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (l, u) = (loads.clone(), up.clone());
-    let loader = move |k: FlagKey| {
-        let (l, u) = (l.clone(), u.clone());
-        async move {
-            l.fetch_add(1, Ordering::SeqCst);
-            if u.load(Ordering::SeqCst) {
-                Ok(Some((format!("{k}@1"), Version::new(1))))
-            } else {
-                Err(Error::loader(&k, std::io::Error::other("source down")))
-            }
-        }
-    };
-    let cache = FlagCache::<String>::builder(store.clone(), loader)
+    let source = CountingSource::new(1);
+    let cache = FlagCache::<String>::builder(store.clone(), source.clone())
         .fresh_for(Duration::from_millis(50))
         .stale_for(Duration::ZERO)
         .l2_timeout(Duration::from_millis(300))
@@ -143,7 +128,7 @@ async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
     // Redis dies and the source fails too: the last known value is served.
     cache.get(&key("k")).await.unwrap();
     server.stop();
-    up.store(false, Ordering::SeqCst);
+    source.set_answer(Answer::Error);
     tokio::time::sleep(Duration::from_millis(80)).await;
     for _ in 0..20 {
         let l = cache.lookup(&key("k")).await.unwrap();
@@ -153,7 +138,7 @@ async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
 
     // Everything comes back, without restarting anything in the app.
     server.restart().unwrap();
-    up.store(true, Ordering::SeqCst);
+    source.set_answer(Answer::Value);
     let mut refilled = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;

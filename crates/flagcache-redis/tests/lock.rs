@@ -4,36 +4,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::key;
-use flagcache_core::{Error, FlagCache, FlagKey, Version};
+use flagcache_core::{FlagCache, FlagKey};
 use flagcache_redis::{RedisLock, RedisStore};
-use flagcache_testkit::RedisServer;
-
-type Loader = Arc<
-    dyn Fn(
-            FlagKey,
-        ) -> futures_util::future::BoxFuture<
-            'static,
-            flagcache_core::Result<Option<(String, Version)>>,
-        > + Send
-        + Sync,
->;
-
-fn slow_source(calls: &Arc<AtomicUsize>, latency: Duration) -> Loader {
-    let calls = calls.clone();
-    Arc::new(move |k: FlagKey| {
-        let calls = calls.clone();
-        Box::pin(async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(latency).await;
-            Ok::<_, Error>(Some((format!("{k}@1"), Version::new(1))))
-        })
-    })
-}
+use flagcache_testkit::{Answer, CountingSource, RedisServer};
 
 /// `n` replicas over `server`, each with its own connections (as separate processes
 /// would have), loading from `source` behind a `RedisLock` made by `lock`; with an
@@ -41,15 +18,14 @@ fn slow_source(calls: &Arc<AtomicUsize>, latency: Duration) -> Loader {
 async fn replicas(
     server: &RedisServer,
     n: usize,
-    source: &Loader,
+    source: &CountingSource,
     lock: impl Fn(RedisLock) -> RedisLock,
     invalidate: bool,
 ) -> Vec<FlagCache<String>> {
     let mut replicas = Vec::new();
     for i in 0..n {
         let store = RedisStore::connect(&server.url()).await.unwrap();
-        let source = source.clone();
-        let mut builder = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+        let mut builder = FlagCache::<String>::builder(store.clone(), source.clone())
             .name(format!("replica-{i}"))
             .coalescer(lock(RedisLock::new(&store)));
         if invalidate {
@@ -87,19 +63,14 @@ fn read_storm(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     let server = RedisServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let source = slow_source(&calls, Duration::from_millis(200));
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(200));
     let replicas = replicas(&server, 8, &source, |l| l, false).await;
     let k = key("cold");
     for r in read_storm(&replicas, &k, 100) {
         let v = r.await.unwrap().unwrap();
         assert_eq!(v.as_deref().map(String::as_str), Some("cold@1"));
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "loader calls across 8 replicas"
-    );
+    assert_eq!(source.calls(), 1, "loader calls across 8 replicas");
     assert_eq!(
         server.command(&["EXISTS", "flags:lock:{cold}"]).unwrap(),
         "0",
@@ -115,9 +86,8 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
     server
         .command(&["SET", "flags:lock:{orphan}", "dead-holder", "PX", "300"])
         .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let source = slow_source(&calls, Duration::from_millis(1));
-    let cache = FlagCache::<String>::builder(store.clone(), move |k| source(k))
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(1));
+    let cache = FlagCache::<String>::builder(store.clone(), source.clone())
         .coalescer(RedisLock::new(&store).ttl(Duration::from_millis(300)))
         .build()
         .await
@@ -125,7 +95,7 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
     let t = Instant::now();
     let v = cache.get(&key("orphan")).await.unwrap();
     assert_eq!(v.as_deref().map(String::as_str), Some("orphan@1"));
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(source.calls(), 1);
     let waited = t.elapsed();
     assert!(
         waited >= Duration::from_millis(200),
@@ -143,8 +113,7 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
     let server = RedisServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let source = slow_source(&calls, Duration::from_millis(300));
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(300));
     let slow_poll = |l: RedisLock| l.poll_interval(Duration::from_secs(10));
     let replicas = replicas(&server, 3, &source, slow_poll, false).await;
     let k = key("announced");
@@ -168,11 +137,7 @@ async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
         );
         assert!(took < Duration::from_secs(2), "a waiter took {took:?}");
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "one load for the three replicas"
-    );
+    assert_eq!(source.calls(), 1, "one load for the three replicas");
 }
 
 /// A flag the source does not have, read by 8 replicas at once: the lock holder's
@@ -181,26 +146,14 @@ async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
     let server = RedisServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let absent: Loader = Arc::new(move |_k: FlagKey| {
-        let calls = counted.clone();
-        Box::pin(async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok::<_, Error>(None)
-        })
-    });
+    let absent = CountingSource::new(1).with_latency(Duration::from_millis(200));
+    absent.set_answer(Answer::Absent);
     let replicas = replicas(&server, 8, &absent, |l| l, false).await;
     let k = key("not-created-yet");
     for r in read_storm(&replicas, &k, 50) {
         assert_eq!(r.await.unwrap().unwrap(), None, "no such flag");
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "loader calls across 8 replicas"
-    );
+    assert_eq!(absent.calls(), 1, "loader calls across 8 replicas");
     // The marker is short-lived: a flag created later is found by the next load.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
@@ -217,23 +170,25 @@ async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
     let server = RedisServer::start().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
     // The first call answers "none" slowly; the flag exists for every later one.
-    let source: Loader = Arc::new(move |k: FlagKey| {
-        let calls = counted.clone();
-        Box::pin(async move {
-            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                return Ok::<_, Error>(None);
-            }
-            Ok(Some((format!("{k}@1"), Version::new(1))))
-        })
-    });
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(400));
+    source.set_answer(Answer::Absent);
     let replicas = replicas(&server, 2, &source, |l| l, true).await;
     let k = key("created-meanwhile");
+    let spawned = Instant::now();
     let holder = spawn_get(&replicas[0], &k);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A call sees the source as it is when it starts: once the holder's has started,
+    // every later one finds the flag at once.
+    while source.calls() == 0 {
+        assert!(
+            spawned.elapsed() < Duration::from_secs(5),
+            "the holder never called the source"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    source.set_answer(Answer::Value);
+    source.set_latency(Duration::ZERO);
+    tokio::time::sleep_until((spawned + Duration::from_millis(100)).into()).await;
     let waiter = spawn_get(&replicas[1], &k);
     // The control plane creates the flag and tells the fleet, mid-load.
     tokio::time::sleep(Duration::from_millis(100)).await;

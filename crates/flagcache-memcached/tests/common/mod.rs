@@ -1,14 +1,11 @@
 //! Setup shared by this crate's integration tests: stores on test servers, keys,
-//! values, a fleet of replicas, and the counting loader of the server-failure and
-//! recache tests.
+//! values, and a fleet of replicas.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use flagcache_core::{Entry, Error, FlagCache, FlagKey, FlagStore, PutOutcome, Version};
+use flagcache_core::{Entry, FlagCache, FlagKey, FlagStore, PutOutcome};
 use flagcache_memcached::{MemcachedInvalidator, MemcachedRecache, MemcachedStore};
 use flagcache_testkit::MemcachedServer;
 
@@ -96,33 +93,4 @@ pub async fn replicas(
         );
     }
     replicas
-}
-
-/// A loader that a test's replicas share.
-pub type Loader = Arc<
-    dyn Fn(
-            FlagKey,
-        ) -> futures_util::future::BoxFuture<
-            'static,
-            flagcache_core::Result<Option<(String, Version)>>,
-        > + Send
-        + Sync,
->;
-
-/// A source that counts its calls, answers `<key>@1` at version 1 after `latency`,
-/// and fails while `up` is false.
-pub fn source(calls: &Arc<AtomicUsize>, latency: Duration, up: Arc<AtomicBool>) -> Loader {
-    let calls = calls.clone();
-    Arc::new(move |k: FlagKey| {
-        let (calls, up) = (calls.clone(), up.clone());
-        Box::pin(async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(latency).await;
-            if up.load(Ordering::SeqCst) {
-                Ok(Some((format!("{k}@1"), Version::new(1))))
-            } else {
-                Err(Error::loader(&k, std::io::Error::other("source down")))
-            }
-        })
-    })
 }
