@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    Capabilities, Checked, Codec, Entry, FlagKey, Invalidation, NodeId, PutOutcome, Result,
-    Subscription, Version, DEFAULT_CODEC,
+    BoxFuture, Capabilities, Checked, Codec, Entry, FlagKey, Invalidation, NodeId, PutOutcome,
+    Result, Subscription, Version, DEFAULT_CODEC,
 };
 
 /// A store of versioned entries: the shared tier (L2) or process memory.
@@ -258,9 +258,6 @@ macro_rules! forward_impls {
         }
     )+};
 }
-
-/// The future type `#[async_trait]` gives the traits' async methods.
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 forward_impls!(Arc<T>, Box<T>, &T);
 

@@ -305,11 +305,11 @@ impl ReleaseLease for RecacheLease {
                 // Not stored (fenced, or L2 failed), failed or abandoned: hand the token
                 // on, so that another process tries.
                 (Won::Stale(cas), _) => store.rearm(&key, cas).await,
-                // A value is in L2 (or was loaded and the write failed).
-                (Won::Placeholder(_), LoadOutcome::Stored(_) | LoadOutcome::NotStored(Some(_))) => {
-                }
-                // Nothing was stored: free the key so waiters elect a new winner instead
-                // of waiting out the placeholder.
+                // The value replaced the placeholder.
+                (Won::Placeholder(_), LoadOutcome::Stored(_)) => {}
+                // Nothing was stored (absent, fenced, a failed load or write, an abandoned
+                // lease): free the key so waiters elect a new winner instead of waiting
+                // out the placeholder. CAS-guarded: a value stored meanwhile stays.
                 (Won::Placeholder(Some(cas)), _) => {
                     let _ = store.drop_placeholder(&key, cas).await;
                 }

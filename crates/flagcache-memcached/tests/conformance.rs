@@ -84,5 +84,10 @@ async fn recache_passes_the_coalescer_properties() {
     }
     let store = MemcachedStore::connect(&server.url()).await.unwrap();
     conformance::one_load_per_burst(&fleet, Arc::new(store)).await;
-    conformance::abandoned_lease_frees_the_key(fleet[0].clone(), fleet[1].clone()).await;
+    conformance::abandoned_lease_frees_the_key(
+        fleet[0].clone(),
+        fleet[1].clone(),
+        fleet[2].clone(),
+    )
+    .await;
 }

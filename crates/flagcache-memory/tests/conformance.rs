@@ -98,5 +98,5 @@ async fn local_coalescer_passes_the_coalescer_properties() {
     let local: Arc<dyn Coalescer> = Arc::new(LocalCoalescer::new());
     let callers = vec![local.clone(); 8];
     conformance::one_load_per_burst(&callers, Arc::new(MemoryStore::new())).await;
-    conformance::abandoned_lease_frees_the_key(local.clone(), local).await;
+    conformance::abandoned_lease_frees_the_key(local.clone(), local.clone(), local).await;
 }

@@ -69,8 +69,9 @@ impl LockKeys {
 /// by itself. The holder releases the lock with a compare-and-delete script, so it
 /// never deletes a lock another process took over.
 ///
-/// If Redis cannot be asked, the fetch runs unguarded: slower for the source, never
-/// broken for the caller.
+/// If Redis cannot be asked, `acquire` hands out an unguarded lease (the load runs
+/// without the lock): slower for the source, never broken for the caller. A holder that
+/// panics or is dropped mid-load releases the lock as it unwinds.
 ///
 /// ```no_run
 /// # async fn demo(store: flagcache_redis::RedisStore) -> flagcache_core::Result<()> {
@@ -227,7 +228,7 @@ impl Coalescer for RedisLock {
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             match self.try_lock(&lock, &token).await {
                 Ok(true) => {
-                    return Ok(Turn::Load(Lease::new(Held {
+                    return Ok(Turn::Load(Lease::new(HeldLock {
                         lock: self.clone(),
                         key: key.clone(),
                         lock_key: lock.clone(),
@@ -273,14 +274,14 @@ impl Coalescer for RedisLock {
 
 /// A held lock, as a [`Lease`]: released with the compare-and-delete script, leaving
 /// the absence marker when the source has no such flag.
-struct Held {
+struct HeldLock {
     lock: RedisLock,
     key: FlagKey,
     lock_key: String,
     token: String,
 }
 
-impl ReleaseLease for Held {
+impl ReleaseLease for HeldLock {
     fn release(self: Box<Self>, outcome: LoadOutcome) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let absent = matches!(outcome, LoadOutcome::Absent);

@@ -103,7 +103,7 @@ struct Inner {
 /// - `put` is one Lua script (loaded once, called by `EVALSHA`, reloaded on `NOSCRIPT`):
 ///   it compares versions on the server and writes with `PX` only when the key is
 ///   absent, unreadable, or older — atomic per key.
-/// - `get_checked` is one script too; `get_many` is one `MGET` (split per node by the
+/// - `get_checked` is one script too; `get_each` (the batched read) is one `MGET` (split per node by the
 ///   cluster client, answers back in request order).
 ///
 /// Cloning is cheap and shares the connection.

@@ -82,17 +82,19 @@ async fn eight_replicas_times_100_cold_reads_cost_one_load() {
 async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
     let server = RedisServer::start().unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
-    // A process took the lock and died: nobody will ever write the value.
-    server
-        .command(&["SET", "flags:lock:{orphan}", "dead-holder", "PX", "300"])
-        .unwrap();
     let source = CountingSource::new(1).with_latency(Duration::from_millis(1));
     let cache = FlagCache::<String>::builder(store.clone(), source.clone())
         .coalescer(RedisLock::new(&store).ttl(Duration::from_millis(300)))
         .build()
         .await
         .unwrap();
+    // A process took the lock and died: nobody will ever write the value. (Taken right
+    // before the read, so that the read waits out most of its 300 ms however slowly
+    // the setup ran.)
     let t = Instant::now();
+    server
+        .command(&["SET", "flags:lock:{orphan}", "dead-holder", "PX", "300"])
+        .unwrap();
     let v = cache.get(&key("orphan")).await.unwrap();
     assert_eq!(v.as_deref().map(String::as_str), Some("orphan@1"));
     assert_eq!(source.calls(), 1);
@@ -222,5 +224,44 @@ async fn the_lock_passes_the_coalescer_properties() {
     }
     let store = RedisStore::connect(&server.url()).await.unwrap();
     conformance::one_load_per_burst(&fleet, Arc::new(store)).await;
-    conformance::abandoned_lease_frees_the_key(fleet[0].clone(), fleet[1].clone()).await;
+    conformance::abandoned_lease_frees_the_key(
+        fleet[0].clone(),
+        fleet[1].clone(),
+        fleet[2].clone(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_that_panics_releases_the_lock_at_once() {
+    let server = RedisServer::start().unwrap();
+    // The first call panics after 300 ms, holding the lock until then; later calls answer.
+    let source = CountingSource::new(1).with_latency(Duration::from_millis(300));
+    source.set_answer(Answer::Panic);
+    let fleet = replicas(&server, 2, &source, |l| l, false).await;
+    let k = key("panicking-holder");
+    let holder = spawn_get(&fleet[0], &k);
+    while source.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    source.set_answer(Answer::Value);
+    source.set_latency(Duration::ZERO);
+    let started = Instant::now();
+    let waiter = fleet[1].get(&k).await.unwrap();
+    // The lock's TTL is 10 s: a holder whose unwinding did not release it would keep
+    // the waiter until then.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the waiter waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        waiter.as_deref().map(String::as_str),
+        Some("panicking-holder@1")
+    );
+    assert!(
+        holder.await.unwrap().is_err(),
+        "the panicking load is an error"
+    );
+    assert_eq!(source.calls(), 2);
 }

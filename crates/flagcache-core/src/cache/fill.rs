@@ -156,7 +156,7 @@ where
                 if let Some(filled) = self.take_answer(key, answer, ticket, began).await {
                     return Ok(filled);
                 }
-                // Not usable here: load without the fleet.
+                // Not usable here: load unguarded (no cross-process coalescing).
                 Lease::unguarded()
             }
         };
@@ -293,6 +293,10 @@ where
             }
         }
         let outcome = match written {
+            // L2 holds a newer version than this load's: waiters must read that, not this.
+            Some(PutOutcome::Superseded { current }) if current > version => {
+                LoadOutcome::NotStored(None)
+            }
             Some(_) => LoadOutcome::Stored(entry),
             None => LoadOutcome::NotStored(Some(entry)),
         };

@@ -469,14 +469,14 @@ where
         deleted.and(published)
     }
 
-    /// Asks the coalescer to reload `key` from the source while it goes on answering with
+    /// Asks the fleet to reload `key` from the source while it goes on answering with
     /// the current value: a soft [`invalidate`](FlagCache::invalidate), for changes
     /// that may take one load's time to reach everyone (not for kill switches — use
     /// [`set`](FlagCache::set), which carries the new value and version).
     ///
     /// L2 marks the entry stale ([`FlagStore::mark_stale`]) and every replica drops its
     /// L1 copy. With a backend that keeps stale values (memcached, with
-    /// `MemcachedRecache` as the cross-process coalescer), one process of the coalescer
+    /// `MemcachedRecache` as the cross-process coalescer), one process of the fleet
     /// reloads from the source while the others serve the stale value, marked
     /// [`StaleReason::Revalidating`], for at most twice the loader timeout. A reload
     /// that an invalidation fenced is never written back (a hard `invalidate` may be

@@ -1,5 +1,5 @@
 //! [`LocalCoalescer`]: process-local single flight, per key — many concurrent callers of
-//! one key share one fetch.
+//! one key share one fetch — and the same flights as a [`Coalescer`]'s leases.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -234,16 +234,16 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let (tx, leave) = match self.enter(key) {
-            Entered::Joined(flight) => return Ok(Role::Join(flight)),
-            Entered::Leads(tx, leave) => (tx, leave),
-        };
-        // Without a runtime the fetch cannot move to a task of its own if its caller is
-        // dropped: refused (dropping `tx` and `leave` withdraws the flight).
+        // Leading needs a runtime: without one the fetch could not move to a task of its
+        // own if its caller were dropped. Joining does not.
         let runtime = tokio::runtime::Handle::try_current()
             .ok()
-            .or_else(|| self.inner.runtime.clone())
-            .ok_or(Error::Closed("tokio runtime (coalescing needs one)"))?;
+            .or_else(|| self.inner.runtime.clone());
+        let (tx, leave, runtime) = match (self.enter(key, runtime.is_some()), runtime) {
+            (Some(Entered::Joined(flight)), _) => return Ok(Role::Join(flight)),
+            (Some(Entered::Leads(tx, leave)), Some(runtime)) => (tx, leave, runtime),
+            _ => return Err(Error::Closed("tokio runtime (coalescing needs one)")),
+        };
         let panicking_key = key.clone();
         let fut = AssertUnwindSafe(fetch()).catch_unwind();
         Ok(Role::Lead(Leader {
@@ -259,13 +259,17 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         }))
     }
 
-    /// Joins the flight of `key`, or opens one that this caller leads: it then holds
-    /// the flight's publishing side and its place in the in-flight map.
-    fn enter(&self, key: &FlagKey) -> Entered<V> {
+    /// Joins the flight of `key`, or — when `may_lead` — opens one that this caller
+    /// leads: it then holds the flight's publishing side and its place in the in-flight
+    /// map. `None`: there is no flight to join and this caller may not lead.
+    fn enter(&self, key: &FlagKey, may_lead: bool) -> Option<Entered<V>> {
         let mut map = self.inner.map();
         if let Some((_, flight)) = map.get(key) {
             self.inner.waits.fetch_add(1, Ordering::Relaxed);
-            return Entered::Joined(flight.clone());
+            return Some(Entered::Joined(flight.clone()));
+        }
+        if !may_lead {
+            return None;
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let flight = Arc::new(Flight {
@@ -276,14 +280,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         map.insert(key.clone(), (id, flight.clone()));
         drop(map);
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        Entered::Leads(
+        Some(Entered::Leads(
             Publish(Some(flight)),
             Leave {
                 inner: self.inner.clone(),
                 key: key.clone(),
                 id,
             },
-        )
+        ))
     }
 
     /// Starts `fetch` for `key` in the background unless one is already in flight;
@@ -343,15 +347,17 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
 impl Coalescer for LocalCoalescer<Coalesced> {
     async fn acquire(&self, key: &FlagKey) -> Result<Turn> {
         loop {
-            match self.enter(key) {
-                Entered::Leads(tx, leave) => {
+            // A lease is released by its holder, runtime or not: anyone may lead.
+            match self.enter(key, true) {
+                Some(Entered::Leads(tx, leave)) => {
                     return Ok(Turn::Load(Lease::new(LocalLease { tx, leave })));
                 }
-                Entered::Joined(flight) => {
+                Some(Entered::Joined(flight)) => {
                     if let Some(answer) = Self::landed(flight).await {
                         return answer.map(Turn::Answered);
                     }
                 }
+                None => {}
             }
         }
     }

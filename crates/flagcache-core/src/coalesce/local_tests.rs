@@ -224,4 +224,63 @@ fn no_runtime_is_an_error_not_a_panic() {
     let fut = c.run(&k, || async { Ok(1) });
     let r = futures_util::FutureExt::now_or_never(fut);
     assert!(matches!(r, Some(Err(Error::Closed(_)))));
+    // Refused before it entered the map: nothing counted, nothing left in flight.
+    assert_eq!(c.fetches(), 0);
+    assert_eq!(c.in_flight(), 0);
+}
+
+/// Leads `key` on `c` and has one caller wait on the lease; returns the lease and the
+/// waiter.
+async fn lead_with_a_waiter(
+    c: &LocalCoalescer,
+    key: &FlagKey,
+) -> (Lease, tokio::task::JoinHandle<Result<Turn>>) {
+    let Ok(Turn::Load(lease)) = c.acquire(key).await else {
+        panic!("the first caller leads");
+    };
+    let waits = c.coalesced_waits();
+    let waiter = {
+        let (c, key) = (c.clone(), key.clone());
+        tokio::spawn(async move { c.acquire(&key).await })
+    };
+    until(|| c.coalesced_waits() > waits).await;
+    (lease, waiter)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_release_reaches_its_waiters() {
+    let c = LocalCoalescer::new();
+    let e = crate::Entry::new(crate::Version(3), &b"x"[..]);
+
+    let (lease, waiter) = lead_with_a_waiter(&c, &key("stored")).await;
+    lease.release(LoadOutcome::Stored(e.clone())).await;
+    let got = waiter.await.unwrap().unwrap();
+    assert!(matches!(got, Turn::Answered(Coalesced::Fresh(Some(ref g))) if *g == e));
+
+    let (lease, waiter) = lead_with_a_waiter(&c, &key("absent")).await;
+    lease.release(LoadOutcome::Absent).await;
+    let got = waiter.await.unwrap().unwrap();
+    assert!(matches!(got, Turn::Answered(Coalesced::Absent)));
+
+    let (lease, waiter) = lead_with_a_waiter(&c, &key("failed")).await;
+    lease
+        .release(LoadOutcome::Failed(Error::Closed("source down")))
+        .await;
+    assert!(matches!(
+        waiter.await.unwrap(),
+        Err(Error::Closed("source down"))
+    ));
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_lease_makes_its_waiter_lead() {
+    let c = LocalCoalescer::new();
+    let (lease, waiter) = lead_with_a_waiter(&c, &key("dropped")).await;
+    drop(lease);
+    let next = waiter.await.unwrap().unwrap();
+    assert!(matches!(next, Turn::Load(_)), "got {next:?}");
+    assert_eq!(c.in_flight(), 1, "the new lead holds the key");
+    drop(next);
+    assert_eq!(c.in_flight(), 0);
 }

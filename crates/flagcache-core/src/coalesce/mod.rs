@@ -14,7 +14,8 @@ pub use local::LocalCoalescer;
 
 use crate::{Entry, Error, FlagKey, Result};
 
-/// The future a [`ReleaseLease`] returns.
+/// A boxed, sendable future: what a [`ReleaseLease`] returns, and the type of the
+/// adapter traits' async methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The cross-process coalescer: when many processes miss the same key at once, one of
@@ -39,8 +40,18 @@ pub trait Coalescer: Send + Sync {
     /// # Concurrent calls on the same key
     /// Among concurrent callers — in one process or many — one gets [`Turn::Load`] at a
     /// time; the others wait until its lease is released and are then answered with
-    /// what it stored ([`Turn::Answered`]). A lease released without a stored value
-    /// (failed, fenced) or dropped lets the next caller load.
+    /// what it stored ([`Turn::Answered`]). A lease dropped unreleased
+    /// ([`LoadOutcome::Abandoned`]) lets the next caller load. What a release without
+    /// a stored value does is the implementation's:
+    /// - `RedisLock` and `MemcachedRecache` hand the turn to the next caller, who loads
+    ///   (`RedisLock` answers [`Coalesced::Absent`] after [`LoadOutcome::Absent`]);
+    /// - [`LocalCoalescer`] shares the outcome with every waiter: the error of
+    ///   [`LoadOutcome::Failed`], the entry of [`LoadOutcome::NotStored`] (each waiter
+    ///   loads by itself after `NotStored(None)`), [`Coalesced::Absent`].
+    ///
+    /// `MemcachedRecache` also gives the turn to every caller when the key holds a value
+    /// the caller has judged unusable (an older version than one announced): only a
+    /// miss or a stale mark elects one loader.
     ///
     /// # Errors
     /// The lead's [`LoadOutcome::Failed`] error, where the coalescer shares it with its
@@ -60,8 +71,9 @@ pub enum Turn {
 /// What another process's load answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Coalesced {
-    /// The value another process stored (`None`: it stored nothing usable, so the
-    /// caller loads by itself).
+    /// The value another process loaded — read back from the shared tier, or handed
+    /// over in process by [`LocalCoalescer`] (`None`: there is nothing usable, so the
+    /// caller loads by itself). The caller checks it as it checks its own L2 reads.
     Fresh(Option<Entry>),
     /// A value marked stale, served while another process refreshes it.
     Stale(Entry),
@@ -79,7 +91,7 @@ pub enum LoadOutcome {
     /// The source has no such flag.
     Absent,
     /// Loaded but not in the shared tier: the write failed (`Some`, the entry), or an
-    /// invalidation fenced the load (`None`). Someone else should load.
+    /// invalidation fenced the load or the shared tier holds a newer version (`None`).
     NotStored(Option<Entry>),
     /// The load failed.
     Failed(Error),
@@ -88,9 +100,10 @@ pub enum LoadOutcome {
 }
 
 /// The right to load one key, won from a [`Coalescer`]. Release it with the load's
-/// outcome ([`Lease::release`]); a lease dropped unreleased is released as
-/// [`LoadOutcome::Abandoned`] in the background, when a Tokio runtime is at hand (else the
-/// backend's own expiry frees it).
+/// outcome ([`Lease::release`]); a lease dropped unreleased (its holder panicked or was
+/// cancelled) is released as [`LoadOutcome::Abandoned`] — in the background, where the
+/// release does I/O, when a Tokio runtime is at hand (else the backend's own expiry
+/// frees it).
 #[must_use = "a lease is released with the load's outcome"]
 pub struct Lease(Option<Box<dyn ReleaseLease>>);
 

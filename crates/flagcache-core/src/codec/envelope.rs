@@ -78,6 +78,7 @@ impl EnvelopeCodec {
         self
     }
 
+    #[inline]
     pub(super) fn encode(&self, entry: &Entry) -> Result<Bytes> {
         let raw = &entry.payload[..];
         let gz = if raw.len() > self.compress_above {
@@ -115,6 +116,7 @@ impl EnvelopeCodec {
         Ok(out.freeze())
     }
 
+    #[inline]
     pub(super) fn header(bytes: &[u8]) -> Result<Header> {
         let h = bytes
             .get(..HEADER_LEN)
@@ -143,6 +145,7 @@ impl EnvelopeCodec {
         })
     }
 
+    #[inline]
     pub(super) fn decode(&self, bytes: Bytes) -> Result<Entry> {
         let header = Self::header(&bytes)?;
         let mut be32 = [0u8; 4];
