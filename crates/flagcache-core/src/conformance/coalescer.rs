@@ -40,7 +40,7 @@ async fn until_count(count: &AtomicUsize, n: usize, what: &str) {
 /// Concurrent misses of one key, one per coalescer (process), cost one load: exactly
 /// one caller gets [`Turn::Load`]; it stores its value and releases the lease with
 /// [`LoadOutcome::Stored`], and every other caller is answered with that very entry
-/// within [`ANSWERED_WITHIN`] of the release.
+/// within 3 s of the release.
 pub async fn one_load_per_burst(coalescers: &[Arc<dyn Coalescer>], store: Arc<dyn FlagStore>) {
     let n = coalescers.len();
     assert!(n >= 2, "one_load_per_burst: give two coalescers or more");
