@@ -2,7 +2,7 @@
 //!
 //! This is the template to copy. It keeps entries encoded with the store's codec (as a
 //! remote backend would), honours TTLs, and applies the version guard under one lock so
-//! that `put` is atomic per key. Its test runs the whole conformance suite:
+//! that `put` is atomic per key; an entry that does not decode never guards. Its test runs the whole conformance suite:
 //!
 //! ```text
 //! cargo test --example custom_adapter --features conformance
@@ -79,9 +79,17 @@ impl FlagStore for LockedMapStore {
         let held = map
             .get(key)
             .filter(|(_, deadline)| *deadline > now)
-            .and_then(|(b, _)| self.codec.peek_version(b).ok());
-        if let Some(current) = held.filter(|v| *v >= entry.version) {
-            return Ok(PutOutcome::Superseded { current });
+            .map(|(b, _)| b.clone());
+        // Only an entry a reader would accept guards: bytes that fail any check of the
+        // decoder (header, length, checksum) are written over, whatever version their
+        // header claims. The header is read first, so a lower version costs no decode.
+        let guarding = held
+            .filter(|b| self.codec.peek_version(b).is_ok_and(|v| v >= entry.version))
+            .and_then(|b| self.codec.decode_entry(b).ok());
+        if let Some(current) = guarding {
+            return Ok(PutOutcome::Superseded {
+                current: current.version,
+            });
         }
         map.insert(key.clone(), (bytes, now + ttl));
         Ok(PutOutcome::Stored)

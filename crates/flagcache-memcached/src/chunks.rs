@@ -115,13 +115,14 @@ impl MemcachedStore {
         // Only write chunks that a manifest may come to name: not when the stored
         // version already supersedes this one — unless it is this very version marked
         // stale, which this write revalidates (`put` stores the manifest again).
+        // Unreadable bytes and incomplete chunk sets supersede nothing.
         if let Some(v) = self.meta().get(wire).await? {
             let stale = v.is_stale == Some(true);
-            let held = v
-                .data
-                .as_deref()
-                .and_then(|d| self.codec().peek_version(d).ok());
-            if let Some(held) = held.filter(|h| *h >= entry.version) {
+            let held = match v.data.as_deref() {
+                Some(d) => self.guarding_version(key, wire, d, entry.version).await?,
+                None => None,
+            };
+            if let Some(held) = held {
                 if !(stale && held == entry.version) {
                     if stale && v.is_recache_winner == Some(true) {
                         // Won a newer stale entry's token without refreshing it.

@@ -202,6 +202,39 @@ impl MemcachedStore {
         self.assemble(key, wire, entry).await
     }
 
+    /// The version of `held` (the bytes at `key`) when it refuses a write of
+    /// `version`: it reads as an entry a reader accepts (every check of the codec, and
+    /// for a chunk manifest its whole chunk set) at `version` or higher. Unreadable bytes
+    /// and incomplete chunk sets never guard. The header is compared first, so a write
+    /// over a lower version decodes nothing.
+    ///
+    /// # Errors
+    /// A backend error reading a manifest's chunks: whether they are all there is then
+    /// unknown.
+    pub(crate) async fn guarding_version(
+        &self,
+        key: &FlagKey,
+        wire: &WireKey,
+        held: &[u8],
+        version: Version,
+    ) -> Result<Option<Version>> {
+        let codec = &self.inner.codec;
+        if !codec
+            .peek_version(held)
+            .is_ok_and(|claimed| claimed >= version)
+        {
+            return Ok(None);
+        }
+        let Ok(entry) = codec.decode_entry(Bytes::copy_from_slice(held)) else {
+            return Ok(None);
+        };
+        match self.assemble(key, wire, entry).await {
+            Ok(readable) => Ok(readable.map(|e| e.version)),
+            Err(Error::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
     /// encoding), answering each key as `get` would: its entry, its miss (a stale
     /// entry included), or its own error.
@@ -397,11 +430,14 @@ impl FlagStore for MemcachedStore {
             let cas = match &current {
                 None => None,
                 Some(v) => {
-                    let held = v
-                        .data
-                        .as_deref()
-                        .and_then(|d| self.inner.codec.peek_version(d).ok());
-                    if let Some(held) = held.filter(|h| *h >= entry.version) {
+                    let held = match v.data.as_deref() {
+                        Some(d) => self
+                            .guarding_version(key, &wire, d, entry.version)
+                            .await
+                            .map_err(|e| e.with_key(key))?,
+                        None => None,
+                    };
+                    if let Some(held) = held {
                         if v.is_stale == Some(true) {
                             if held == entry.version {
                                 // The source confirms the stale value: store it again,
@@ -417,7 +453,8 @@ impl FlagStore for MemcachedStore {
                         }
                         return Ok(PutOutcome::Superseded { current: held });
                     }
-                    // Lower or unreadable: replace it, if nobody changed it meanwhile.
+                    // Lower, unreadable, or a manifest whose chunk set is incomplete:
+                    // replace it, if nobody changed it meanwhile.
                     match v.cas {
                         Some(c) => Some(c),
                         None => return Err(Error::corrupt("memcached returned no CAS token")),

@@ -47,6 +47,28 @@ async fn both_sides_of_the_item_limit() {
     assert_eq!(store.get(&over).await.unwrap(), None);
 }
 
+/// Deletes one chunk of the (only) chunked value on `server`, as an eviction would.
+async fn lose_a_chunk(server: &MemcachedServer) {
+    let mut c = async_memcached::Client::new(&server.url()).await.unwrap();
+    let mut chunk = None;
+    {
+        let mut dump = c.dump_keys().await.unwrap();
+        while let Some(Ok(meta)) = dump.next().await {
+            // metadump URL-encodes keys.
+            let name = String::from_utf8_lossy(&meta.key)
+                .replace("%3A", ":")
+                .replace("%21", "!");
+            if name.contains("chunk") {
+                chunk = Some(name);
+            }
+        }
+    }
+    let chunk = chunk.expect("no chunk key found");
+    c.meta_delete(chunk.as_bytes(), false, None, None)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_over_the_item_limit_are_chunked_and_read_all_or_nothing() {
     let server = MemcachedServer::start().unwrap();
@@ -85,24 +107,7 @@ async fn values_over_the_item_limit_are_chunked_and_read_all_or_nothing() {
         "a refused write changed the value"
     );
     // One chunk lost (evicted): the value is a miss, never a torn value.
-    let mut c = async_memcached::Client::new(&server.url()).await.unwrap();
-    let mut chunk = None;
-    {
-        let mut dump = c.dump_keys().await.unwrap();
-        while let Some(Ok(meta)) = dump.next().await {
-            // metadump URL-encodes keys.
-            let name = String::from_utf8_lossy(&meta.key)
-                .replace("%3A", ":")
-                .replace("%21", "!");
-            if name.contains("chunk") {
-                chunk = Some(name);
-            }
-        }
-    }
-    let chunk = chunk.expect("no chunk key found");
-    c.meta_delete(chunk.as_bytes(), false, None, None)
-        .await
-        .unwrap();
+    lose_a_chunk(&server).await;
     assert_eq!(store.get(&key).await.unwrap(), None);
     assert_eq!(
         store.get_many(std::slice::from_ref(&key)).await.unwrap(),
@@ -148,4 +153,44 @@ async fn a_chunked_value_marked_stale_is_revalidated_by_its_own_version() {
     // The source confirms version 3: readable again, whole.
     put(&store, &key, &entry).await;
     assert_eq!(store.get(&key).await.unwrap(), Some(entry));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_value_with_a_lost_chunk_does_not_guard() {
+    let server = MemcachedServer::start().unwrap();
+    let store = store_with_item_limit(&server, 32 * 1024).await;
+    let key = key("big");
+    let high = Entry::new(Version::new(9), noise(100 * 1024));
+    assert_eq!(put(&store, &key, &high).await, PutOutcome::Stored);
+    lose_a_chunk(&server).await;
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    // Its manifest claims version 9, but its chunk set is incomplete: a lower version,
+    // small or chunked itself, is written over it.
+    let small = Entry::new(Version::new(5), vec![5]);
+    assert_eq!(put(&store, &key, &small).await, PutOutcome::Stored);
+    assert_eq!(store.get(&key).await.unwrap(), Some(small));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_write_over_unreadable_bytes_is_stored() {
+    let server = MemcachedServer::start().unwrap();
+    let store = store_with_item_limit(&server, 32 * 1024).await;
+    let key = key("big");
+    // A readable header at version 1,000,000 over a payload whose checksum fails.
+    let claim = Entry::new(Version::new(1_000_000), vec![1, 2, 3]);
+    let mut bytes = store.codec().encode_entry(&claim).unwrap().to_vec();
+    *bytes.last_mut().unwrap() ^= 0x40;
+    let mut c = async_memcached::Client::new(&server.url()).await.unwrap();
+    c.meta_set(
+        store.memcached_key(&key).as_bytes(),
+        &bytes[..],
+        false,
+        None,
+        Some(&["T60"]),
+    )
+    .await
+    .unwrap();
+    let big = Entry::new(Version::new(5), noise(100 * 1024));
+    assert_eq!(put(&store, &key, &big).await, PutOutcome::Stored);
+    assert_eq!(store.get(&key).await.unwrap(), Some(big));
 }

@@ -164,6 +164,18 @@ impl MemoryStore {
     }
 }
 
+/// The version of `held` when it refuses a write of `entry`: it reads as an entry (the
+/// reader's every check: header, length, checksum, payload) at `entry`'s version or
+/// higher. Unreadable bytes never guard. The header is compared first, so a write over
+/// a lower version costs no decode.
+fn guarding_version(codec: &Codec, held: &Bytes, entry: &Entry) -> Option<Version> {
+    let claimed = codec.peek_version(held).ok()?;
+    if claimed < entry.version {
+        return None;
+    }
+    codec.decode_entry(held.clone()).ok().map(|e| e.version)
+}
+
 #[async_trait]
 impl FlagStore for MemoryStore {
     fn name(&self) -> &'static str {
@@ -211,6 +223,8 @@ impl FlagStore for MemoryStore {
         self.decode(key, slot).map(Checked::Hit)
     }
 
+    /// Writes under the key's lock when the key is absent, holds a lower version, or
+    /// holds bytes a reader rejects (whatever version their header claims).
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
         let ttl = Duration::from_millis(ttl_millis(ttl, Duration::from_millis(1))?);
         let bytes = self
@@ -235,14 +249,14 @@ impl FlagStore for MemoryStore {
             .map
             .entry(key.clone())
             .and_compute_with(|current| {
-                let held = current.and_then(|c| codec.peek_version(&c.value().bytes).ok());
+                let held = current.and_then(|c| guarding_version(codec, &c.value().bytes, entry));
                 match held {
-                    Some(v) if v >= entry.version => {
+                    Some(v) => {
                         outcome = PutOutcome::Superseded { current: v };
                         Op::Nop
                     }
-                    // Absent, lower, or corrupt (unreadable bytes never guard).
-                    _ => Op::Put(Stored { bytes, ttl }),
+                    // Absent, lower, or unreadable.
+                    None => Op::Put(Stored { bytes, ttl }),
                 }
             });
         Ok(outcome)

@@ -6,12 +6,23 @@
 //! server's collation locale). In the JSON layout they are read with `cjson` and
 //! compared as numbers, which is exact because that layout keeps versions below 2^53.
 
+use flagcache_core::{FLAG_GZIP, FORMAT, HEADER_LEN, MAGIC, VERSION_OFFSET};
 use redis::Script;
 
 /// Shared Lua: `version_of(stored)` returns the stored version (8-byte string in the
-/// envelope layout, a number in the JSON layout) or `nil` for bytes that are not a
-/// well-formed entry; `newer(a, b)` tells whether version `a` > `b`.
-const PRELUDE: &str = r#"
+/// envelope layout, a number in the JSON layout) or `nil` for bytes that fail a check
+/// the script can make cheaply; `cmp(a, b)` compares two versions (1, 0 or -1).
+///
+/// The checks are the reader's, but for those that need the payload decoded: in the
+/// envelope layout the magic, the format byte, the flags and the length against the
+/// header's; in the JSON layout, that `cjson` decodes it, `flagConfig` is present and
+/// the version is an integral number in range. The payload's checksum, its
+/// decompression and, in the JSON layout, fields the script does not read are checked
+/// by the client (see `RedisStore::put`).
+fn prelude() -> String {
+    let [m0, m1] = MAGIC;
+    format!(
+        r#"
 local layout = ARGV[1]
 local function version_of(v)
   if layout == 'json' then
@@ -25,12 +36,14 @@ local function version_of(v)
     end
     return nil
   end
-  -- The version sits at offset 4 in every envelope format: read it whatever the
-  -- format byte, so a newer format written by a later release still guards.
-  if #v >= 28 and string.byte(v, 1) == 0xF1 and string.byte(v, 2) == 0xA6 then
-    return string.sub(v, 5, 12)
+  if #v < {HEADER_LEN} then return nil end
+  local b1, b2, format, flags = string.byte(v, 1, 4)
+  if b1 ~= {m0} or b2 ~= {m1} or format ~= {FORMAT} or (flags ~= 0 and flags ~= {FLAG_GZIP}) then
+    return nil
   end
-  return nil
+  local l1, l2, l3, l4 = string.byte(v, 21, 24)
+  if #v ~= {HEADER_LEN} + ((l1 * 256 + l2) * 256 + l3) * 256 + l4 then return nil end
+  return string.sub(v, {v_from}, {v_to})
 end
 local function cmp(a, b)
   if layout == 'json' then
@@ -43,14 +56,20 @@ local function cmp(a, b)
   end
   return 0
 end
-"#;
+"#,
+        v_from = VERSION_OFFSET + 1,
+        v_to = VERSION_OFFSET + 8,
+    )
+}
 
 /// `put`: KEYS[1] the entry; ARGV = layout, new bytes, new version, ttl ms.
 /// Returns `{1}` when written; `{0, current}` when the stored version is equal or
-/// higher (nothing changed). Absent or unreadable entries are overwritten.
+/// higher (nothing changed). Absent entries, and entries that fail `version_of`'s
+/// checks, are overwritten.
 pub(crate) fn put() -> Script {
+    let prelude = prelude();
     Script::new(&format!(
-        "{PRELUDE}
+        "{prelude}
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local cv = version_of(cur)
@@ -68,8 +87,9 @@ return {{1}}
 /// Returns nil (miss), `{1, bytes}` (hit: the stored version equals the expected one),
 /// `{0, current}` (stale: any other version), or `{2}` (unreadable bytes).
 pub(crate) fn get_checked() -> Script {
+    let prelude = prelude();
     Script::new(&format!(
-        "{PRELUDE}
+        "{prelude}
 local cur = redis.call('GET', KEYS[1])
 if not cur then return nil end
 local cv = version_of(cur)
@@ -78,6 +98,17 @@ if cmp(cv, ARGV[2]) == 0 then return {{1, cur}} end
 return {{0, cv}}
 "
     ))
+}
+
+/// Compare-and-delete: KEYS[1] the entry; ARGV[1] the exact bytes a client read there
+/// and found unreadable. Deletes the key only if it still holds those bytes, so a
+/// write that landed since is kept. Returns 1 when it deleted, 0 otherwise.
+pub(crate) fn delete_if_same() -> Script {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           return redis.call('DEL', KEYS[1]) \
+         else return 0 end",
+    )
 }
 
 /// [`release`] without the absence marker, for a key whose marker would not share

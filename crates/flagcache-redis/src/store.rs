@@ -80,6 +80,7 @@ impl RedisStoreBuilder {
                 max_value_size: self.max_value_size,
                 put: scripts::put(),
                 get_checked: scripts::get_checked(),
+                delete_if_same: scripts::delete_if_same(),
             }),
         })
     }
@@ -94,6 +95,8 @@ struct Inner {
     max_value_size: usize,
     put: Script,
     get_checked: Script,
+    /// Deletes an entry only if it still holds the given bytes.
+    delete_if_same: Script,
 }
 
 /// A [`FlagStore`] on Redis or Valkey, single node or cluster.
@@ -102,7 +105,11 @@ struct Inner {
 ///   flag and its lock share a slot while flags spread over the cluster.
 /// - `put` is one Lua script (loaded once, called by `EVALSHA`, reloaded on `NOSCRIPT`):
 ///   it compares versions on the server and writes with `PX` only when the key is
-///   absent, unreadable, or older — atomic per key.
+///   absent, older, or fails the checks the script makes (magic, format, flags, length;
+///   in the JSON layout, that it parses with a numeric version) — atomic per key, one
+///   round trip. When it answers Superseded, the client reads the stored bytes once; if
+///   a reader would reject them (a checksum mismatch, say), it deletes exactly those
+///   bytes and runs the script once more. Unreadable entries never guard.
 /// - `get_checked` is one script too; `get_each` (the batched read) is one `MGET` (split per node by the
 ///   cluster client, answers back in request order).
 ///
@@ -227,6 +234,75 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
+    /// One run of the `put` script: writes `bytes` unless the key holds `version` or
+    /// higher in an entry that passes the script's checks.
+    async fn put_script(
+        &self,
+        key: &FlagKey,
+        bytes: &[u8],
+        version: Version,
+        ttl_ms: u64,
+    ) -> Result<PutOutcome> {
+        let reply = self
+            .run_script("put", &self.inner.put, key, |inv| {
+                inv.arg(bytes).arg(self.version_arg(version)).arg(ttl_ms);
+            })
+            .await?;
+        match reply {
+            Value::Array(items) => match items.as_slice() {
+                [Value::Int(1)] => Ok(PutOutcome::Stored),
+                [Value::Int(0), v] => Ok(PutOutcome::Superseded {
+                    current: self.version_from(v)?,
+                }),
+                other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
+            },
+            other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
+        }
+    }
+
+    /// What `put` answers when the script found `current` (equal or higher) at the key.
+    /// The script cannot tell every unreadable entry (the checksum, decompression and
+    /// the JSON fields it does not read are the client's to check), so the client reads
+    /// the stored bytes once: when a reader would reject them, it deletes exactly those
+    /// bytes (a write that landed since is kept) and runs the script once more. A
+    /// readable entry at `version` or higher is the answer; one that is gone or lower
+    /// now is written over by that second run too.
+    async fn put_over_unreadable(
+        &self,
+        key: &FlagKey,
+        bytes: &[u8],
+        version: Version,
+        ttl_ms: u64,
+        current: Version,
+    ) -> Result<PutOutcome> {
+        let held: Option<Vec<u8>> = self
+            .inner
+            .connection
+            .query("put", redis::cmd("GET").arg(self.key_arg(key)))
+            .await
+            .map_err(|e| e.with_key(key))?;
+        if let Some(held) = held {
+            match self.inner.codec.decode_entry(Bytes::from(held.clone())) {
+                Ok(e) if e.version >= version => {
+                    return Ok(PutOutcome::Superseded { current: e.version })
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%key, %current, error = %e, "put over an unreadable entry");
+                    let mut inv = self.inner.delete_if_same.prepare_invoke();
+                    inv.key(self.redis_key(key)).arg(held);
+                    let _: Value = self
+                        .inner
+                        .connection
+                        .script("put", inv)
+                        .await
+                        .map_err(|e| e.with_key(key))?;
+                }
+            }
+        }
+        self.put_script(key, bytes, version, ttl_ms).await
+    }
+
     /// `MGET` of `keys`: one answer per key, in order.
     async fn mget(
         &self,
@@ -347,22 +423,12 @@ impl FlagStore for RedisStore {
                 backend: BACKEND,
             });
         }
-        let reply = self
-            .run_script("put", &self.inner.put, key, |inv| {
-                inv.arg(&bytes[..])
-                    .arg(self.version_arg(entry.version))
-                    .arg(ttl);
-            })
-            .await?;
-        match reply {
-            Value::Array(items) => match items.as_slice() {
-                [Value::Int(1)] => Ok(PutOutcome::Stored),
-                [Value::Int(0), v] => Ok(PutOutcome::Superseded {
-                    current: self.version_from(v)?,
-                }),
-                other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
-            },
-            other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
+        match self.put_script(key, &bytes, entry.version, ttl).await? {
+            PutOutcome::Superseded { current } => {
+                self.put_over_unreadable(key, &bytes, entry.version, ttl, current)
+                    .await
+            }
+            outcome => Ok(outcome),
         }
     }
 

@@ -1,8 +1,9 @@
 //! The conformance suite: one `pub async fn` per guarantee of the [`FlagStore`],
 //! [`Invalidator`](crate::Invalidator) and [`Coalescer`](crate::Coalescer) contracts.
-//! The store's properties are here; the invalidator's and the coalescer's in their own
-//! files. Every adapter's tests call all of them against a real
-//! backend; a custom adapter that passes them can back a `FlagCache`.
+//! The store's properties are here, but for the one on unreadable entries; that one,
+//! the invalidator's and the coalescer's are in their own files. Every adapter's tests
+//! call all of them against a real backend; a custom adapter that passes them can back
+//! a `FlagCache`.
 //!
 //! Each function panics (like `assert!`) on the first violated guarantee, with a message
 //! naming it. Keys are randomised per call, so the suite can run against a shared server
@@ -22,9 +23,11 @@
 
 mod coalescer;
 mod invalidator;
+mod unreadable;
 
 pub use coalescer::{abandoned_lease_frees_the_key, one_load_per_burst};
 pub use invalidator::{invalidation_reaches_every_subscriber, resync_after_gap};
+pub use unreadable::unreadable_entries_never_guard;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +47,16 @@ use crate::{
 pub trait RawAccess: Send + Sync {
     /// Stores `bytes` exactly as given where the store keeps `key`'s entry.
     async fn write_raw(&self, key: &FlagKey, bytes: Bytes, ttl: Duration) -> Result<()>;
+
+    /// Entries this backend's own readers reject beyond the layout's checks, each
+    /// claiming `version`, named for the failure messages: memcached, for one, gives a
+    /// chunk manifest whose chunks are missing. [`unreadable_entries_never_guard`]
+    /// plants them with [`write_raw`](RawAccess::write_raw) along with the layout's own
+    /// unreadable entries. The default is none.
+    fn backend_unreadable_entries(&self, version: Version) -> Vec<(&'static str, Bytes)> {
+        let _ = version;
+        Vec::new()
+    }
 }
 
 const TTL: Duration = Duration::from_secs(60);
@@ -91,6 +104,7 @@ pub async fn run_store_suite(store: Arc<dyn FlagStore>, raw: &dyn RawAccess) {
     keys_at_the_edges(s).await;
     large_values(s).await;
     corrupt_bytes_are_a_miss_not_a_panic(s, raw).await;
+    unreadable_entries_never_guard(s, raw).await;
     ttl_expires(s).await;
 }
 
