@@ -36,6 +36,7 @@ pub(crate) fn build_error(
         return timeout(operation, limit);
     }
     let transient = is_transient(&e);
+    let hint = (e.kind() == redis::ErrorKind::InvalidClientConfig).then_some(URL_FORMS);
     Error::backend(
         BACKEND,
         operation,
@@ -43,9 +44,14 @@ pub(crate) fn build_error(
         AtTarget {
             target: target.to_string(),
             error: e,
+            hint,
         },
     )
 }
+
+/// The URL forms a target may be given in, for a URL that does not parse.
+const URL_FORMS: &str = "accepted forms: redis://[user:password@]host[:port][/db], \
+     rediss://… for TLS, redis+unix:///path[?db=N]";
 
 /// A timeout of `operation` after `limit`.
 pub(crate) fn timeout(operation: &'static str, limit: Duration) -> Error {
@@ -98,11 +104,17 @@ fn is_transient(e: &redis::RedisError) -> bool {
 struct AtTarget {
     target: String,
     error: redis::RedisError,
+    /// What to fix, when redis-rs refused the configuration.
+    hint: Option<&'static str>,
 }
 
 impl fmt::Display for AtTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.target, self.error)
+        write!(f, "{}: {}", self.target, self.error)?;
+        match self.hint {
+            Some(hint) => write!(f, "; {hint}"),
+            None => Ok(()),
+        }
     }
 }
 

@@ -102,12 +102,18 @@ impl Target {
     }
 
     /// Where it connects, for errors and logs: the URL, the cluster's seeds, or the
-    /// Sentinel service and its sentinels — passwords redacted.
+    /// Sentinel service and its sentinels — passwords redacted, an empty URL as `""`.
     pub(crate) fn describe(&self) -> String {
         let urls = self
             .urls
             .iter()
-            .map(|u| redact(u))
+            .map(|u| {
+                if u.is_empty() {
+                    "\"\"".to_string()
+                } else {
+                    redact(u)
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ");
         match &self.sentinel_service {

@@ -144,3 +144,28 @@ async fn a_connection_timeout_is_kept_and_printed() {
     assert!(text.contains("timed out after 1s"), "{text}");
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_that_does_not_parse_is_named_with_the_accepted_forms() {
+    for url in [
+        "127.0.0.1:6379",
+        "http://127.0.0.1:6379",
+        "redis://127.0.0.1:99999",
+        "redis://:pw@127.0.0.1:6379/x",
+        "",
+    ] {
+        let err = store(url).await.unwrap_err();
+        let text = chain(&err);
+        assert!(!err.is_transient(), "{text}");
+        let named = if url.is_empty() { "\"\"" } else { url };
+        assert!(
+            text.contains(&named.replace(":pw@", ":***@")),
+            "{url:?} not named: {text}"
+        );
+        assert!(!text.contains(":pw@"), "the password leaked: {text}");
+        assert!(
+            text.contains("redis://[user:password@]host[:port][/db]"),
+            "accepted forms not said: {text}"
+        );
+    }
+}
