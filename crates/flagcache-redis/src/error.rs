@@ -54,7 +54,7 @@ const URL_FORMS: &str = "accepted forms: redis://[user:password@]host[:port][/db
      rediss://… for TLS, redis+unix:///path[?db=N]";
 
 /// A timeout of `operation` after `limit`.
-pub(crate) fn timeout(operation: &'static str, limit: Duration) -> Error {
+fn timeout(operation: &'static str, limit: Duration) -> Error {
     Error::Timeout {
         backend: BACKEND,
         operation,
