@@ -17,14 +17,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in flagcache.
 ///
 /// Variants carry the context a caller needs to act (which backend, which operation,
-/// which key) and keep the underlying error as [`std::error::Error::source`].
+/// which key) and keep the underlying error in their `source` field.
 /// Use [`Error::is_transient`] to decide whether retrying — or serving a last known
 /// value — makes sense.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// Each link of the [`std::error::Error::source`] chain is said once: `Backend` and
+/// `Loader` print their source's text after their own, so their `source()` is that
+/// source's own source, not the source again (the source itself is the variant's
+/// `source` field, for downcasting); `Codec`, which does not print its source, returns
+/// it.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
     /// A flag key failed validation (see [`FlagKey`](crate::FlagKey)).
-    #[error("invalid flag key {key:?}: {reason}")]
     InvalidKey {
         /// The offending key, truncated to 64 characters and with control characters
         /// escaped by `Debug`.
@@ -34,11 +39,9 @@ pub enum Error {
     },
 
     /// A caller-supplied argument other than a key was refused (a zero TTL, say).
-    #[error("invalid argument: {0}")]
     InvalidArgument(Cow<'static, str>),
 
     /// The encoded value is larger than the backend accepts.
-    #[error("value for {key} is {size} bytes, over the {limit}-byte limit of {backend}")]
     ValueTooLarge {
         /// The key being written.
         key: String,
@@ -52,7 +55,6 @@ pub enum Error {
 
     /// Stored bytes could not be decoded: truncated, foreign, tampered with, or a
     /// decompression bomb. Callers treat the entry as a miss.
-    #[error("corrupt entry{}: {reason}", OptKey(key))]
     Corrupt {
         /// The key the bytes were read from, when known.
         key: Option<String>,
@@ -61,7 +63,6 @@ pub enum Error {
     },
 
     /// A remote call did not finish in time.
-    #[error("{backend} {operation} timed out after {after:?}")]
     Timeout {
         /// The backend (or `"loader"`).
         backend: &'static str,
@@ -72,7 +73,6 @@ pub enum Error {
     },
 
     /// The backend failed (connection refused, protocol error, server error reply…).
-    #[error("{backend} {operation} failed{}: {source}", OptKey(key))]
     Backend {
         /// The backend name (`"redis"`, `"memcached"`, `"memory"`, …).
         backend: &'static str,
@@ -84,34 +84,91 @@ pub enum Error {
         /// (authentication, a script error).
         transient: bool,
         /// The backend's own error.
-        #[source]
         source: Source,
     },
 
     /// The loader (the source of truth) failed for a key.
-    #[error("loader failed for {key}: {source}")]
     Loader {
         /// The key being loaded.
         key: String,
         /// The loader's error.
-        #[source]
         source: Source,
     },
 
     /// A value could not be serialized or deserialized with the configured codec.
-    #[error("codec error: {reason}")]
     Codec {
         /// What went wrong.
         reason: Cow<'static, str>,
         /// The serializer's error, when there is one.
-        #[source]
         source: Option<Source>,
     },
 
     /// The component was shut down (a closed invalidation bus, a dropped cache, a
     /// runtime shutting down under an in-flight fetch).
-    #[error("{0} is closed")]
     Closed(&'static str),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidKey { key, reason } => write!(f, "invalid flag key {key:?}: {reason}"),
+            Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
+            Error::ValueTooLarge {
+                key,
+                size,
+                limit,
+                backend,
+            } => write!(
+                f,
+                "value for {key} is {size} bytes, over the {limit}-byte limit of {backend}"
+            ),
+            Error::Corrupt { key, reason } => write!(f, "corrupt entry{}: {reason}", OptKey(key)),
+            Error::Timeout {
+                backend,
+                operation,
+                after,
+            } => write!(f, "{backend} {operation} timed out after {after:?}"),
+            Error::Backend {
+                backend,
+                operation,
+                key,
+                source,
+                ..
+            } => write!(f, "{backend} {operation} failed{}: {source}", OptKey(key)),
+            Error::Loader { key, source } if key.is_empty() => {
+                write!(f, "loader failed: {source}")
+            }
+            Error::Loader { key, source } => write!(f, "loader failed for {key}: {source}"),
+            Error::Codec { reason, .. } => write!(f, "codec error: {reason}"),
+            Error::Closed(what) => write!(f, "{what} is closed"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Their text is in this one's: the chain goes on from their own source.
+            Error::Backend { source, .. } | Error::Loader { source, .. } => source.source(),
+            Error::Codec {
+                source: Some(source),
+                ..
+            } => Some(&**source),
+            _ => None,
+        }
+    }
+}
+
+/// An error a loader returns with `?` — a `Box<dyn Error + Send + Sync>`, or anything
+/// converted into one (`anyhow::Error`, `String`, any `std` error): an
+/// [`Error::Loader`] with no key yet ([`Error::with_key`] adds it).
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Error {
+    fn from(source: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        Error::Loader {
+            key: String::new(),
+            source: Arc::from(source),
+        }
+    }
 }
 
 impl Error {
@@ -167,14 +224,16 @@ impl Error {
         }
     }
 
-    /// A [`Error::Loader`] for `key`.
+    /// A [`Error::Loader`] for `key`, from any error: a `std` error, a
+    /// `Box<dyn Error + Send + Sync>`, an `anyhow::Error`, or a message (`&str`,
+    /// `String`) — anything `Into<Box<dyn Error + Send + Sync>>`.
     pub fn loader(
         key: &crate::FlagKey,
-        source: impl std::error::Error + Send + Sync + 'static,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
     ) -> Self {
         Error::Loader {
             key: key.to_string(),
-            source: Arc::new(source),
+            source: Arc::from(source.into()),
         }
     }
 
@@ -185,6 +244,7 @@ impl Error {
             Error::Corrupt { key, .. } | Error::Backend { key, .. } if key.is_none() => {
                 *key = Some(k.to_string());
             }
+            Error::Loader { key, .. } if key.is_empty() => *key = k.to_string(),
             _ => {}
         }
         self
@@ -233,14 +293,90 @@ mod tests {
             err.to_string(),
             "redis get failed for checkout.v2: reset by peer"
         );
-        let src = std::error::Error::source(&err).map(|s| s.to_string());
-        assert_eq!(src.as_deref(), Some("reset by peer"));
+        // The source is kept, for downcasting.
+        let Error::Backend { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
         // Cloning shares the source.
         let again = err.clone();
         assert_eq!(again.to_string(), err.to_string());
         assert_eq!(
             Error::corrupt("truncated").with_key(&key).to_string(),
             "corrupt entry for checkout.v2: truncated"
+        );
+    }
+
+    /// Every link of `err`'s source chain, as text.
+    fn chain(err: &Error) -> Vec<String> {
+        let mut links = vec![err.to_string()];
+        let mut next = std::error::Error::source(err);
+        while let Some(e) = next {
+            links.push(e.to_string());
+            next = e.source();
+        }
+        links
+    }
+
+    /// An error with a source of its own, whose text it does not repeat.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("handshake failed")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn no_link_of_the_chain_repeats_the_next() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let key = FlagKey::new("k").unwrap();
+        for err in [
+            Error::backend("redis", "put", true, Outer(io)),
+            Error::loader(&key, Outer(std::io::Error::other("reset by peer"))),
+        ] {
+            let links = chain(&err);
+            assert_eq!(links.len(), 2, "{links:?}");
+            assert!(links[0].ends_with(": handshake failed"), "{links:?}");
+            assert_eq!(links[1], "reset by peer");
+        }
+        let codec = Error::codec("bad JSON", std::io::Error::other("line 1"));
+        assert_eq!(chain(&codec), ["codec error: bad JSON", "line 1"]);
+    }
+
+    #[test]
+    fn a_loader_error_comes_from_any_boxable_error() {
+        let key = FlagKey::new("k").unwrap();
+        // A boxed error, a message, and (as an anyhow error would be) a boxed chain.
+        let boxed: Box<dyn std::error::Error + Send + Sync> = "source down".into();
+        assert_eq!(
+            Error::loader(&key, boxed).to_string(),
+            "loader failed for k: source down"
+        );
+        assert_eq!(
+            Error::loader(&key, String::from("no row")).to_string(),
+            "loader failed for k: no row"
+        );
+        let io = std::io::Error::other("refused");
+        assert!(Error::loader(&key, io).is_transient());
+        // `?` in a loader: a boxed error becomes a `Loader` error, keyed later.
+        fn load() -> Result<u8> {
+            let failed: std::result::Result<u8, Box<dyn std::error::Error + Send + Sync>> =
+                Err(Box::new(Outer(std::io::Error::other("refused"))));
+            Ok(failed?)
+        }
+        let err = load().unwrap_err();
+        assert_eq!(err.to_string(), "loader failed: handshake failed");
+        assert_eq!(
+            err.with_key(&key).to_string(),
+            "loader failed for k: handshake failed"
         );
     }
 }

@@ -1,11 +1,12 @@
-//! Building a [`MemcachedStore`]: its settings, and the probe of every server at build
-//! (reachable at all? its largest item, `item_size_max`).
+//! Building a [`MemcachedStore`]: its settings, the server list parsed at build, and
+//! the probe of every server at build (reachable at all? its largest item,
+//! `item_size_max`).
 
 use std::time::Duration;
 
 use flagcache_core::{Codec, Error, Result};
 
-use crate::meta::{backend_error, Meta};
+use crate::meta::{backend_error_at, Meta};
 use crate::store::Settings;
 use crate::{MemcachedStore, BACKEND};
 
@@ -39,13 +40,16 @@ impl Default for MemcachedStoreBuilder {
 }
 
 impl MemcachedStoreBuilder {
-    /// One server, `tcp://host:port`.
+    /// One server: `host:port`, `tcp://host:port`, `memcached://host:port` (the three
+    /// name the same server, and the same place on the ring), or `unix:///path`.
+    /// Checked by [`build`](Self::build).
     #[must_use]
     pub fn server(self, url: impl Into<String>) -> Self {
         self.servers([url])
     }
 
-    /// Several servers, spread by a consistent-hash ring.
+    /// Several servers, each as for [`server`](Self::server), spread by a
+    /// consistent-hash ring.
     #[must_use]
     pub fn servers<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
         self.servers = urls.into_iter().map(Into::into).collect();
@@ -109,20 +113,30 @@ impl MemcachedStoreBuilder {
         self
     }
 
-    /// Connects to every server once: to fail early when none can be reached (a wrong
-    /// address), and to read each one's item size limit. Servers that are down are
-    /// kept in the ring — their keys miss until they come back — and logged.
+    /// Parses the server list, then connects to every server once: to fail early when
+    /// none can be reached (a wrong address), and to read each one's item size limit.
+    /// A server that does not answer at build is kept in the ring and logged: its
+    /// keys fail (and, once `FlagCache` has per-server breakers, trip that server's
+    /// own) until it answers — a replica that starts while one server restarts must
+    /// not place keys differently from the others.
     ///
     /// # Errors
-    /// A transient `Error::Backend` when no server can be reached;
-    /// `Error::InvalidArgument` with no servers.
+    /// A permanent `Error::InvalidArgument` with no servers, or for an entry that is
+    /// not one of the accepted forms (the entry and the forms are named); a transient
+    /// `Error::Backend` (naming the server) or `Error::Timeout` when no server can be
+    /// reached.
     pub async fn build(self) -> Result<MemcachedStore> {
         if self.servers.is_empty() {
             return Err(Error::InvalidArgument(
                 "at least one memcached server is required".into(),
             ));
         }
-        let meta = Meta::new(&self.servers, self.pool_size, self.timeout);
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| parse_server(s))
+            .collect::<Result<Vec<_>>>()?;
+        let meta = Meta::new(&servers, self.pool_size, self.timeout);
         // Every server probed at once: servers that are down cost one timeout in all,
         // not one each.
         let want_limit = self.item_size_limit.is_none();
@@ -140,7 +154,7 @@ impl MemcachedStoreBuilder {
                 Ok(Err(e)) => {
                     tracing::warn!(server = pool.url(), error = %e,
                         "memcached server unreachable at start; its keys miss until it is back");
-                    Err(backend_error("connect", e))
+                    Err(backend_error_at("connect", pool.url(), e))
                 }
                 Err(_) => {
                     tracing::warn!(
@@ -186,6 +200,66 @@ impl MemcachedStoreBuilder {
             },
         ))
     }
+}
+
+/// The forms a server entry may take, for errors.
+const ACCEPTED_FORMS: &str = "host:port, tcp://host:port, memcached://host:port or unix:///path";
+
+/// A server entry in the form the client connects to and the ring hashes:
+/// `tcp://host:port` for the three TCP forms, so that they name the same server and
+/// the same place on the ring; `unix://…` as given.
+fn parse_server(entry: &str) -> Result<String> {
+    let refuse = |why: &str| {
+        Error::InvalidArgument(
+            format!("memcached server {entry:?}: {why}; accepted forms: {ACCEPTED_FORMS}").into(),
+        )
+    };
+    let text = entry.trim();
+    if text.is_empty() {
+        return Err(refuse("empty"));
+    }
+    if let Some(path) = text.strip_prefix("unix://") {
+        if path.is_empty() {
+            return Err(refuse("no socket path"));
+        }
+        return Ok(text.to_string());
+    }
+    let addr = text
+        .strip_prefix("tcp://")
+        .or_else(|| text.strip_prefix("memcached://"))
+        .unwrap_or(text);
+    if addr.contains("://") {
+        return Err(refuse("unknown scheme"));
+    }
+    let addr = addr.strip_suffix('/').unwrap_or(addr);
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(refuse("no port"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(refuse("the port is not a number from 1 to 65535")),
+    }
+    if !is_host(host) {
+        return Err(refuse("not a host name or IP address"));
+    }
+    Ok(format!("tcp://{host}:{port}"))
+}
+
+/// Whether `host` is an IPv4 address, a bracketed IPv6 address, or a DNS name
+/// (dot-separated labels of letters, digits, `-` and `_`).
+fn is_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// memcached's default largest item (`-I 1m`).

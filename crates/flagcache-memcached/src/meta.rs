@@ -94,13 +94,33 @@ pub(crate) fn parse_number(bytes: &[u8]) -> Option<u64> {
 
 /// Converts an async-memcached error: connection and I/O failures are transient.
 pub(crate) fn backend_error(operation: &'static str, e: async_memcached::Error) -> Error {
-    let transient = matches!(
+    let transient = is_transient(&e);
+    Error::backend(BACKEND, operation, transient, Wrapped(e.to_string()))
+}
+
+/// As [`backend_error`], for an error met at `server` (named in the error).
+pub(crate) fn backend_error_at(
+    operation: &'static str,
+    server: &str,
+    e: async_memcached::Error,
+) -> Error {
+    let transient = is_transient(&e);
+    Error::backend(
+        BACKEND,
+        operation,
+        transient,
+        Wrapped(format!("{server}: {e}")),
+    )
+}
+
+/// Connection and I/O failures are transient; the rest are not.
+fn is_transient(e: &async_memcached::Error) -> bool {
+    matches!(
         e,
         async_memcached::Error::Connect(_)
             | async_memcached::Error::Io(_)
             | async_memcached::Error::ConnectionClosed
-    );
-    Error::backend(BACKEND, operation, transient, Wrapped(e.to_string()))
+    )
 }
 
 /// async-memcached's error, kept as text (its type is not `Sync`).

@@ -8,9 +8,9 @@ use std::time::Duration;
 use flagcache_core::{Error, Result};
 use redis::aio::{ConnectionLike, ConnectionManager, PubSub, PubSubSink};
 use redis::cluster_async::ClusterConnection;
-use redis::Value;
+use redis::{Script, Value};
 
-use crate::error::backend_error;
+use crate::error::{backend_error, build_error};
 use crate::sentinel::{CallWatch, SentinelConn};
 use crate::target::Target;
 
@@ -57,9 +57,14 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects (and authenticates) to `target`.
-    pub(crate) async fn open(target: Target) -> Result<Self> {
-        let fail = |e| backend_error("connect", e);
+    /// Connects to `target`, authenticates, and checks that the connection is usable:
+    /// it answers PING (a missing password, say, is refused only then) and loads
+    /// `scripts` (an ACL user refused the scripts is found now, not at the first write).
+    /// Errors name the target, passwords redacted.
+    pub(crate) async fn open(target: Target, scripts: &[&Script]) -> Result<Self> {
+        let at = target.describe();
+        let limit = target.connection_timeout;
+        let fail = |e| build_error("connect", &at, limit, e);
         let conn = if let Some(service) = &target.sentinel_service {
             let sentinel = SentinelConn::open(&target, service).await.map_err(fail)?;
             Conn::Sentinel(Arc::new(sentinel))
@@ -72,6 +77,13 @@ impl Connection {
                 .first()
                 .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
             let client = target.client(url).map_err(fail)?;
+            // One attempt within the connection timeout first: the manager retries a
+            // failed connect (twice, with back-off), which suits a reconnect but would
+            // triple the time a build takes to report an unreachable server.
+            client
+                .get_multiplexed_async_connection_with_config(&target.single_attempt())
+                .await
+                .map_err(fail)?;
             let config = target.manager_config();
             Conn::Single(
                 ConnectionManager::new_with_config(client, config)
@@ -79,7 +91,15 @@ impl Connection {
                     .map_err(fail)?,
             )
         };
-        Ok(Connection { conn, target })
+        let connection = Connection { conn, target };
+        let limit = connection.target.response_timeout;
+        with_conn!(connection.conn.clone(), c => redis::cmd("PING").query_async::<()>(&mut c).await)
+            .map_err(|e| build_error("connect", &at, limit, e))?;
+        for script in scripts {
+            with_conn!(connection.conn.clone(), c => script.load_async(&mut c).await)
+                .map_err(|e| build_error("script load", &at, limit, e))?;
+        }
+        Ok(connection)
     }
 
     /// Where and how it connects.
@@ -99,7 +119,7 @@ impl Connection {
         cmd: &redis::Cmd,
     ) -> Result<T> {
         with_conn!(self.conn.clone(), c => cmd.query_async(&mut c).await)
-            .map_err(|e| backend_error(operation, e))
+            .map_err(|e| backend_error(operation, self.target.response_timeout, e))
     }
 
     /// Runs a script (by `EVALSHA`, loading it on `NOSCRIPT`); an error is reported as
@@ -116,15 +136,17 @@ impl Connection {
             inv.invoke_async(c).await
         }
         with_conn!(self.conn.clone(), c => run(&inv, &mut c).await)
-            .map_err(|e| backend_error(operation, e))
+            .map_err(|e| backend_error(operation, self.target.response_timeout, e))
     }
 
     /// A dedicated pub/sub connection subscribed to `channel`: on the `attempt`-th node
     /// given (modulo their number — a subscriber that reconnects rotates through a
     /// cluster's seeds, so the loss of one node does not leave it deaf), or on the
-    /// current primary when connected through Sentinel.
+    /// current primary when connected through Sentinel. Errors name the target,
+    /// passwords redacted.
     pub(crate) async fn subscribe(&self, channel: &str, attempt: usize) -> Result<PubSub> {
-        let fail = |e| backend_error("subscribe", e);
+        let at = self.target.describe();
+        let fail = |e| build_error("subscribe", &at, self.target.connection_timeout, e);
         let client = match &self.conn {
             Conn::Sentinel(s) => s.primary_client().await.map_err(fail)?,
             _ => {

@@ -119,12 +119,17 @@ impl RedisInvalidatorBuilder {
         self
     }
 
-    /// Connects the publishing connection.
+    /// Connects, authenticates and PINGs the publishing connection, and subscribes to
+    /// the channel once (then lets go), so a channel the ACL user may not use is found
+    /// now.
     ///
     /// # Errors
-    /// As for `RedisStoreBuilder::build`.
+    /// As for `RedisStoreBuilder::build`; a permanent `Error::Backend` (`NOPERM`) when
+    /// the ACL user may not use the channel.
     pub async fn build(self) -> Result<RedisInvalidator> {
-        let connection = Connection::open(self.target).await?;
+        let connection = Connection::open(self.target, &[]).await?;
+        // Subscribing once now finds a channel the ACL user may not use.
+        drop(connection.subscribe(&self.channel, 0).await?);
         let heartbeat = match (&self.codec, self.heartbeat_set) {
             (Codec::Json(_), false) => None,
             _ => self.heartbeat,

@@ -64,13 +64,18 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects (and authenticates).
+    /// Connects, authenticates, PINGs and loads the scripts: a store that builds can
+    /// be used.
     ///
     /// # Errors
-    /// A transient `Error::Backend` when the server cannot be reached; a permanent one
-    /// for a bad URL or refused credentials.
+    /// `Error::Timeout` (with the connection timeout it waited) or a transient
+    /// `Error::Backend` when the server cannot be reached; a permanent `Error::Backend`
+    /// for a bad URL, a missing or wrong password (`NOAUTH`, `WRONGPASS`), a database
+    /// index the server does not have, or an ACL user refused the scripts (`NOPERM`).
+    /// Errors name the target, its password redacted.
     pub async fn build(self) -> Result<RedisStore> {
-        let connection = Connection::open(self.target).await?;
+        let (put, get_checked) = (scripts::put(), scripts::get_checked());
+        let connection = Connection::open(self.target, &[&put, &get_checked]).await?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 connection,
@@ -78,8 +83,8 @@ impl RedisStoreBuilder {
                 lock_keys: LockKeys::new(&self.namespace),
                 codec: self.codec,
                 max_value_size: self.max_value_size,
-                put: scripts::put(),
-                get_checked: scripts::get_checked(),
+                put,
+                get_checked,
                 delete_if_same: scripts::delete_if_same(),
             }),
         })

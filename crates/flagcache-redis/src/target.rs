@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
+use redis::AsyncConnectionConfig;
 
 use crate::tls;
 
@@ -84,6 +85,13 @@ impl Target {
         builder.build()
     }
 
+    /// The settings of a single connection attempt, bounded by the connection timeout.
+    pub(crate) fn single_attempt(&self) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+    }
+
     /// The settings of an auto-reconnecting connection to one node.
     pub(crate) fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
@@ -91,6 +99,28 @@ impl Target {
             .set_response_timeout(Some(self.response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1))
+    }
+
+    /// Where it connects, for errors and logs: the URL, the cluster's seeds, or the
+    /// Sentinel service and its sentinels — passwords redacted, an empty URL as `""`.
+    pub(crate) fn describe(&self) -> String {
+        let urls = self
+            .urls
+            .iter()
+            .map(|u| {
+                if u.is_empty() {
+                    "\"\"".to_string()
+                } else {
+                    redact(u)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        match &self.sentinel_service {
+            Some(service) => format!("Sentinel service {service} via {urls}"),
+            None if self.cluster => format!("Redis Cluster {urls}"),
+            None => urls,
+        }
     }
 
     /// The longest one call may take: connecting, then answering.
@@ -202,5 +232,23 @@ mod tests {
         );
         assert_eq!(super::redact("rediss://app:p@ss@h"), "rediss://app:***@h");
         assert_eq!(super::redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn a_target_is_described_without_its_passwords() {
+        let mut target = super::Target {
+            urls: vec!["redis://:pw@a:1".into(), "redis://u:pw@b:2".into()],
+            ..super::Target::default()
+        };
+        assert_eq!(target.describe(), "redis://:***@a:1, redis://u:***@b:2");
+        target.cluster = true;
+        assert_eq!(
+            target.describe(),
+            "Redis Cluster redis://:***@a:1, redis://u:***@b:2"
+        );
+        target.sentinel_service = Some("mymaster".into());
+        assert!(target
+            .describe()
+            .starts_with("Sentinel service mymaster via redis://:***@a:1"));
     }
 }
