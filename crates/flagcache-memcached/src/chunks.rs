@@ -116,7 +116,7 @@ impl MemcachedStore {
         // version already supersedes this one — unless it is this very version marked
         // stale, which this write revalidates (`put` stores the manifest again).
         // Unreadable bytes and incomplete chunk sets supersede nothing.
-        if let Some(v) = self.meta().get(wire).await? {
+        if let Some(v) = self.meta().get("put", wire).await? {
             let stale = v.is_stale == Some(true);
             let held = match v.data.as_deref() {
                 Some(d) => self.guarding_version(key, wire, d, entry.version).await?,

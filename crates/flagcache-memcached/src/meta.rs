@@ -219,10 +219,20 @@ impl Meta {
         }
     }
 
-    /// `mg <key> v c`: the entry and its CAS token.
-    pub(crate) async fn get(&self, wire: &WireKey) -> Result<Option<MetaValue>> {
-        self.mg(Route::Key(wire), "get", wire, vec!["v".into(), "c".into()])
-            .await
+    /// `mg <key> v c`: the entry and its CAS token, read for `operation` (`"get"`, or
+    /// the `"put"` whose compare-and-swap reads it first), which errors name.
+    pub(crate) async fn get(
+        &self,
+        operation: &'static str,
+        wire: &WireKey,
+    ) -> Result<Option<MetaValue>> {
+        self.mg(
+            Route::Key(wire),
+            operation,
+            wire,
+            vec!["v".into(), "c".into()],
+        )
+        .await
     }
 
     /// `mg <key> <flags>` on the key's server.

@@ -167,7 +167,7 @@ impl MemcachedStore {
         let Some(found) = self
             .inner
             .meta
-            .get(&wire)
+            .get("get", &wire)
             .await
             .map_err(|e| e.with_key(key))?
         else {
@@ -409,7 +409,7 @@ impl FlagStore for MemcachedStore {
             let current = self
                 .inner
                 .meta
-                .get(&wire)
+                .get("put", &wire)
                 .await
                 .map_err(|e| e.with_key(key))?;
             let seen = current

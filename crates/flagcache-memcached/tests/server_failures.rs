@@ -1,6 +1,6 @@
 //! Servers that restart, die or hang under a running store: a restart fails no
 //! operation on pooled connections, a dead server of a ring costs only its own keys,
-//! and a hung one delays only its own keys' batch.
+//! a hung one delays only its own keys' batch, and a failure names the operation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -198,4 +198,20 @@ async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
     let on_b = groups.iter().filter(|g| **g == 1).count();
     assert_eq!(source.calls(), on_b, "only the hung server's keys loaded");
     assert!(cache.stats().l2_batches > 0, "{:?}", cache.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_is_named_a_put() {
+    let mut server = MemcachedServer::start().unwrap();
+    let store = MemcachedStore::connect(&server.url()).await.unwrap();
+    server.stop();
+    let entry = Entry::new(Version::new(1), Bytes::from_static(b"v"));
+    let k = &keys("named.", 1)[0];
+    let e = store.put(k, &entry, TTL).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("put"), "{text}");
+    assert!(
+        !text.contains("get"),
+        "a write is reported as a read: {text}"
+    );
 }
