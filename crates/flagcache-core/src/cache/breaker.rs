@@ -18,10 +18,15 @@ enum State {
     },
 }
 
-/// After `threshold` consecutive failures the breaker opens for `backoff`: calls are
+/// After `threshold` consecutive failures the breaker opens for `backoff`: reads are
 /// skipped, so a dead cache costs one timeout per back-off period instead of one per
-/// request. Then one probe call is let through; its success closes the breaker, its
+/// request. Then one probe read is let through; its success closes the breaker, its
 /// failure opens it again.
+///
+/// Writes do not ask for a permit: they are tried while the breaker is open (a kill
+/// switch must not wait for a read's back-off), and any success closes it. Only the
+/// probe's failure re-opens an open breaker; other failures while it is open (a
+/// write, a read let through before it opened) leave its schedule as it is.
 #[derive(Debug)]
 pub(crate) struct Breaker {
     state: Mutex<State>,
@@ -75,13 +80,17 @@ impl Breaker {
         *self.lock() = State::Closed { failures: 0 };
     }
 
-    /// Records a failure; returns true when this failure opened the breaker.
-    pub fn failure(&self) -> bool {
+    /// Records the failure of a call made with `permit` ([`Permit::Call`] for a write);
+    /// returns true when this failure opened the breaker.
+    pub fn failure(&self, permit: Permit) -> bool {
         let mut s = self.lock();
         let failures = match *s {
             State::Closed { failures } => failures + 1,
             // A failed probe re-opens at once.
-            State::HalfOpen { .. } | State::Open { .. } => self.threshold,
+            State::HalfOpen { .. } | State::Open { .. } if permit == Permit::Probe => {
+                self.threshold
+            }
+            State::HalfOpen { .. } | State::Open { .. } => return false,
         };
         if failures >= self.threshold {
             let was_closed = matches!(*s, State::Closed { .. });
@@ -104,17 +113,20 @@ mod tests {
     fn opens_after_threshold_probes_after_backoff() {
         let b = Breaker::new(3, Duration::from_millis(30));
         assert_eq!(b.permit(), Permit::Call);
-        assert!(!b.failure());
-        assert!(!b.failure());
+        assert!(!b.failure(Permit::Call));
+        assert!(!b.failure(Permit::Call));
         b.success(); // resets the count
-        assert!(!b.failure());
-        assert!(!b.failure());
-        assert!(b.failure(), "third consecutive failure opens");
+        assert!(!b.failure(Permit::Call));
+        assert!(!b.failure(Permit::Call));
+        assert!(b.failure(Permit::Call), "third consecutive failure opens");
         assert_eq!(b.permit(), Permit::Skip);
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(b.permit(), Permit::Probe);
         assert_eq!(b.permit(), Permit::Skip, "one probe at a time");
-        assert!(!b.failure(), "a failed probe re-opens (not a new opening)");
+        assert!(
+            !b.failure(Permit::Probe),
+            "a failed probe re-opens (not a new opening)"
+        );
         assert_eq!(b.permit(), Permit::Skip);
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(b.permit(), Permit::Probe);
@@ -126,7 +138,7 @@ mod tests {
     #[test]
     fn an_abandoned_probe_does_not_wedge_the_breaker() {
         let b = Breaker::new(1, Duration::from_millis(20));
-        assert!(b.failure());
+        assert!(b.failure(Permit::Call));
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(b.permit(), Permit::Probe);
         // The probe's caller is dropped: neither success nor failure is recorded.

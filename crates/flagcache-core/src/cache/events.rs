@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::l2::Access;
 use super::stats::Ev;
 use super::Inner;
 use crate::{
@@ -107,7 +108,7 @@ where
             Target::Key(key) => {
                 self.drop_local(key, ev.version);
                 if ev.purge_shared {
-                    let _ = self.delete_l2(key).await;
+                    let _ = self.delete_l2(key, Access::Write).await;
                     // A read in the meantime may have refilled from the deleted entry.
                     self.drop_local(key, ev.version);
                 }

@@ -1,5 +1,6 @@
-//! Calls to the shared tier (L2): each one behind the circuit breaker and the L2 timeout,
-//! counted; reads that fail become misses, corrupt entries are deleted.
+//! Calls to the shared tier (L2): each one bounded by the L2 timeout and counted, reads
+//! behind the circuit breaker; reads that fail become misses, corrupt entries are
+//! deleted.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -13,6 +14,18 @@ use crate::{Checked, Entry, Error, FlagKey, PutOutcome, Result};
 #[error("circuit breaker open: the shared tier is being skipped after repeated failures")]
 struct CircuitOpen;
 
+/// What the circuit breaker does with an L2 call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// A read, or a fill's best-effort write-back: skipped while the breaker is open
+    /// (the loader answers instead).
+    Read,
+    /// A write a caller asked for (`set`, `invalidate`, `refresh`, a shared purge):
+    /// tried within the L2 timeout even while the breaker is open, so a kill switch
+    /// does not wait for the reads' back-off; its success closes the breaker.
+    Write,
+}
+
 impl<T> Inner<T>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -20,12 +33,15 @@ where
     /// Reads L2 through the breaker and timeout. Failures are counted and become
     /// `None`: the loader is the truth, L2 only saves trips to it.
     pub(super) async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
-        match self.l2_call("get", || self.read_l2_raw(key)).await {
+        match self
+            .l2_call("get", Access::Read, || self.read_l2_raw(key))
+            .await
+        {
             Ok(entry) => entry,
             Err(Error::Corrupt { reason, .. }) => {
                 tracing::warn!(cache = %self.cfg.name, %key, %reason, "corrupt L2 entry; deleting it");
                 self.tel.bump(Ev::Corrupt);
-                let _ = Box::pin(self.delete_l2(key)).await;
+                let _ = Box::pin(self.delete_l2(key, Access::Read)).await;
                 None
             }
             Err(e) => {
@@ -59,17 +75,18 @@ where
         }
     }
 
-    pub(super) fn l2_failed(&self) {
-        if self.breaker.failure() {
+    pub(super) fn l2_failed(&self, permit: Permit) {
+        if self.breaker.failure(permit) {
             tracing::warn!(cache = %self.cfg.name, backoff = ?self.cfg.breaker_backoff,
                 "L2 circuit breaker opened");
             self.tel.bump(Ev::BreakerOpened);
         }
     }
 
-    /// Best-effort write of a loaded value to L2; failures are counted, not returned.
+    /// Best-effort write of a loaded value to L2 (skipped while the breaker is open);
+    /// failures are counted, not returned.
     pub(super) async fn write_l2(&self, key: &FlagKey, entry: &Entry) -> Option<PutOutcome> {
-        match self.write_l2_strict(key, entry).await {
+        match self.write_l2_strict(key, entry, Access::Read).await {
             Ok(o) => Some(o),
             Err(e) => {
                 tracing::warn!(cache = %self.cfg.name, %key, error = %e, "L2 write failed");
@@ -78,30 +95,42 @@ where
         }
     }
 
-    pub(super) async fn write_l2_strict(&self, key: &FlagKey, entry: &Entry) -> Result<PutOutcome> {
+    pub(super) async fn write_l2_strict(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        access: Access,
+    ) -> Result<PutOutcome> {
         let ttl = self.cfg.jittered(self.cfg.l2_ttl);
-        self.l2_call("put", || self.store.put(key, entry, ttl))
+        self.l2_call("put", access, || self.store.put(key, entry, ttl))
             .await
     }
 
-    pub(super) async fn delete_l2(&self, key: &FlagKey) -> Result<()> {
-        self.l2_call("delete", || self.store.delete(key)).await
+    pub(super) async fn delete_l2(&self, key: &FlagKey, access: Access) -> Result<()> {
+        self.l2_call("delete", access, || self.store.delete(key))
+            .await
     }
 
-    /// Every L2 call goes through here: skipped while the circuit breaker is open,
-    /// timed, bounded by the L2 timeout; transient failures and timeouts count towards
-    /// opening the breaker, any answer of the server (even a refusal) closes it. It takes
+    /// Every L2 call goes through here: a read is skipped while the circuit breaker is
+    /// open (see [`Access`]); every call is timed and bounded by the L2 timeout;
+    /// transient failures and timeouts count towards opening the breaker, any answer
+    /// of the server (even a refusal) closes it. It takes
     /// a closure that makes the call rather than the call's future, so that future lives
     /// once, in this one's state, instead of twice.
     pub(super) async fn l2_call<R, F>(
         &self,
         operation: &'static str,
+        access: Access,
         call: impl FnOnce() -> F,
     ) -> Result<R>
     where
         F: std::future::Future<Output = Result<R>>,
     {
-        if self.breaker.permit() == Permit::Skip {
+        let permit = match access {
+            Access::Read => self.breaker.permit(),
+            Access::Write => Permit::Call,
+        };
+        if permit == Permit::Skip {
             self.tel.bump(Ev::L2Skipped);
             return Err(Error::backend(
                 self.store.name(),
@@ -118,7 +147,7 @@ where
         match answer {
             Ok(Err(e)) if e.is_transient() => {
                 self.tel.bump(Ev::L2Error);
-                self.l2_failed();
+                self.l2_failed(permit);
                 Err(e)
             }
             Ok(answer) => {
@@ -127,7 +156,7 @@ where
             }
             Err(_) => {
                 self.tel.bump(Ev::L2Timeout);
-                self.l2_failed();
+                self.l2_failed(permit);
                 Err(Error::Timeout {
                     backend: self.store.name(),
                     operation,

@@ -40,6 +40,7 @@ pub use warm::WarmReport;
 use breaker::Breaker;
 use fence::Fences;
 use l1::L1Entry;
+use l2::Access;
 use revalidate::Refreshing;
 use stats::Telemetry;
 
@@ -417,6 +418,10 @@ where
     /// stored version is dropped. When L2 already holds exactly `version`, the
     /// invalidation is published again, so retrying a `set` whose publish failed is safe.
     ///
+    /// The L2 write is tried (within the L2 timeout) even while the circuit breaker
+    /// skips L2 reads, and its success closes the breaker: a kill switch set right
+    /// after an outage does not wait for the reads' back-off.
+    ///
     /// # Concurrent calls on the same key
     /// Writers race in L2, where the version guard lets the highest version win; a
     /// read that started before this write cannot install its older value in L1 after it.
@@ -433,7 +438,7 @@ where
             stamp_ms: now_ms(),
             payload,
         };
-        let outcome = inner.write_l2_strict(key, &entry).await?;
+        let outcome = inner.write_l2_strict(key, &entry, Access::Write).await?;
         match outcome {
             PutOutcome::Stored => {
                 let slot = inner.new_l1_entry(Some(Arc::new(value)), version, Duration::ZERO);
@@ -455,14 +460,16 @@ where
     }
 
     /// Drops `key` everywhere: from this L1, from L2, and — through the invalidator —
-    /// from every other replica's L1. The next read loads it from the source.
+    /// from every other replica's L1. The next read loads it from the source. As for
+    /// [`set`](FlagCache::set), the L2 delete is tried even while the circuit breaker
+    /// is open.
     ///
     /// # Errors
     /// An L2 or publish error (this replica's L1 is dropped regardless).
     pub async fn invalidate(&self, key: &FlagKey) -> Result<()> {
         let inner = &self.inner;
         inner.drop_local(key, None);
-        let deleted = inner.delete_l2(key).await;
+        let deleted = inner.delete_l2(key, Access::Write).await;
         // A read in the meantime may have refilled L1 from the entry just deleted.
         inner.drop_local(key, None);
         let published = inner.publish_applied(key).await;
@@ -482,7 +489,7 @@ where
     /// that an invalidation fenced is never written back (a hard `invalidate` may be
     /// what fenced it): the reloader hands its turn on and the next reader reloads.
     /// Other backends delete, and the next reads load (coalesced) as after
-    /// `invalidate`.
+    /// `invalidate`. The L2 call is tried even while the circuit breaker is open.
     ///
     /// # Errors
     /// An L2 or publish error (this replica's L1 is dropped regardless).
@@ -491,7 +498,9 @@ where
         inner.drop_local(key, None);
         let grace = inner.cfg.loader_timeout * 2;
         let marked = inner
-            .l2_call("mark_stale", || inner.store.mark_stale(key, grace))
+            .l2_call("mark_stale", Access::Write, || {
+                inner.store.mark_stale(key, grace)
+            })
             .await;
         // A read in the meantime may have refilled L1 from the entry just marked.
         inner.drop_local(key, None);
