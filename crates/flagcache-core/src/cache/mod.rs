@@ -414,9 +414,10 @@ where
     /// publishes the invalidation so other replicas drop their copy.
     ///
     /// Returns [`PutOutcome::Superseded`] when L2 already holds `version` or newer; the
-    /// refused value is then not installed anywhere, and an L1 copy older than the
-    /// stored version is dropped. When L2 already holds exactly `version`, the
-    /// invalidation is published again, so retrying a `set` whose publish failed is safe.
+    /// refused value is then not installed anywhere, and an invalidation carrying the
+    /// version L2 holds is published: every replica (this one included) drops an older
+    /// copy and converges on L2's value, instead of serving the older one until its
+    /// freshness runs out. So retrying a `set` whose publish failed is safe too.
     ///
     /// The L2 write is tried (within the L2 timeout) even while the circuit breaker
     /// skips L2 reads, and its success closes the breaker: a kill switch set right
@@ -449,11 +450,11 @@ where
             }
             PutOutcome::Superseded { current } => {
                 inner.drop_older_than(key, current);
-                if current == version {
-                    inner
-                        .publish(Invalidation::key(key.clone()).with_version(version))
-                        .await?;
-                }
+                // L2 holds `current`: every replica holding something older drops it
+                // and reads L2's value, so a refused write is never silently dropped.
+                inner
+                    .publish(Invalidation::key(key.clone()).with_version(current))
+                    .await?;
             }
         }
         Ok(outcome)
