@@ -114,3 +114,35 @@ async fn a_write_to_a_dead_l2_fails_within_the_timeout_and_leaves_the_breaker_op
         "a failed write does not close it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_l2_is_found_by_a_probe_read_well_within_the_back_off_cap() {
+    let mem = MemoryStore::new();
+    let (store, faults) = faulty(&mem);
+    // The default breaker: 5 failures, a 5 s cap.
+    let cache = FlagCache::builder(store, CountingSource::new(1))
+        .fail_safe_throttle(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    faults.fail_all(true);
+    for i in 0..3 {
+        cache.get(&key(&format!("cold{i}"))).await.unwrap();
+    }
+    assert!(cache.stats().breaker_open, "{:?}", cache.stats());
+    faults.fail_all(false);
+    let t = Instant::now();
+    // Reads of a key L1 does not hold: the loader answers until a probe finds L2.
+    let mut n = 0;
+    loop {
+        n += 1;
+        let k = key(&format!("probe{n}"));
+        put(&mem, &k, "from L2", 7).await;
+        if value(&cache.lookup(&k).await.unwrap()) == "from L2" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", cache.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!cache.stats().breaker_open);
+}

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::backoff::RESUBSCRIBE;
 use super::l2::Access;
 use super::stats::Ev;
 use super::Inner;
@@ -148,7 +149,8 @@ where
 }
 
 /// Consumes the subscription until the cache is dropped; when the subscription ends,
-/// marks L1 untrusted and subscribes again with back-off.
+/// marks L1 untrusted and subscribes again on the [`RESUBSCRIBE`] schedule (after
+/// 100 ms, doubling per failed attempt up to 1 s).
 pub(super) async fn listen<T>(
     weak: Weak<Inner<T>>,
     mut sub: Subscription,
@@ -174,17 +176,17 @@ pub(super) async fn listen<T>(
                     return;
                 };
                 drop(inner);
-                let mut backoff = Duration::from_millis(50);
+                let mut failed = 0;
                 sub = loop {
                     tokio::select! {
                         _ = &mut shutdown => return,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(RESUBSCRIBE.delay(failed)) => {}
                     }
                     match invalidator.subscribe().await {
                         Ok(s) => break s,
                         Err(e) => {
                             tracing::warn!(error = %e, "resubscribing failed");
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            failed = failed.saturating_add(1);
                         }
                     }
                 };

@@ -77,8 +77,8 @@ where
 
     pub(super) fn l2_failed(&self, permit: Permit) {
         if self.breaker.failure(permit) {
-            tracing::warn!(cache = %self.cfg.name, backoff = ?self.cfg.breaker_backoff,
-                "L2 circuit breaker opened");
+            tracing::warn!(cache = %self.cfg.name, max_backoff = ?self.cfg.breaker_backoff,
+                "L2 circuit breaker opened: skipping L2 reads, probing from 100 ms on");
             self.tel.bump(Ev::BreakerOpened);
         }
     }

@@ -7,8 +7,10 @@
 //! - `revalidate`: stale-while-revalidate and early refresh;
 //! - `events`: publishing and applying invalidations, resyncs, the listener;
 //! - `warm`: pre-loading keys;
+//! - `backoff`: the retry schedule of the breaker's probes and of resubscribing;
 //! - `batch`, `breaker`, `stats`, `builder`, `loader`: as named.
 
+mod backoff;
 mod batch;
 mod breaker;
 mod builder;
