@@ -187,7 +187,9 @@ where
         self
     }
 
-    /// After `failures` consecutive L2 failures, skip L2 reads (they go to the loader)
+    /// After `failures` consecutive L2 failures — timeouts, transient or permanent
+    /// errors (`NOAUTH` counts: a server that refuses this client is of no use to
+    /// reads), not a refusal of one request — skip L2 reads (they go to the loader)
     /// and let one probe read through 100 ms later; each failed probe doubles the wait
     /// before the next one, up to `backoff` (with the default 5 s: 100 ms, 200, 400,
     /// 800 ms, 1.6 s, 3.2 s, then every 5 s). A probe's success closes the breaker. A

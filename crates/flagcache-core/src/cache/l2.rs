@@ -112,11 +112,12 @@ where
     }
 
     /// Every L2 call goes through here: a read is skipped while the circuit breaker is
-    /// open (see [`Access`]); every call is timed and bounded by the L2 timeout;
-    /// transient failures and timeouts count towards opening the breaker, any answer
-    /// of the server (even a refusal) closes it. It takes
-    /// a closure that makes the call rather than the call's future, so that future lives
-    /// once, in this one's state, instead of twice.
+    /// open (see [`Access`]); every call is timed, bounded by the L2 timeout, and its
+    /// failure counted by kind (see [`Failure`]): timeouts, transient and permanent
+    /// errors count towards opening the breaker, a refusal of the request leaves it
+    /// as it is, and any other answer closes it. It takes a closure that makes the
+    /// call rather than the call's future, so that future lives once, in this one's
+    /// state, instead of twice.
     pub(super) async fn l2_call<R, F>(
         &self,
         operation: &'static str,
@@ -144,25 +145,130 @@ where
         self.tel
             .l2_latency
             .record(seconds(self.clock.now().saturating_duration_since(t)));
-        match answer {
-            Ok(Err(e)) if e.is_transient() => {
-                self.tel.bump(Ev::L2Error);
-                self.l2_failed(permit);
-                Err(e)
+        let answer = answer.unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                backend: self.store.name(),
+                operation,
+                after: self.cfg.l2_timeout,
+            })
+        });
+        let failure = match &answer {
+            Ok(_) => None,
+            Err(e) => Failure::of(e),
+        };
+        match failure {
+            None => self.breaker.success(),
+            Some(f) => {
+                self.tel.bump(f.event());
+                if f != Failure::Refused {
+                    self.l2_failed(permit);
+                }
             }
-            Ok(answer) => {
-                self.breaker.success();
-                answer
+        }
+        answer
+    }
+}
+
+/// The kinds of failed L2 call, as counted (`Stats::l2_*`,
+/// `flagcache_l2_errors_total{kind}`) and as the circuit breaker takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// No answer within the L2 timeout (the cache's or the adapter's own).
+    Timeout,
+    /// A failure a retry may fix: connection refused or reset, overload.
+    Transient,
+    /// A failure only an operator fixes: authentication (`NOAUTH`, `WRONGPASS`),
+    /// permissions (`NOPERM`), a closed store.
+    ///
+    /// It counts towards opening the breaker, as a transient one does: a server that
+    /// refuses every call of this client is of no more use to reads than a dead one,
+    /// and skipping it gives reads the same answer — the loader's — without a round
+    /// trip and a WARN line each. Nothing is hidden by it: the error is counted
+    /// (`l2_permanent_errors`), the breaker's opening is counted and logged, and
+    /// writes, which the breaker never skips, return the error to their callers. Once
+    /// the operator fixes the cause, the next probe or write closes the breaker. Not
+    /// counting it — as a success, say — would leave every read paying a round trip
+    /// for an error forever, with nothing but a log line to tell.
+    Permanent,
+    /// The request itself was refused (a value over the size limit, an invalid
+    /// argument, a codec error, an invalid key): it says nothing of the server's
+    /// health, so the breaker is left as it is.
+    Refused,
+}
+
+impl Failure {
+    /// The kind of `e`; `None` when it is an answer of a working server rather than a
+    /// failure ([`Error::Corrupt`]: bytes were read; the caller counts them).
+    pub(super) fn of(e: &Error) -> Option<Failure> {
+        Some(match e {
+            Error::Timeout { .. } => Failure::Timeout,
+            Error::Backend {
+                transient: true, ..
             }
-            Err(_) => {
-                self.tel.bump(Ev::L2Timeout);
-                self.l2_failed(permit);
-                Err(Error::Timeout {
-                    backend: self.store.name(),
-                    operation,
-                    after: self.cfg.l2_timeout,
-                })
+            | Error::Loader { .. } => Failure::Transient,
+            Error::Backend {
+                transient: false, ..
             }
+            | Error::Closed(_) => Failure::Permanent,
+            Error::InvalidKey { .. }
+            | Error::InvalidArgument(_)
+            | Error::ValueTooLarge { .. }
+            | Error::Codec { .. } => Failure::Refused,
+            Error::Corrupt { .. } => return None,
+        })
+    }
+
+    fn event(self) -> Ev {
+        match self {
+            Failure::Timeout => Ev::L2Timeout,
+            Failure::Transient => Ev::L2Transient,
+            Failure::Permanent => Ev::L2Permanent,
+            Failure::Refused => Ev::L2Refused,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn errors_are_classified_by_what_they_say_of_the_server() {
+        let io = || std::io::Error::other("x");
+        let kinds = [
+            (
+                Error::Timeout {
+                    backend: "redis",
+                    operation: "get",
+                    after: Duration::from_millis(1),
+                },
+                Some(Failure::Timeout),
+            ),
+            (
+                Error::backend("redis", "get", true, io()),
+                Some(Failure::Transient),
+            ),
+            (
+                Error::backend("redis", "get", false, io()),
+                Some(Failure::Permanent),
+            ),
+            (Error::Closed("store"), Some(Failure::Permanent)),
+            (
+                Error::ValueTooLarge {
+                    key: "k".into(),
+                    size: 2,
+                    limit: 1,
+                    backend: "memcached",
+                },
+                Some(Failure::Refused),
+            ),
+            (Error::InvalidArgument("ttl".into()), Some(Failure::Refused)),
+            (Error::codec("bad", io()), Some(Failure::Refused)),
+            (Error::corrupt("bad magic"), None),
+        ];
+        for (e, kind) in kinds {
+            assert_eq!(Failure::of(&e), kind, "{e}");
         }
     }
 }
