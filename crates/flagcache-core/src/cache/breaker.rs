@@ -1,6 +1,7 @@
-//! A circuit breaker around the shared tier.
+//! The circuit breakers around the shared tier: one per read group (one per server).
 
-use std::sync::{Mutex, PoisonError};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::backoff::{Backoff, FIRST_RETRY};
@@ -35,12 +36,22 @@ enum State {
 /// switch must not wait for a read's back-off), and any success closes it. Only the
 /// probe's failure re-opens an open breaker; other failures while it is open (a
 /// write, a read let through before it opened) leave its schedule as it is.
+///
+/// There is one such breaker per [`FlagStore::read_group`](crate::FlagStore::read_group)
+/// — keys one server answers, which fail together when it is down — so one bad
+/// memcached server trips its own keys' breaker, not the whole ring's; calls whose
+/// key has no group (and calls without a key) share the group `None`. Only breakers
+/// that are not closed with a clean record are kept, so the map stays as small as
+/// the number of failing servers.
 #[derive(Debug)]
 pub(crate) struct Breaker {
-    state: Mutex<State>,
+    groups: Mutex<HashMap<Option<u64>, State>>,
     threshold: u32,
     schedule: Backoff,
 }
+
+/// A read group: `None` for calls whose key has none.
+pub(crate) type Group = Option<u64>;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,22 +69,27 @@ impl Breaker {
     /// schedule from 100 ms up to `max_backoff`.
     pub fn new(threshold: u32, max_backoff: Duration) -> Self {
         Breaker {
-            state: Mutex::new(State::Closed { failures: 0 }),
+            groups: Mutex::default(),
             threshold: threshold.max(1),
             schedule: Backoff::new(FIRST_RETRY, max_backoff),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, HashMap<Group, State>> {
+        // Nothing that can panic runs under the lock.
+        self.groups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn permit(&self) -> Permit {
-        self.permit_at(Instant::now())
+    /// What a read of `group` may do.
+    pub fn permit(&self, group: Group) -> Permit {
+        self.permit_at(group, Instant::now())
     }
 
-    fn permit_at(&self, now: Instant) -> Permit {
-        let mut s = self.lock();
+    fn permit_at(&self, group: Group, now: Instant) -> Permit {
+        let mut groups = self.lock();
+        let Some(s) = groups.get_mut(&group) else {
+            return Permit::Call;
+        };
         match *s {
             State::Closed { .. } => Permit::Call,
             State::Open {
@@ -94,22 +110,26 @@ impl Breaker {
         }
     }
 
+    /// Whether any group's breaker is open.
     pub fn is_open(&self) -> bool {
-        !matches!(*self.lock(), State::Closed { .. })
+        self.lock()
+            .values()
+            .any(|s| !matches!(s, State::Closed { .. }))
     }
 
-    pub fn success(&self) {
-        *self.lock() = State::Closed { failures: 0 };
+    pub fn success(&self, group: Group) {
+        self.lock().remove(&group);
     }
 
-    /// Records the failure of a call made with `permit` ([`Permit::Call`] for a write);
-    /// returns true when this failure opened the breaker.
-    pub fn failure(&self, permit: Permit) -> bool {
-        self.failure_at(permit, Instant::now())
+    /// Records the failure of a call of `group` made with `permit` ([`Permit::Call`]
+    /// for a write); returns true when this failure opened the group's breaker.
+    pub fn failure(&self, group: Group, permit: Permit) -> bool {
+        self.failure_at(group, permit, Instant::now())
     }
 
-    fn failure_at(&self, permit: Permit, now: Instant) -> bool {
-        let mut s = self.lock();
+    fn failure_at(&self, group: Group, permit: Permit, now: Instant) -> bool {
+        let mut groups = self.lock();
+        let s = groups.entry(group).or_insert(State::Closed { failures: 0 });
         match *s {
             State::Closed { failures } if failures + 1 >= self.threshold => {
                 *s = State::Open {
@@ -150,82 +170,106 @@ mod tests {
     fn opens_after_threshold_and_probes_on_a_doubling_schedule_up_to_the_cap() {
         let b = Breaker::new(3, 500 * MS);
         let t0 = Instant::now();
-        assert_eq!(b.permit_at(t0), Permit::Call);
-        assert!(!b.failure_at(Permit::Call, t0));
-        assert!(!b.failure_at(Permit::Call, t0));
-        b.success(); // resets the count
-        assert!(!b.failure_at(Permit::Call, t0));
-        assert!(!b.failure_at(Permit::Call, t0));
+        assert_eq!(b.permit_at(None, t0), Permit::Call);
+        assert!(!b.failure_at(None, Permit::Call, t0));
+        assert!(!b.failure_at(None, Permit::Call, t0));
+        b.success(None); // resets the count
+        assert!(!b.failure_at(None, Permit::Call, t0));
+        assert!(!b.failure_at(None, Permit::Call, t0));
         assert!(
-            b.failure_at(Permit::Call, t0),
+            b.failure_at(None, Permit::Call, t0),
             "third consecutive failure opens"
         );
         // Probes at +100 ms, then each failed one doubles the wait: 200, 400, 500 (cap).
         let mut at = t0;
         for wait in [100, 200, 400, 500, 500] {
-            assert_eq!(b.permit_at(at + (wait - 1) * MS), Permit::Skip, "{wait}");
-            assert_eq!(b.permit_at(at + wait * MS), Permit::Probe, "{wait}");
             assert_eq!(
-                b.permit_at(at + wait * MS),
+                b.permit_at(None, at + (wait - 1) * MS),
+                Permit::Skip,
+                "{wait}"
+            );
+            assert_eq!(b.permit_at(None, at + wait * MS), Permit::Probe, "{wait}");
+            assert_eq!(
+                b.permit_at(None, at + wait * MS),
                 Permit::Skip,
                 "one probe at a time"
             );
             at += wait * MS;
             assert!(
-                !b.failure_at(Permit::Probe, at),
+                !b.failure_at(None, Permit::Probe, at),
                 "a failed probe re-opens (not a new opening)"
             );
             assert!(b.is_open());
         }
-        assert_eq!(b.permit_at(at + 500 * MS), Permit::Probe);
-        b.success();
-        assert_eq!(b.permit_at(at + 500 * MS), Permit::Call);
+        assert_eq!(b.permit_at(None, at + 500 * MS), Permit::Probe);
+        b.success(None);
+        assert_eq!(b.permit_at(None, at + 500 * MS), Permit::Call);
         assert!(!b.is_open());
         // Opening again starts the schedule over.
         let t1 = at + 600 * MS;
         for _ in 0..3 {
-            b.failure_at(Permit::Call, t1);
+            b.failure_at(None, Permit::Call, t1);
         }
-        assert_eq!(b.permit_at(t1 + 100 * MS), Permit::Probe);
+        assert_eq!(b.permit_at(None, t1 + 100 * MS), Permit::Probe);
     }
 
     #[test]
     fn failures_other_than_the_probe_leave_the_schedule_alone() {
         let b = Breaker::new(1, 5000 * MS);
         let t0 = Instant::now();
-        assert!(b.failure_at(Permit::Call, t0));
+        assert!(b.failure_at(None, Permit::Call, t0));
         // A write (or a read let through before it opened) fails while open.
-        assert!(!b.failure_at(Permit::Call, t0 + 50 * MS));
-        assert_eq!(b.permit_at(t0 + 100 * MS), Permit::Probe);
+        assert!(!b.failure_at(None, Permit::Call, t0 + 50 * MS));
+        assert_eq!(b.permit_at(None, t0 + 100 * MS), Permit::Probe);
         // A write fails while the probe is in flight: the probe still decides.
-        assert!(!b.failure_at(Permit::Call, t0 + 120 * MS));
-        assert!(!b.failure_at(Permit::Probe, t0 + 150 * MS));
-        assert_eq!(b.permit_at(t0 + 349 * MS), Permit::Skip);
-        assert_eq!(b.permit_at(t0 + 350 * MS), Permit::Probe);
+        assert!(!b.failure_at(None, Permit::Call, t0 + 120 * MS));
+        assert!(!b.failure_at(None, Permit::Probe, t0 + 150 * MS));
+        assert_eq!(b.permit_at(None, t0 + 349 * MS), Permit::Skip);
+        assert_eq!(b.permit_at(None, t0 + 350 * MS), Permit::Probe);
     }
 
     #[test]
     fn an_abandoned_probe_does_not_wedge_the_breaker() {
         let b = Breaker::new(1, 5000 * MS);
         let t0 = Instant::now();
-        assert!(b.failure_at(Permit::Call, t0));
-        assert_eq!(b.permit_at(t0 + 100 * MS), Permit::Probe);
+        assert!(b.failure_at(None, Permit::Call, t0));
+        assert_eq!(b.permit_at(None, t0 + 100 * MS), Permit::Probe);
         // The probe's caller is dropped: neither success nor failure is recorded.
-        assert_eq!(b.permit_at(t0 + 150 * MS), Permit::Skip);
+        assert_eq!(b.permit_at(None, t0 + 150 * MS), Permit::Skip);
         assert_eq!(
-            b.permit_at(t0 + 200 * MS),
+            b.permit_at(None, t0 + 200 * MS),
             Permit::Probe,
             "a new probe after the wait"
         );
     }
 
     #[test]
+    fn each_read_group_has_its_own_breaker() {
+        let b = Breaker::new(2, 5000 * MS);
+        let t0 = Instant::now();
+        let (bad, good) = (Some(1), Some(2));
+        assert!(!b.failure_at(bad, Permit::Call, t0));
+        assert!(!b.failure_at(good, Permit::Call, t0));
+        assert!(b.failure_at(bad, Permit::Call, t0), "the bad group opens");
+        assert_eq!(b.permit_at(bad, t0), Permit::Skip);
+        assert_eq!(b.permit_at(good, t0), Permit::Call);
+        assert_eq!(b.permit_at(None, t0), Permit::Call);
+        assert!(b.is_open());
+        b.success(good);
+        assert!(!b.failure_at(good, Permit::Call, t0), "its count was reset");
+        b.success(bad);
+        assert!(!b.is_open());
+        b.success(good);
+        assert!(b.lock().is_empty(), "closed, clean groups are forgotten");
+    }
+
+    #[test]
     fn a_cap_below_100_ms_is_the_wait() {
         let b = Breaker::new(1, 30 * MS);
         let t0 = Instant::now();
-        assert!(b.failure_at(Permit::Call, t0));
-        assert_eq!(b.permit_at(t0 + 30 * MS), Permit::Probe);
-        assert!(!b.failure_at(Permit::Probe, t0 + 30 * MS));
-        assert_eq!(b.permit_at(t0 + 60 * MS), Permit::Probe);
+        assert!(b.failure_at(None, Permit::Call, t0));
+        assert_eq!(b.permit_at(None, t0 + 30 * MS), Permit::Probe);
+        assert!(!b.failure_at(None, Permit::Probe, t0 + 30 * MS));
+        assert_eq!(b.permit_at(None, t0 + 60 * MS), Permit::Probe);
     }
 }

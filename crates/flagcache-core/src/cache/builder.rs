@@ -29,7 +29,7 @@ use crate::{Coalescer, Error, FlagStore, Invalidator, LocalCoalescer, NodeId, Re
 /// | [`negative_ttl`](Self::negative_ttl) | 5 s | how long "no such flag" is remembered in L1 |
 /// | [`l2_timeout`](Self::l2_timeout) | 250 ms | per L2 call |
 /// | [`loader_timeout`](Self::loader_timeout) | 5 s | per loader call |
-/// | [`circuit_breaker`](Self::circuit_breaker) | 5 failures, 5 s | after that many consecutive failures, skip L2 reads; probe after 100 ms, doubling per failed probe up to the back-off cap |
+/// | [`circuit_breaker`](Self::circuit_breaker) | 5 failures, 5 s | per server (read group): after that many consecutive failures, skip L2 reads; probe after 100 ms, doubling per failed probe up to the back-off cap |
 /// | [`l1_capacity`](Self::l1_capacity) | 10 000 | L1 entries |
 /// | [`xfetch`](Self::xfetch) | off | probabilistic early refresh |
 /// | [`refetch_jitter`](Self::refetch_jitter) | off | re-fetch an invalidated key in the background after a random delay |
@@ -198,6 +198,10 @@ where
     /// Writes (`set`, `invalidate`, `refresh`) are never skipped: they try L2 within
     /// the L2 timeout, and their success closes the breaker too. So after an outage,
     /// L2 is found again by the first write, or by a probe within the current wait.
+    ///
+    /// There is one breaker per [`FlagStore::read_group`] (per server: one bad
+    /// memcached server of a ring trips only its own keys' breaker), and one for keys
+    /// without a group.
     ///
     /// (With an invalidator, a subscription that ended is reopened on a similar
     /// schedule: after 100 ms, doubling per failed attempt up to 1 s.)

@@ -5,7 +5,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::breaker::Permit;
+use super::breaker::{Group, Permit};
 use super::stats::{seconds, Ev};
 use super::Inner;
 use crate::{Checked, Entry, Error, FlagKey, PutOutcome, Result};
@@ -34,7 +34,7 @@ where
     /// `None`: the loader is the truth, L2 only saves trips to it.
     pub(super) async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
         match self
-            .l2_call("get", Access::Read, || self.read_l2_raw(key))
+            .l2_call("get", Access::Read, Some(key), || self.read_l2_raw(key))
             .await
         {
             Ok(entry) => entry,
@@ -75,9 +75,9 @@ where
         }
     }
 
-    pub(super) fn l2_failed(&self, permit: Permit) {
-        if self.breaker.failure(permit) {
-            tracing::warn!(cache = %self.cfg.name, max_backoff = ?self.cfg.breaker_backoff,
+    pub(super) fn l2_failed(&self, group: Group, permit: Permit) {
+        if self.breaker.failure(group, permit) {
+            tracing::warn!(cache = %self.cfg.name, ?group, max_backoff = ?self.cfg.breaker_backoff,
                 "L2 circuit breaker opened: skipping L2 reads, probing from 100 ms on");
             self.tel.bump(Ev::BreakerOpened);
         }
@@ -102,17 +102,18 @@ where
         access: Access,
     ) -> Result<PutOutcome> {
         let ttl = self.cfg.jittered(self.cfg.l2_ttl);
-        self.l2_call("put", access, || self.store.put(key, entry, ttl))
+        self.l2_call("put", access, Some(key), || self.store.put(key, entry, ttl))
             .await
     }
 
     pub(super) async fn delete_l2(&self, key: &FlagKey, access: Access) -> Result<()> {
-        self.l2_call("delete", access, || self.store.delete(key))
+        self.l2_call("delete", access, Some(key), || self.store.delete(key))
             .await
     }
 
-    /// Every L2 call goes through here: a read is skipped while the circuit breaker is
-    /// open (see [`Access`]); every call is timed, bounded by the L2 timeout, and its
+    /// Every L2 call goes through here: a read is skipped while the circuit breaker of
+    /// its key's read group is open (see [`Access`]; a call without a key has the
+    /// group `None`); every call is timed, bounded by the L2 timeout, and its
     /// failure counted by kind (see [`Failure`]): timeouts, transient and permanent
     /// errors count towards opening the breaker, a refusal of the request leaves it
     /// as it is, and any other answer closes it. It takes a closure that makes the
@@ -122,13 +123,16 @@ where
         &self,
         operation: &'static str,
         access: Access,
+        key: Option<&FlagKey>,
         call: impl FnOnce() -> F,
     ) -> Result<R>
     where
         F: std::future::Future<Output = Result<R>>,
     {
+        // The breaker of the key's read group: one per server.
+        let group = key.and_then(|k| self.store.read_group(k));
         let permit = match access {
-            Access::Read => self.breaker.permit(),
+            Access::Read => self.breaker.permit(group),
             Access::Write => Permit::Call,
         };
         if permit == Permit::Skip {
@@ -157,11 +161,11 @@ where
             Err(e) => Failure::of(e),
         };
         match failure {
-            None => self.breaker.success(),
+            None => self.breaker.success(group),
             Some(f) => {
                 self.tel.bump(f.event());
                 if f != Failure::Refused {
-                    self.l2_failed(permit);
+                    self.l2_failed(group, permit);
                 }
             }
         }

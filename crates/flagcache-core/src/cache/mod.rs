@@ -501,7 +501,7 @@ where
         inner.drop_local(key, None);
         let grace = inner.cfg.loader_timeout * 2;
         let marked = inner
-            .l2_call("mark_stale", Access::Write, || {
+            .l2_call("mark_stale", Access::Write, Some(key), || {
                 inner.store.mark_stale(key, grace)
             })
             .await;

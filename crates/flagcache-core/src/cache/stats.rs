@@ -330,7 +330,8 @@ pub struct Stats {
     pub resyncs: u64,
     /// Fills refused because an invalidation landed while they ran.
     pub fenced_fills: u64,
-    /// Times the L2 circuit breaker opened.
+    /// Times an L2 circuit breaker opened (there is one per read group — per server —
+    /// of the store; each opening counts).
     pub breaker_opened: u64,
     /// Invalidations this node failed to publish.
     pub publish_errors: u64,
@@ -338,7 +339,7 @@ pub struct Stats {
     pub errors: u64,
     /// Entries in L1 now.
     pub l1_entries: usize,
-    /// Whether the L2 circuit breaker is open now.
+    /// Whether an L2 circuit breaker (of any read group) is open now.
     pub breaker_open: bool,
 }
 

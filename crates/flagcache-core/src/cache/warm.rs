@@ -61,10 +61,12 @@ where
         let batch = if cold.is_empty() || self.expected.is_some() {
             None
         } else {
-            self.l2_call("get_many", Access::Read, || self.store.get_many(&cold))
-                .await
-                .ok()
-                .filter(|found| found.len() == cold.len())
+            self.l2_call("get_many", Access::Read, None, || {
+                self.store.get_many(&cold)
+            })
+            .await
+            .ok()
+            .filter(|found| found.len() == cold.len())
         };
         match batch {
             Some(found) => {
