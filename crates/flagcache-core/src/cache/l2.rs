@@ -10,9 +10,38 @@ use super::stats::{seconds, Ev};
 use super::Inner;
 use crate::{Checked, Entry, Error, FlagKey, PutOutcome, Result};
 
+/// Why a read was skipped: the breaker of its read group is open.
 #[derive(Debug, thiserror::Error)]
-#[error("circuit breaker open: the shared tier is being skipped after repeated failures")]
-struct CircuitOpen;
+#[error("circuit breaker open{}: L2 reads are skipped after repeated failures", OfGroup(*.group))]
+struct CircuitOpen {
+    group: Group,
+}
+
+/// Formats `" for read group <n>"` when there is one.
+struct OfGroup(Group);
+
+impl std::fmt::Display for OfGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(g) => write!(f, " for read group {g}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The error of a skipped call: transient, naming the key and its read group.
+fn circuit_open(
+    backend: &'static str,
+    operation: &'static str,
+    key: Option<&FlagKey>,
+    group: Group,
+) -> Error {
+    let e = Error::backend(backend, operation, true, CircuitOpen { group });
+    match key {
+        Some(k) => e.with_key(k),
+        None => e,
+    }
+}
 
 /// What the circuit breaker does with an L2 call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,12 +166,7 @@ where
         };
         if permit == Permit::Skip {
             self.tel.bump(Ev::L2Skipped);
-            return Err(Error::backend(
-                self.store.name(),
-                operation,
-                true,
-                CircuitOpen,
-            ));
+            return Err(circuit_open(self.store.name(), operation, key, group));
         }
         let t = self.clock.now();
         let answer = tokio::time::timeout(self.cfg.l2_timeout, call()).await;
@@ -236,6 +260,24 @@ impl Failure {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_skipped_call_names_its_key_and_read_group() {
+        let key = FlagKey::new("checkout.kill").unwrap();
+        let e = circuit_open("memcached", "get", Some(&key), Some(7));
+        assert!(e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "memcached get failed for checkout.kill: circuit breaker open for read group 7: \
+             L2 reads are skipped after repeated failures"
+        );
+        let e = circuit_open("redis", "get_many", None, None);
+        assert_eq!(
+            e.to_string(),
+            "redis get_many failed: circuit breaker open: L2 reads are skipped after repeated \
+             failures"
+        );
+    }
 
     #[test]
     fn errors_are_classified_by_what_they_say_of_the_server() {
