@@ -5,6 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::backoff::{Backoff, FIRST_RETRY};
+use super::health::BreakerState;
 
 #[derive(Debug)]
 enum State {
@@ -119,6 +120,32 @@ impl Breaker {
 
     pub fn success(&self, group: Group) {
         self.lock().remove(&group);
+    }
+
+    /// The state of every group that is not closed with a clean record, by group.
+    pub fn report(&self, now: Instant) -> Vec<(Group, BreakerState)> {
+        let mut states: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(group, s)| {
+                let state = match *s {
+                    State::Closed { failures } => BreakerState::Closed { failures },
+                    State::Open {
+                        until,
+                        failed_probes,
+                    } => BreakerState::Open {
+                        failed_probes,
+                        next_probe_in: until.saturating_duration_since(now),
+                    },
+                    State::HalfOpen { failed_probes, .. } => {
+                        BreakerState::HalfOpen { failed_probes }
+                    }
+                };
+                (*group, state)
+            })
+            .collect();
+        states.sort_by_key(|(group, _)| *group);
+        states
     }
 
     /// Records the failure of a call of `group` made with `permit` ([`Permit::Call`]
@@ -259,6 +286,26 @@ mod tests {
         assert!(!b.failure_at(good, Permit::Call, t0), "its count was reset");
         b.success(bad);
         assert!(!b.is_open());
+        assert_eq!(
+            b.report(t0),
+            vec![(good, BreakerState::Closed { failures: 1 })]
+        );
+        assert!(!b.failure_at(bad, Permit::Call, t0));
+        assert!(b.failure_at(bad, Permit::Call, t0));
+        assert_eq!(
+            b.report(t0 + 40 * MS),
+            vec![
+                (
+                    bad,
+                    BreakerState::Open {
+                        failed_probes: 0,
+                        next_probe_in: 60 * MS
+                    }
+                ),
+                (good, BreakerState::Closed { failures: 1 })
+            ]
+        );
+        b.success(bad);
         b.success(good);
         assert!(b.lock().is_empty(), "closed, clean groups are forgotten");
     }

@@ -353,6 +353,7 @@ where
             own_echoes: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
+            health: super::health::HealthRecord::new(super::l1::clock().now()),
             fences: Fences::new(keep_fences_for),
             // The runtime building the cache also runs the background refreshes that
             // synchronous readers (`get_cached`, `block_on(get)`) start.

@@ -164,6 +164,9 @@ pub(super) async fn listen<T>(
             s = sub.recv() => s,
         };
         let Some(inner) = weak.upgrade() else { return };
+        if signal.is_some() {
+            inner.health.signal(inner.clock.now());
+        }
         match signal {
             Some(Signal::Invalidated(ev)) => inner.apply(&ev).await,
             Some(Signal::Resync(reason)) => inner.resync(&reason),
@@ -171,6 +174,7 @@ pub(super) async fn listen<T>(
                 tracing::error!(cache = %inner.cfg.name,
                     "invalidation subscription ended; L1 is untrusted until it is back");
                 inner.deaf.store(true, Ordering::SeqCst);
+                inner.health.subscription_down(inner.clock.now());
                 inner.resync(&ResyncReason::Closed);
                 let Some(invalidator) = inner.invalidator.clone() else {
                     return;
@@ -194,6 +198,7 @@ pub(super) async fn listen<T>(
                 // Whatever happened meanwhile was missed.
                 inner.resync(&ResyncReason::Reconnected);
                 inner.deaf.store(false, Ordering::SeqCst);
+                inner.health.subscription_up();
             }
         }
     }

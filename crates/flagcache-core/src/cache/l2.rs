@@ -170,9 +170,9 @@ where
         }
         let t = self.clock.now();
         let answer = tokio::time::timeout(self.cfg.l2_timeout, call()).await;
-        self.tel
-            .l2_latency
-            .record(seconds(self.clock.now().saturating_duration_since(t)));
+        let now = self.clock.now();
+        let latency = now.saturating_duration_since(t);
+        self.tel.l2_latency.record(seconds(latency));
         let answer = answer.unwrap_or_else(|_| {
             Err(Error::Timeout {
                 backend: self.store.name(),
@@ -184,6 +184,7 @@ where
             Ok(_) => None,
             Err(e) => Failure::of(e),
         };
+        self.health.l2_call(latency, failure.is_none(), now);
         match failure {
             None => self.breaker.success(group),
             Some(f) => {

@@ -7,6 +7,7 @@
 //! - `revalidate`: stale-while-revalidate and early refresh;
 //! - `events`: publishing and applying invalidations, resyncs, the listener;
 //! - `warm`: pre-loading keys;
+//! - `health`: the readiness report and what it is read from;
 //! - `backoff`: the retry schedule of the breaker's probes and of resubscribing;
 //! - `batch`, `breaker`, `stats`, `builder`, `loader`: as named.
 
@@ -17,6 +18,9 @@ mod builder;
 mod events;
 mod fence;
 mod fill;
+/// `Health` and the types of its fields are reached through [`FlagCache::health`]; the
+/// crate root does not re-export them.
+pub(crate) mod health;
 mod l1;
 mod l2;
 mod loader;
@@ -41,6 +45,7 @@ pub use warm::WarmReport;
 
 use breaker::Breaker;
 use fence::Fences;
+use health::Health;
 use l1::L1Entry;
 use l2::Access;
 use revalidate::Refreshing;
@@ -237,6 +242,8 @@ struct Inner<T> {
     /// Set while the invalidation subscription is down: L1 then serves nothing as
     /// fresh (only as a fail-safe fallback), since it would not hear of changes.
     deaf: AtomicBool,
+    /// What [`FlagCache::health`] reports, recorded as it happens.
+    health: health::HealthRecord,
     fences: Fences,
     fills: LocalCoalescer<fill::Filled<T>>,
     /// Gathers concurrent L2 reads into batches (shared stores that batch).
@@ -542,6 +549,43 @@ where
             (stats.l2_batches, stats.l2_batched_reads) = b.counts();
         }
         stats
+    }
+
+    /// The cache's health, for a readiness probe: the L2 circuit breakers that are
+    /// open or have failures (per read group: per server), the invalidation
+    /// subscription (up or down, the age of the last signal), the resyncs so far, how
+    /// long ago L2 last answered and its latency p99. Cheap — a few atomic loads and
+    /// one short lock, no I/O — so a probe may call it on every request.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flagcache_core::Result<()> {
+    /// # use std::time::Duration;
+    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
+    /// # let cache = FlagCache::<bool>::builder(flagcache_memory::MemoryStore::new(), loader).build().await?;
+    /// // A readiness probe: ready when L2 is being read and changes are being heard.
+    /// fn ready(cache: &FlagCache<bool>) -> bool {
+    ///     let health = cache.health();
+    ///     let hearing = health.subscription.map_or(true, |s| s.up);
+    ///     !health.l2_breaker_open() && hearing
+    /// }
+    ///
+    /// cache.get(&FlagKey::new("checkout")?).await?;
+    /// assert!(ready(&cache));
+    /// let health = cache.health();
+    /// assert!(health.l2_last_success_age.is_some_and(|age| age < Duration::from_secs(60)));
+    /// assert!(health.l2_latency_p99.is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn health(&self) -> Health {
+        let inner = &self.inner;
+        inner.health.report(
+            inner.clock.now(),
+            inner.breaker.report(Instant::now()),
+            inner.invalidator.is_some(),
+            inner.tel.get(stats::Ev::Resync),
+        )
     }
 
     /// This replica's node id (the one its invalidations carry).

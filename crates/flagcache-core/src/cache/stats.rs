@@ -220,7 +220,7 @@ impl Telemetry {
         self.meters[ev as usize].increment(1);
     }
 
-    fn get(&self, ev: Ev) -> u64 {
+    pub fn get(&self, ev: Ev) -> u64 {
         if ev == Ev::HitL1 {
             return self.hits.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
         }
