@@ -37,14 +37,6 @@ async fn cache_with_open_breaker(
 async fn a_set_is_tried_while_the_breaker_is_open_and_its_success_closes_it() {
     let mem = MemoryStore::new();
     let (cache, faults) = cache_with_open_breaker(&mem).await;
-    let reads = faults.calls(Op::Read);
-    cache.get(&key("skipped")).await.unwrap();
-    assert_eq!(
-        faults.calls(Op::Read),
-        reads,
-        "reads are skipped while open"
-    );
-
     faults.fail_all(false);
     let t = Instant::now();
     let outcome = cache
@@ -61,6 +53,7 @@ async fn a_set_is_tried_while_the_breaker_is_open_and_its_success_closes_it() {
     assert!(!st.breaker_open, "the write's success closed it: {st:?}");
 
     // Reads resume at once.
+    let reads = faults.calls(Op::Read);
     put(&mem, &key("in-l2"), "from L2", 7).await;
     let l = cache.lookup(&key("in-l2")).await.unwrap();
     assert_eq!(value(&l), "from L2");
