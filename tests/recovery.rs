@@ -8,8 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use flagcache::layer::Op;
-use flagcache::memory::MemoryStore;
-use flagcache::{FlagCache, FlagStore, FlagStoreExt, PutOutcome, Version};
+use flagcache::memory::{MemoryInvalidator, MemoryStore};
+use flagcache::{
+    FlagCache, FlagStore, FlagStoreExt, Invalidation, Invalidator, PutOutcome, Version,
+};
 use flagcache_testkit::CountingSource;
 
 use common::*;
@@ -138,4 +140,33 @@ async fn a_healed_l2_is_found_by_a_probe_read_well_within_the_back_off_cap() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!cache.stats().breaker_open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_purge_reaches_l2_while_the_breaker_is_open() {
+    let mem = MemoryStore::new();
+    let (store, faults) = faulty(&mem);
+    let bus = MemoryInvalidator::new();
+    let cache = FlagCache::builder(store, CountingSource::new(1))
+        .invalidator(bus.peer())
+        .circuit_breaker(2, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    put(&mem, &key("purged"), "old", 1).await;
+    faults.fail_all(true);
+    cache.get(&key("cold")).await.unwrap();
+    assert!(cache.stats().breaker_open);
+    faults.fail_all(false);
+    // A publisher that cannot delete from L2 itself asks the receivers to.
+    bus.peer()
+        .publish(&Invalidation::key(key("purged")).purging_shared())
+        .await
+        .unwrap();
+    until("the purge closes the breaker", || {
+        !cache.stats().breaker_open
+    })
+    .await;
+    assert_eq!(faults.calls(Op::Delete), 1);
+    assert_eq!(mem.get(&key("purged")).await.unwrap(), None);
 }
