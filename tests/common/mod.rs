@@ -1,15 +1,20 @@
 //! Fixtures the `FlagCache` tests share: keys and values, a cache over the memory store
-//! and a counting source, a fault-injecting store, two replicas on one bus, and waiting
-//! for a condition.
+//! and a counting source, a fault-injecting store, a misconfigured store, two replicas
+//! on one bus, and waiting for a condition.
 
 // Each test binary uses some of these.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flagcache::layer::{FaultControl, FaultyStore};
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
-use flagcache::{FlagCache, FlagCacheBuilder, FlagKey, FlagStoreExt, Lookup, Result, Version};
+use flagcache::{
+    async_trait, Capabilities, Entry, Error, FlagCache, FlagCacheBuilder, FlagKey, FlagStore,
+    FlagStoreExt, Lookup, PutOutcome, Result, Version,
+};
 use flagcache_testkit::CountingSource;
 use tokio::task::JoinHandle;
 
@@ -97,5 +102,68 @@ pub async fn replicas() -> Replicas {
         a,
         b,
         bus,
+    }
+}
+
+pub const WORKING: u8 = 0;
+pub const NOAUTH: u8 = 1;
+pub const TOO_LARGE: u8 = 2;
+
+#[derive(Debug)]
+struct NoAuth;
+
+impl std::fmt::Display for NoAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NOAUTH Authentication required.")
+    }
+}
+
+impl std::error::Error for NoAuth {}
+
+/// A memory store that can answer every call as a server without the client's
+/// password does (a permanent backend error), or refuse every write as too large.
+#[derive(Clone, Default)]
+pub struct Misconfigured {
+    pub inner: MemoryStore,
+    /// `WORKING`, `NOAUTH` or `TOO_LARGE`.
+    pub mode: Arc<AtomicU8>,
+}
+
+impl Misconfigured {
+    fn check(&self, operation: &'static str) -> Result<()> {
+        match self.mode.load(Ordering::SeqCst) {
+            NOAUTH => Err(Error::backend("misconfigured", operation, false, NoAuth)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl FlagStore for Misconfigured {
+    fn name(&self) -> &'static str {
+        "misconfigured"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
+        self.check("get")?;
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
+        self.check("put")?;
+        if self.mode.load(Ordering::SeqCst) == TOO_LARGE {
+            return Err(Error::ValueTooLarge {
+                key: key.to_string(),
+                size: entry.payload.len(),
+                limit: 1,
+                backend: "misconfigured",
+            });
+        }
+        self.inner.put(key, entry, ttl).await
+    }
+    async fn delete(&self, key: &FlagKey) -> Result<()> {
+        self.check("delete")?;
+        self.inner.delete(key).await
     }
 }

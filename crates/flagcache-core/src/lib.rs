@@ -16,8 +16,8 @@ pub mod conformance;
 pub mod layer;
 
 pub use cache::{
-    CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Get, Hook, Loader, Lookup, StaleReason,
-    Stats, VersionSource, WarmReport,
+    BreakerState, CacheStatus, Evaluation, FlagCache, FlagCacheBuilder, Get, GroupBreaker, Health,
+    Hook, Loader, Lookup, StaleReason, Stats, SubscriptionHealth, VersionSource, WarmReport,
 };
 pub use coalesce::{
     BoxFuture, Coalesced, Coalescer, Lease, LoadOutcome, LocalCoalescer, ReleaseLease, Turn,

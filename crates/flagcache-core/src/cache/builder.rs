@@ -29,7 +29,7 @@ use crate::{Coalescer, Error, FlagStore, Invalidator, LocalCoalescer, NodeId, Re
 /// | [`negative_ttl`](Self::negative_ttl) | 5 s | how long "no such flag" is remembered in L1 |
 /// | [`l2_timeout`](Self::l2_timeout) | 250 ms | per L2 call |
 /// | [`loader_timeout`](Self::loader_timeout) | 5 s | per loader call |
-/// | [`circuit_breaker`](Self::circuit_breaker) | 5 failures, 5 s | skip L2 for the back-off after that many consecutive failures |
+/// | [`circuit_breaker`](Self::circuit_breaker) | 5 failures, 5 s | per server (read group): after that many consecutive failures, skip L2 reads; probe after 100 ms, doubling per failed probe up to the back-off cap |
 /// | [`l1_capacity`](Self::l1_capacity) | 10 000 | L1 entries |
 /// | [`xfetch`](Self::xfetch) | off | probabilistic early refresh |
 /// | [`refetch_jitter`](Self::refetch_jitter) | off | re-fetch an invalidated key in the background after a random delay |
@@ -187,8 +187,24 @@ where
         self
     }
 
-    /// After `failures` consecutive L2 failures, skip L2 for `backoff`, then let one
-    /// probe through.
+    /// After `failures` consecutive L2 failures — timeouts, transient or permanent
+    /// errors (`NOAUTH` counts: a server that refuses this client is of no use to
+    /// reads), not a refusal of one request — skip L2 reads (they go to the loader)
+    /// and let one probe read through 100 ms later; each failed probe doubles the wait
+    /// before the next one, up to `backoff` (with the default 5 s: 100 ms, 200, 400,
+    /// 800 ms, 1.6 s, 3.2 s, then every 5 s). A probe's success closes the breaker. A
+    /// `backoff` under 100 ms is the wait between probes.
+    ///
+    /// Writes (`set`, `invalidate`, `refresh`) are never skipped: they try L2 within
+    /// the L2 timeout, and their success closes the breaker too. So after an outage,
+    /// L2 is found again by the first write, or by a probe within the current wait.
+    ///
+    /// There is one breaker per [`FlagStore::read_group`] (per server: one bad
+    /// memcached server of a ring trips only its own keys' breaker), and one for keys
+    /// without a group.
+    ///
+    /// (With an invalidator, a subscription that ended is reopened on a similar
+    /// schedule: after 100 ms, doubling per failed attempt up to 1 s.)
     #[must_use]
     pub fn circuit_breaker(mut self, failures: u32, backoff: Duration) -> Self {
         self.cfg.breaker_threshold = failures;
@@ -337,6 +353,7 @@ where
             own_echoes: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
+            health: super::health::HealthRecord::new(super::l1::clock().now()),
             fences: Fences::new(keep_fences_for),
             // The runtime building the cache also runs the background refreshes that
             // synchronous readers (`get_cached`, `block_on(get)`) start.

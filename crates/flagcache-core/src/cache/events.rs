@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::backoff::RESUBSCRIBE;
+use super::l2::Access;
 use super::stats::Ev;
 use super::Inner;
 use crate::{
@@ -107,7 +109,7 @@ where
             Target::Key(key) => {
                 self.drop_local(key, ev.version);
                 if ev.purge_shared {
-                    let _ = self.delete_l2(key).await;
+                    let _ = self.delete_l2(key, Access::Write).await;
                     // A read in the meantime may have refilled from the deleted entry.
                     self.drop_local(key, ev.version);
                 }
@@ -147,7 +149,8 @@ where
 }
 
 /// Consumes the subscription until the cache is dropped; when the subscription ends,
-/// marks L1 untrusted and subscribes again with back-off.
+/// marks L1 untrusted and subscribes again on the [`RESUBSCRIBE`] schedule (after
+/// 100 ms, doubling per failed attempt up to 1 s).
 pub(super) async fn listen<T>(
     weak: Weak<Inner<T>>,
     mut sub: Subscription,
@@ -161,6 +164,9 @@ pub(super) async fn listen<T>(
             s = sub.recv() => s,
         };
         let Some(inner) = weak.upgrade() else { return };
+        if signal.is_some() {
+            inner.health.signal(inner.clock.now());
+        }
         match signal {
             Some(Signal::Invalidated(ev)) => inner.apply(&ev).await,
             Some(Signal::Resync(reason)) => inner.resync(&reason),
@@ -168,22 +174,23 @@ pub(super) async fn listen<T>(
                 tracing::error!(cache = %inner.cfg.name,
                     "invalidation subscription ended; L1 is untrusted until it is back");
                 inner.deaf.store(true, Ordering::SeqCst);
+                inner.health.subscription_down(inner.clock.now());
                 inner.resync(&ResyncReason::Closed);
                 let Some(invalidator) = inner.invalidator.clone() else {
                     return;
                 };
                 drop(inner);
-                let mut backoff = Duration::from_millis(50);
+                let mut failed = 0;
                 sub = loop {
                     tokio::select! {
                         _ = &mut shutdown => return,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(RESUBSCRIBE.delay(failed)) => {}
                     }
                     match invalidator.subscribe().await {
                         Ok(s) => break s,
                         Err(e) => {
                             tracing::warn!(error = %e, "resubscribing failed");
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            failed = failed.saturating_add(1);
                         }
                     }
                 };
@@ -191,6 +198,7 @@ pub(super) async fn listen<T>(
                 // Whatever happened meanwhile was missed.
                 inner.resync(&ResyncReason::Reconnected);
                 inner.deaf.store(false, Ordering::SeqCst);
+                inner.health.subscription_up();
             }
         }
     }

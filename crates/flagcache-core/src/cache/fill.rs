@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::fence::FenceTicket;
 use super::l1::L1Entry;
+use super::l2::Access;
 use super::stats::{seconds, Ev};
 use super::{CacheStatus, Inner, Lookup, StaleReason};
 use crate::{
@@ -126,7 +127,7 @@ where
                     Err(e) => {
                         tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
                         self.tel.bump(Ev::Corrupt);
-                        let _ = Box::pin(self.delete_l2(key)).await;
+                        let _ = Box::pin(self.delete_l2(key, Access::Read)).await;
                     }
                 }
             }

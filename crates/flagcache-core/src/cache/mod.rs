@@ -7,14 +7,18 @@
 //! - `revalidate`: stale-while-revalidate and early refresh;
 //! - `events`: publishing and applying invalidations, resyncs, the listener;
 //! - `warm`: pre-loading keys;
+//! - `health`: the readiness report and what it is read from;
+//! - `backoff`: the retry schedule of the breaker's probes and of resubscribing;
 //! - `batch`, `breaker`, `stats`, `builder`, `loader`: as named.
 
+mod backoff;
 mod batch;
 mod breaker;
 mod builder;
 mod events;
 mod fence;
 mod fill;
+mod health;
 mod l1;
 mod l2;
 mod loader;
@@ -33,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 pub use builder::FlagCacheBuilder;
+pub use health::{BreakerState, GroupBreaker, Health, SubscriptionHealth};
 pub use loader::{Loader, VersionSource};
 pub use stats::Stats;
 pub use warm::WarmReport;
@@ -40,6 +45,7 @@ pub use warm::WarmReport;
 use breaker::Breaker;
 use fence::Fences;
 use l1::L1Entry;
+use l2::Access;
 use revalidate::Refreshing;
 use stats::Telemetry;
 
@@ -234,6 +240,8 @@ struct Inner<T> {
     /// Set while the invalidation subscription is down: L1 then serves nothing as
     /// fresh (only as a fail-safe fallback), since it would not hear of changes.
     deaf: AtomicBool,
+    /// What [`FlagCache::health`] reports, recorded as it happens.
+    health: health::HealthRecord,
     fences: Fences,
     fills: LocalCoalescer<fill::Filled<T>>,
     /// Gathers concurrent L2 reads into batches (shared stores that batch).
@@ -413,9 +421,14 @@ where
     /// publishes the invalidation so other replicas drop their copy.
     ///
     /// Returns [`PutOutcome::Superseded`] when L2 already holds `version` or newer; the
-    /// refused value is then not installed anywhere, and an L1 copy older than the
-    /// stored version is dropped. When L2 already holds exactly `version`, the
-    /// invalidation is published again, so retrying a `set` whose publish failed is safe.
+    /// refused value is then not installed anywhere, and an invalidation carrying the
+    /// version L2 holds is published: every replica (this one included) drops an older
+    /// copy and converges on L2's value, instead of serving the older one until its
+    /// freshness runs out. So retrying a `set` whose publish failed is safe too.
+    ///
+    /// The L2 write is tried (within the L2 timeout) even while the circuit breaker
+    /// skips L2 reads, and its success closes the breaker: a kill switch set right
+    /// after an outage does not wait for the reads' back-off.
     ///
     /// # Concurrent calls on the same key
     /// Writers race in L2, where the version guard lets the highest version win; a
@@ -433,7 +446,7 @@ where
             stamp_ms: now_ms(),
             payload,
         };
-        let outcome = inner.write_l2_strict(key, &entry).await?;
+        let outcome = inner.write_l2_strict(key, &entry, Access::Write).await?;
         match outcome {
             PutOutcome::Stored => {
                 let slot = inner.new_l1_entry(Some(Arc::new(value)), version, Duration::ZERO);
@@ -444,25 +457,27 @@ where
             }
             PutOutcome::Superseded { current } => {
                 inner.drop_older_than(key, current);
-                if current == version {
-                    inner
-                        .publish(Invalidation::key(key.clone()).with_version(version))
-                        .await?;
-                }
+                // L2 holds `current`: every replica holding something older drops it
+                // and reads L2's value, so a refused write is never silently dropped.
+                inner
+                    .publish(Invalidation::key(key.clone()).with_version(current))
+                    .await?;
             }
         }
         Ok(outcome)
     }
 
     /// Drops `key` everywhere: from this L1, from L2, and — through the invalidator —
-    /// from every other replica's L1. The next read loads it from the source.
+    /// from every other replica's L1. The next read loads it from the source. As for
+    /// [`set`](FlagCache::set), the L2 delete is tried even while the circuit breaker
+    /// is open.
     ///
     /// # Errors
     /// An L2 or publish error (this replica's L1 is dropped regardless).
     pub async fn invalidate(&self, key: &FlagKey) -> Result<()> {
         let inner = &self.inner;
         inner.drop_local(key, None);
-        let deleted = inner.delete_l2(key).await;
+        let deleted = inner.delete_l2(key, Access::Write).await;
         // A read in the meantime may have refilled L1 from the entry just deleted.
         inner.drop_local(key, None);
         let published = inner.publish_applied(key).await;
@@ -482,7 +497,7 @@ where
     /// that an invalidation fenced is never written back (a hard `invalidate` may be
     /// what fenced it): the reloader hands its turn on and the next reader reloads.
     /// Other backends delete, and the next reads load (coalesced) as after
-    /// `invalidate`.
+    /// `invalidate`. The L2 call is tried even while the circuit breaker is open.
     ///
     /// # Errors
     /// An L2 or publish error (this replica's L1 is dropped regardless).
@@ -491,7 +506,9 @@ where
         inner.drop_local(key, None);
         let grace = inner.cfg.loader_timeout * 2;
         let marked = inner
-            .l2_call("mark_stale", || inner.store.mark_stale(key, grace))
+            .l2_call("mark_stale", Access::Write, Some(key), || {
+                inner.store.mark_stale(key, grace)
+            })
             .await;
         // A read in the meantime may have refilled L1 from the entry just marked.
         inner.drop_local(key, None);
@@ -530,6 +547,43 @@ where
             (stats.l2_batches, stats.l2_batched_reads) = b.counts();
         }
         stats
+    }
+
+    /// The cache's health, for a readiness probe: the L2 circuit breakers that are
+    /// open or have failures (per read group: per server), the invalidation
+    /// subscription (up or down, the age of the last signal), the resyncs so far, how
+    /// long ago L2 last answered and its latency p99. Cheap — a few atomic loads and
+    /// one short lock, no I/O — so a probe may call it on every request.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flagcache_core::Result<()> {
+    /// # use std::time::Duration;
+    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
+    /// # let cache = FlagCache::<bool>::builder(flagcache_memory::MemoryStore::new(), loader).build().await?;
+    /// // A readiness probe: ready when L2 is being read and changes are being heard.
+    /// fn ready(cache: &FlagCache<bool>) -> bool {
+    ///     let health = cache.health();
+    ///     let hearing = health.subscription.map_or(true, |s| s.up);
+    ///     !health.l2_breaker_open() && hearing
+    /// }
+    ///
+    /// cache.get(&FlagKey::new("checkout")?).await?;
+    /// assert!(ready(&cache));
+    /// let health = cache.health();
+    /// assert!(health.l2_last_success_age.is_some_and(|age| age < Duration::from_secs(60)));
+    /// assert!(health.l2_latency_p99.is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn health(&self) -> Health {
+        let inner = &self.inner;
+        inner.health.report(
+            inner.clock.now(),
+            inner.breaker.report(Instant::now()),
+            inner.invalidator.is_some(),
+            inner.tel.get(stats::Ev::Resync),
+        )
     }
 
     /// This replica's node id (the one its invalidations carry).

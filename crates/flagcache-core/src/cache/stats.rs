@@ -17,7 +17,9 @@ pub(crate) enum Ev {
     LoadAbsent,
     LoadError,
     L2Timeout,
-    L2Error,
+    L2Transient,
+    L2Permanent,
+    L2Refused,
     L2Skipped,
     Corrupt,
     Coalesced,
@@ -43,7 +45,9 @@ impl Ev {
         Ev::LoadAbsent,
         Ev::LoadError,
         Ev::L2Timeout,
-        Ev::L2Error,
+        Ev::L2Transient,
+        Ev::L2Permanent,
+        Ev::L2Refused,
         Ev::L2Skipped,
         Ev::Corrupt,
         Ev::Coalesced,
@@ -68,7 +72,9 @@ impl Ev {
             Ev::LoadAbsent => ("flagcache_loads_total", "outcome", "absent"),
             Ev::LoadError => ("flagcache_loads_total", "outcome", "error"),
             Ev::L2Timeout => ("flagcache_l2_errors_total", "kind", "timeout"),
-            Ev::L2Error => ("flagcache_l2_errors_total", "kind", "backend"),
+            Ev::L2Transient => ("flagcache_l2_errors_total", "kind", "transient"),
+            Ev::L2Permanent => ("flagcache_l2_errors_total", "kind", "permanent"),
+            Ev::L2Refused => ("flagcache_l2_errors_total", "kind", "refused"),
             Ev::L2Skipped => ("flagcache_l2_errors_total", "kind", "skipped_open_breaker"),
             Ev::Corrupt => ("flagcache_l2_errors_total", "kind", "corrupt"),
             Ev::Coalesced => ("flagcache_coalesced_waits_total", "step", "fill"),
@@ -214,7 +220,7 @@ impl Telemetry {
         self.meters[ev as usize].increment(1);
     }
 
-    fn get(&self, ev: Ev) -> u64 {
+    pub fn get(&self, ev: Ev) -> u64 {
         if ev == Ev::HitL1 {
             return self.hits.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
         }
@@ -232,7 +238,18 @@ impl Telemetry {
             loads_absent: self.get(Ev::LoadAbsent),
             load_errors: self.get(Ev::LoadError),
             l2_timeouts: self.get(Ev::L2Timeout),
-            l2_errors: self.get(Ev::L2Error),
+            l2_transient_errors: self.get(Ev::L2Transient),
+            l2_permanent_errors: self.get(Ev::L2Permanent),
+            l2_refused: self.get(Ev::L2Refused),
+            l2_errors: [
+                Ev::L2Timeout,
+                Ev::L2Transient,
+                Ev::L2Permanent,
+                Ev::L2Refused,
+            ]
+            .into_iter()
+            .map(|ev| self.get(ev))
+            .sum(),
             l2_skipped: self.get(Ev::L2Skipped),
             corrupt: self.get(Ev::Corrupt),
             coalesced_waits: self.get(Ev::Coalesced),
@@ -276,10 +293,23 @@ pub struct Stats {
     pub loads_absent: u64,
     /// Loader calls that failed or timed out.
     pub load_errors: u64,
-    /// L2 calls that timed out.
-    pub l2_timeouts: u64,
-    /// L2 calls that failed.
+    /// L2 calls that failed, whatever the kind: the sum of `l2_timeouts`,
+    /// `l2_transient_errors`, `l2_permanent_errors` and `l2_refused`. (Calls skipped
+    /// by the breaker and corrupt entries are counted apart.) The `metrics` facade
+    /// has each kind as `flagcache_l2_errors_total{kind=…}`.
     pub l2_errors: u64,
+    /// L2 calls that timed out (`kind=timeout`).
+    pub l2_timeouts: u64,
+    /// L2 calls that failed in a way a retry may fix: connection refused or reset,
+    /// overload (`kind=transient`).
+    pub l2_transient_errors: u64,
+    /// L2 calls that failed in a way only an operator fixes: authentication (`NOAUTH`,
+    /// `WRONGPASS`), permissions (`NOPERM`), a closed store (`kind=permanent`). They
+    /// count towards opening the circuit breaker.
+    pub l2_permanent_errors: u64,
+    /// L2 calls refused for their own request, not for the server's health: a value
+    /// over the size limit, an invalid argument, a codec error (`kind=refused`).
+    pub l2_refused: u64,
     /// L2 calls skipped because the circuit breaker was open.
     pub l2_skipped: u64,
     /// Corrupt L2 entries found (each deleted and treated as a miss).
@@ -300,7 +330,8 @@ pub struct Stats {
     pub resyncs: u64,
     /// Fills refused because an invalidation landed while they ran.
     pub fenced_fills: u64,
-    /// Times the L2 circuit breaker opened.
+    /// Times an L2 circuit breaker opened (there is one per read group — per server —
+    /// of the store; each opening counts).
     pub breaker_opened: u64,
     /// Invalidations this node failed to publish.
     pub publish_errors: u64,
@@ -308,7 +339,7 @@ pub struct Stats {
     pub errors: u64,
     /// Entries in L1 now.
     pub l1_entries: usize,
-    /// Whether the L2 circuit breaker is open now.
+    /// Whether an L2 circuit breaker (of any read group) is open now.
     pub breaker_open: bool,
 }
 

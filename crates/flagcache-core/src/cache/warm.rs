@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::fill::Tier;
+use super::l2::Access;
 use super::Inner;
 use crate::{Error, FlagKey, FlagStoreExt};
 
@@ -60,10 +61,12 @@ where
         let batch = if cold.is_empty() || self.expected.is_some() {
             None
         } else {
-            self.l2_call("get_many", || self.store.get_many(&cold))
-                .await
-                .ok()
-                .filter(|found| found.len() == cold.len())
+            self.l2_call("get_many", Access::Read, None, || {
+                self.store.get_many(&cold)
+            })
+            .await
+            .ok()
+            .filter(|found| found.len() == cold.len())
         };
         match batch {
             Some(found) => {
