@@ -169,3 +169,22 @@ async fn a_get_polled_after_it_answered_is_an_error_not_a_panic() {
         Poll::Ready(Err(Error::Closed(_)))
     ));
 }
+
+/// A loader that fails with `?` on any boxed error: the error the reader sees is a
+/// loader error that names the key it was loading.
+#[tokio::test]
+async fn a_loader_error_raised_with_question_mark_names_its_key() {
+    async fn failing(_: flagcache::FlagKey) -> flagcache::Result<Option<(Config, Version)>> {
+        let down: Box<dyn std::error::Error + Send + Sync> = "control plane down".into();
+        Err(down)?
+    }
+    let cache = FlagCache::<Config>::builder(MemoryStore::new(), failing)
+        .build()
+        .await
+        .unwrap();
+    let e = cache.get(&key("checkout.beta")).await.unwrap_err();
+    assert!(matches!(e, Error::Loader { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("checkout.beta"), "{text}");
+    assert!(text.contains("control plane down"), "{text}");
+}

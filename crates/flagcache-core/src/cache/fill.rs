@@ -241,7 +241,7 @@ where
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 self.tel.bump(Ev::LoadError);
-                return Err(e);
+                return Err(e.with_key(key));
             }
             Err(_) => {
                 self.tel.bump(Ev::LoadError);
