@@ -16,14 +16,8 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_the_breakers_the_subscription_and_l2() {
     let mem = MemoryStore::new();
-    let (store, faults) = faulty(&mem);
     let bus = MemoryInvalidator::new();
-    let cache = FlagCache::builder(store, CountingSource::new(1))
-        .invalidator(bus.peer())
-        .circuit_breaker(2, Duration::from_secs(60))
-        .build()
-        .await
-        .unwrap();
+    let (cache, faults) = faulty_replica(&mem, &bus).await;
     let other = FlagCache::builder(MemoryStore::new(), CountingSource::new(1))
         .invalidator(bus.peer())
         .build()

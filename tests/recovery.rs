@@ -145,14 +145,8 @@ async fn a_healed_l2_is_found_by_a_probe_read_well_within_the_back_off_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_purge_reaches_l2_while_the_breaker_is_open() {
     let mem = MemoryStore::new();
-    let (store, faults) = faulty(&mem);
     let bus = MemoryInvalidator::new();
-    let cache = FlagCache::builder(store, CountingSource::new(1))
-        .invalidator(bus.peer())
-        .circuit_breaker(2, Duration::from_secs(60))
-        .build()
-        .await
-        .unwrap();
+    let (cache, faults) = faulty_replica(&mem, &bus).await;
     put(&mem, &key("purged"), "old", 1).await;
     faults.fail_all(true);
     cache.get(&key("cold")).await.unwrap();

@@ -44,6 +44,22 @@ pub fn faulty(store: &MemoryStore) -> (FaultyStore<MemoryStore>, FaultControl) {
     FaultyStore::new(store.clone())
 }
 
+/// A replica on `bus` over `mem` behind a `FaultyStore`, whose breaker opens after two
+/// failures and, with its minute-long cap, lets no probe read through meanwhile.
+pub async fn faulty_replica(
+    mem: &MemoryStore,
+    bus: &MemoryInvalidator,
+) -> (FlagCache<Config>, FaultControl) {
+    let (store, faults) = faulty(mem);
+    let cache = FlagCache::builder(store, CountingSource::new(1))
+        .invalidator(bus.peer())
+        .circuit_breaker(2, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    (cache, faults)
+}
+
 /// Writes `value` at `version` under `k`, for a minute.
 pub async fn put(store: &MemoryStore, k: &FlagKey, value: &str, version: u64) {
     store

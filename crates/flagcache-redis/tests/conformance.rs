@@ -8,10 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{foreign_event, raw_conn, raw_publish};
+use common::{foreign_event, json_store, raw_conn, raw_publish};
 use flagcache_core::bytes::Bytes;
 use flagcache_core::conformance::{self, RawAccess};
-use flagcache_core::{async_trait, FlagKey, JsonCodec, Result};
+use flagcache_core::{async_trait, FlagKey, Result};
 use flagcache_redis::{RedisInvalidator, RedisStore};
 use flagcache_testkit::{RedisCluster, RedisServer};
 
@@ -58,12 +58,7 @@ async fn single_node_passes_the_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_node_json_layout_passes_the_suite() {
     let server = RedisServer::start().unwrap();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .codec(JsonCodec::new())
-        .build()
-        .await
-        .unwrap();
+    let store = json_store(&server.url()).await;
     let raw = Raw::new(&store, raw_conn(&server.url()).await);
     conformance::run_store_suite(Arc::new(store), &raw).await;
 }

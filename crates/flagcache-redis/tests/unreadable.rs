@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{key, raw_conn};
-use flagcache_core::{Entry, FlagKey, FlagStore, JsonCodec, PutOutcome, Version};
+use common::{json_store, key, raw_conn};
+use flagcache_core::{Entry, FlagKey, FlagStore, PutOutcome, Version};
 use flagcache_redis::RedisStore;
 use flagcache_testkit::RedisServer;
 use redis::aio::MultiplexedConnection;
@@ -127,12 +127,7 @@ async fn a_checksum_mismatch_is_deleted_by_the_client_and_written_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_the_script_does_not_read_is_repaired_by_the_client() {
     let server = RedisServer::start().unwrap();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .codec(JsonCodec::new())
-        .build()
-        .await
-        .unwrap();
+    let store = json_store(&server.url()).await;
     let mut conn = raw_conn(&server.url()).await;
     warm_up(&store).await;
     assert_eq!(

@@ -148,16 +148,6 @@ impl MemcachedServer {
         format!("tcp://127.0.0.1:{}", self.port)
     }
 
-    /// Whether the process is running (not stopped by [`MemcachedServer::stop`]).
-    pub fn is_running(&self) -> bool {
-        self.proc.is_running()
-    }
-
-    /// The server process's id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
     /// Sends one request line (and, for a set, its data block: pass the whole request)
     /// and returns the response: one line, or for `VA <n>` the line and the value, or
     /// for classic `get` everything up to `END`. Line endings are stripped from the end.
@@ -196,36 +186,6 @@ impl MemcachedServer {
         }
         Ok(out.trim_end_matches(['\r', '\n']).to_string())
     }
-
-    /// Freezes the server (SIGSTOP): connections stay open and requests hang, as
-    /// with a server that stopped answering, until [`MemcachedServer::resume`].
-    ///
-    /// # Errors
-    /// When the signal cannot be sent.
-    pub fn pause(&self) -> Result<()> {
-        self.proc.pause()
-    }
-
-    /// Lets a paused server run again (SIGCONT).
-    ///
-    /// # Errors
-    /// When the signal cannot be sent.
-    pub fn resume(&self) -> Result<()> {
-        self.proc.resume()
-    }
-
-    /// Kills the server (SIGKILL, like a crash); all items are lost.
-    pub fn stop(&mut self) {
-        self.proc.stop();
-    }
-
-    /// Starts the server again on the same port, after [`MemcachedServer::stop`].
-    ///
-    /// # Errors
-    /// As for [`MemcachedServerBuilder::start`].
-    pub fn restart(&mut self) -> Result<()> {
-        self.stop();
-        process::wait_port_released(self.port);
-        self.spawn()
-    }
 }
+
+process::controls!(MemcachedServer, MemcachedServerBuilder);

@@ -246,3 +246,56 @@ pub(crate) fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The process controls every test server has — `is_running`, `pid`, `pause`, `resume`,
+/// `stop` (SIGKILL, like a crash) and `restart` (on the same port) — on a server type with
+/// a `proc: Running`, a `port` and a `spawn()`, documented once here.
+macro_rules! controls {
+    ($server:ident, $builder:ident) => {
+        impl $server {
+            /// Whether the process is running (not stopped by `stop`).
+            pub fn is_running(&self) -> bool {
+                self.proc.is_running()
+            }
+
+            /// The server process's id, while it runs.
+            pub fn pid(&self) -> Option<u32> {
+                self.proc.pid()
+            }
+
+            /// Freezes the server (SIGSTOP): connections stay open and requests hang, as
+            /// with a server that stopped answering, until `resume`.
+            ///
+            /// # Errors
+            /// When the signal cannot be sent.
+            pub fn pause(&self) -> $crate::Result<()> {
+                self.proc.pause()
+            }
+
+            /// Lets a paused server run again (SIGCONT).
+            ///
+            /// # Errors
+            /// When the signal cannot be sent.
+            pub fn resume(&self) -> $crate::Result<()> {
+                self.proc.resume()
+            }
+
+            /// Kills the server (SIGKILL, like a crash): its data is lost, its port stays
+            /// reserved for `restart`.
+            pub fn stop(&mut self) {
+                self.proc.stop();
+            }
+
+            /// Starts the server again on the same port, after `stop`.
+            ///
+            /// # Errors
+            #[doc = concat!("As for [`", stringify!($builder), "::start`].")]
+            pub fn restart(&mut self) -> $crate::Result<()> {
+                self.stop();
+                $crate::process::wait_port_released(self.port);
+                self.spawn()
+            }
+        }
+    };
+}
+pub(crate) use controls;

@@ -224,16 +224,6 @@ impl RedisServer {
         &self.dir
     }
 
-    /// Whether the process is running (not stopped by [`RedisServer::stop`]).
-    pub fn is_running(&self) -> bool {
-        self.proc.is_running()
-    }
-
-    /// The server process's id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
     /// Sends one command and returns the reply as text (see the crate docs).
     ///
     /// # Errors
@@ -267,41 +257,10 @@ impl RedisServer {
         resp::read_reply(&mut r).map_err(fail)
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open and requests hang, as
-    /// with a server that stopped answering, until [`RedisServer::resume`].
-    ///
-    /// # Errors
-    /// When the signal cannot be sent.
-    pub fn pause(&self) -> Result<()> {
-        self.proc.pause()
-    }
-
-    /// Lets a paused server run again (SIGCONT).
-    ///
-    /// # Errors
-    /// When the signal cannot be sent.
-    pub fn resume(&self) -> Result<()> {
-        self.proc.resume()
-    }
-
-    /// Kills the server (SIGKILL, like a crash). Its port stays reserved for
-    /// [`RedisServer::restart`]; data is lost (no persistence).
-    pub fn stop(&mut self) {
-        self.proc.stop();
-    }
-
-    /// Starts the server again on the same port, after [`RedisServer::stop`].
-    ///
-    /// # Errors
-    /// As for [`RedisServerBuilder::start`].
-    pub fn restart(&mut self) -> Result<()> {
-        self.stop();
-        process::wait_port_released(self.port);
-        self.spawn()
-    }
-
     /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
         process::log_tail(&self.dir.join(format!("redis-{}.log", self.port)))
     }
 }
+
+process::controls!(RedisServer, RedisServerBuilder);

@@ -38,6 +38,16 @@ pub async fn next_within(sub: &mut Subscription, limit: Duration) -> Signal {
 }
 
 /// A store on `url` whose connection and response timeouts are both `timeout`.
+/// A store on `url` in the JSON interop layout.
+pub async fn json_store(url: &str) -> RedisStore {
+    RedisStore::builder()
+        .url(url)
+        .codec(flagcache_core::JsonCodec::new())
+        .build()
+        .await
+        .unwrap()
+}
+
 pub async fn store_with_timeouts(url: &str, timeout: Duration) -> RedisStore {
     RedisStore::builder()
         .url(url)
