@@ -159,9 +159,10 @@ impl std::error::Error for Error {
     }
 }
 
-/// An error a loader returns with `?` — a `Box<dyn Error + Send + Sync>`, or anything
-/// converted into one (`anyhow::Error`, `String`, any `std` error): an
-/// [`Error::Loader`] with no key yet ([`Error::with_key`] adds it).
+/// An error a loader returns with `?` when it is a `Box<dyn Error + Send + Sync>`: an
+/// [`Error::Loader`] with no key yet ([`Error::with_key`] adds it; `FlagCache` does).
+/// Other errors (`anyhow::Error`, `String`, any `std` error) convert with
+/// `.map_err(Box::from)?`, or go through [`Error::loader`].
 impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Error {
     fn from(source: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
         Error::Loader {

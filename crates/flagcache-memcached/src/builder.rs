@@ -116,8 +116,7 @@ impl MemcachedStoreBuilder {
     /// Parses the server list, then connects to every server once: to fail early when
     /// none can be reached (a wrong address), and to read each one's item size limit.
     /// A server that does not answer at build is kept in the ring and logged: its
-    /// keys fail (and, once `FlagCache` has per-server breakers, trip that server's
-    /// own) until it answers — a replica that starts while one server restarts must
+    /// keys fail (and trip that server's own breaker in `FlagCache`) until it answers — a replica that starts while one server restarts must
     /// not place keys differently from the others.
     ///
     /// # Errors

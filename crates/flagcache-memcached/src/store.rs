@@ -205,8 +205,11 @@ impl MemcachedStore {
     /// The version of `held` (the bytes at `key`) when it refuses a write of
     /// `version`: it reads as an entry a reader accepts (every check of the codec, and
     /// for a chunk manifest its whole chunk set) at `version` or higher. Unreadable bytes
-    /// and incomplete chunk sets never guard. The header is compared first, so a write
-    /// over a lower version decodes nothing.
+    /// never guard. A chunk manifest that passes its own checks but lost a chunk (an
+    /// eviction) guards only against *older* versions: its version is authenticated by
+    /// its checksum, so a slow replica's older value must not replace it, while a load
+    /// of the same version or newer repairs it. The header is compared first, so a
+    /// write over a lower version decodes nothing.
     ///
     /// # Errors
     /// A backend error reading a manifest's chunks: whether they are all there is then
@@ -228,9 +231,11 @@ impl MemcachedStore {
         let Ok(entry) = codec.decode_entry(Bytes::copy_from_slice(held)) else {
             return Ok(None);
         };
+        let claimed = entry.version;
         match self.assemble(key, wire, entry).await {
-            Ok(readable) => Ok(readable.map(|e| e.version)),
-            Err(Error::Corrupt { .. }) => Ok(None),
+            Ok(Some(readable)) => Ok(Some(readable.version)),
+            // A chunk set incomplete (a chunk missing) or unreadable.
+            Ok(None) | Err(Error::Corrupt { .. }) => Ok((claimed > version).then_some(claimed)),
             Err(e) => Err(e),
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_memcached::MetaProtocol;
 use flagcache_core::bytes::Bytes;
 use flagcache_core::conformance::{self, RawAccess};
-use flagcache_core::{async_trait, Codec, Entry, FlagKey, FlagStore, JsonCodec, Result, Version};
+use flagcache_core::{async_trait, FlagKey, JsonCodec, Result};
 use flagcache_memcached::MemcachedStore;
 use flagcache_testkit::MemcachedServer;
 
@@ -39,30 +39,6 @@ impl RawAccess for Raw {
             .unwrap();
         }
         Ok(())
-    }
-
-    /// A chunk manifest (the layout `chunks.rs` writes: magic, nonce, count, length,
-    /// CRC-32) naming chunks that were never written. The JSON layout is not chunked:
-    /// none there.
-    fn backend_unreadable_entries(&self, version: Version) -> Vec<(&'static str, Bytes)> {
-        if matches!(self.store.codec(), Codec::Json(_)) {
-            return Vec::new();
-        }
-        let mut manifest = b"\xF1\xACchunks".to_vec();
-        manifest.extend_from_slice(&fastrand::u64(..).to_be_bytes());
-        manifest.extend_from_slice(&2u32.to_be_bytes());
-        manifest.extend_from_slice(&1000u64.to_be_bytes());
-        manifest.extend_from_slice(&0u32.to_be_bytes());
-        let bytes = self
-            .store
-            .codec()
-            .encode_entry(&Entry {
-                version,
-                stamp_ms: 1,
-                payload: manifest.into(),
-            })
-            .unwrap();
-        vec![("a chunk manifest whose chunks are missing", bytes)]
     }
 }
 

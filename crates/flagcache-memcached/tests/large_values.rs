@@ -156,7 +156,7 @@ async fn a_chunked_value_marked_stale_is_revalidated_by_its_own_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunked_value_with_a_lost_chunk_does_not_guard() {
+async fn a_chunked_value_with_a_lost_chunk_guards_only_against_older_versions() {
     let server = MemcachedServer::start().unwrap();
     let store = store_with_item_limit(&server, 32 * 1024).await;
     let key = key("big");
@@ -164,11 +164,19 @@ async fn a_chunked_value_with_a_lost_chunk_does_not_guard() {
     assert_eq!(put(&store, &key, &high).await, PutOutcome::Stored);
     lose_a_chunk(&server).await;
     assert_eq!(store.get(&key).await.unwrap(), None);
-    // Its manifest claims version 9, but its chunk set is incomplete: a lower version,
-    // small or chunked itself, is written over it.
-    let small = Entry::new(Version::new(5), vec![5]);
-    assert_eq!(put(&store, &key, &small).await, PutOutcome::Stored);
-    assert_eq!(store.get(&key).await.unwrap(), Some(small));
+    // Its manifest's version 9 is authenticated by its checksum: a slow replica's older
+    // value must not replace it…
+    let older = Entry::new(Version::new(5), vec![5]);
+    assert_eq!(
+        put(&store, &key, &older).await,
+        PutOutcome::Superseded {
+            current: Version::new(9)
+        }
+    );
+    // …while a load of version 9 (small or chunked) repairs it.
+    let reloaded = Entry::new(Version::new(9), vec![9]);
+    assert_eq!(put(&store, &key, &reloaded).await, PutOutcome::Stored);
+    assert_eq!(store.get(&key).await.unwrap(), Some(reloaded));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

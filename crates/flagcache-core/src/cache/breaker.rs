@@ -1,6 +1,7 @@
 //! The circuit breakers around the shared tier: one per read group (one per server).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,8 +48,14 @@ enum State {
 #[derive(Debug)]
 pub(crate) struct Breaker {
     groups: Mutex<HashMap<Option<u64>, State>>,
+    /// How many groups the map holds: while none has a record, an L2 call's permit and
+    /// success take no lock (one atomic load).
+    recorded: AtomicUsize,
     threshold: u32,
     schedule: Backoff,
+    /// A probe's own time limit: no second probe is let through while one may still
+    /// be waiting for its answer.
+    probe_for: Duration,
 }
 
 /// A read group: `None` for calls whose key has none.
@@ -71,9 +78,19 @@ impl Breaker {
     pub fn new(threshold: u32, max_backoff: Duration) -> Self {
         Breaker {
             groups: Mutex::default(),
+            recorded: AtomicUsize::new(0),
             threshold: threshold.max(1),
             schedule: Backoff::new(FIRST_RETRY, max_backoff),
+            probe_for: Duration::ZERO,
         }
+    }
+
+    /// Probes are calls bounded by `limit` (the L2 timeout): a probe keeps the breaker
+    /// half-open at least that long, so no second probe overlaps it.
+    #[must_use]
+    pub fn probes_bounded_by(mut self, limit: Duration) -> Self {
+        self.probe_for = limit;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Group, State>> {
@@ -87,6 +104,9 @@ impl Breaker {
     }
 
     fn permit_at(&self, group: Group, now: Instant) -> Permit {
+        if self.recorded.load(Ordering::Acquire) == 0 {
+            return Permit::Call;
+        }
         let mut groups = self.lock();
         let Some(s) = groups.get_mut(&group) else {
             return Permit::Call;
@@ -102,7 +122,7 @@ impl Breaker {
                 failed_probes,
             } if now >= until => {
                 *s = State::HalfOpen {
-                    until: now + self.schedule.delay(failed_probes),
+                    until: now + self.schedule.delay(failed_probes).max(self.probe_for),
                     failed_probes,
                 };
                 Permit::Probe
@@ -119,7 +139,12 @@ impl Breaker {
     }
 
     pub fn success(&self, group: Group) {
-        self.lock().remove(&group);
+        if self.recorded.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut groups = self.lock();
+        groups.remove(&group);
+        self.recorded.store(groups.len(), Ordering::Release);
     }
 
     /// The state of every group that is not closed with a clean record, by group.
@@ -157,7 +182,7 @@ impl Breaker {
     fn failure_at(&self, group: Group, permit: Permit, now: Instant) -> bool {
         let mut groups = self.lock();
         let s = groups.entry(group).or_insert(State::Closed { failures: 0 });
-        match *s {
+        let opened = match *s {
             State::Closed { failures } if failures + 1 >= self.threshold => {
                 *s = State::Open {
                     until: now + self.schedule.delay(0),
@@ -183,7 +208,9 @@ impl Breaker {
                 false
             }
             State::HalfOpen { .. } | State::Open { .. } => false,
-        }
+        };
+        self.recorded.store(groups.len(), Ordering::Release);
+        opened
     }
 }
 
@@ -192,6 +219,31 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn no_second_probe_while_one_may_still_be_waiting_for_its_answer() {
+        let b = Breaker::new(1, 5000 * MS).probes_bounded_by(250 * MS);
+        let t0 = Instant::now();
+        b.failure_at(None, Permit::Call, t0);
+        assert_eq!(b.permit_at(None, t0 + 100 * MS), Permit::Probe);
+        // The probe may take up to 250 ms: past the 100 ms delay, nobody else probes.
+        assert_eq!(b.permit_at(None, t0 + 210 * MS), Permit::Skip);
+        assert_eq!(b.permit_at(None, t0 + 349 * MS), Permit::Skip);
+        // A probe whose outcome never came back: the next one after its time limit.
+        assert_eq!(b.permit_at(None, t0 + 351 * MS), Permit::Probe);
+    }
+
+    #[test]
+    fn a_clean_breaker_answers_without_its_lock() {
+        let b = Breaker::new(2, 5000 * MS);
+        assert_eq!(b.recorded.load(Ordering::Relaxed), 0);
+        let t0 = Instant::now();
+        b.failure_at(Some(1), Permit::Call, t0);
+        assert_eq!(b.recorded.load(Ordering::Relaxed), 1);
+        b.success(Some(1));
+        assert_eq!(b.recorded.load(Ordering::Relaxed), 0);
+        assert_eq!(b.permit_at(Some(1), t0), Permit::Call);
+    }
 
     #[test]
     fn opens_after_threshold_and_probes_on_a_doubling_schedule_up_to_the_cap() {

@@ -366,7 +366,8 @@ where
             }),
             fills: tokio::runtime::Handle::try_current()
                 .map_or_else(|_| LocalCoalescer::new(), LocalCoalescer::with_runtime),
-            breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff),
+            breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff)
+                .probes_bounded_by(cfg.l2_timeout),
             tel: Telemetry::new(&cfg.name),
             store: self.store,
             loader: self.loader,

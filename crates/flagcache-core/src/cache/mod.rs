@@ -552,8 +552,12 @@ where
     /// The cache's health, for a readiness probe: the L2 circuit breakers that are
     /// open or have failures (per read group: per server), the invalidation
     /// subscription (up or down, the age of the last signal), the resyncs so far, how
-    /// long ago L2 last answered and its latency p99. Cheap — a few atomic loads and
-    /// one short lock, no I/O — so a probe may call it on every request.
+    /// long ago L2 last answered and its latency p99 (over the cache's life). Cheap — a
+    /// few atomic loads and one short lock, no I/O — so a probe may call it on every
+    /// request. It does not probe L2: an open breaker is probed by the next read, so a
+    /// readiness probe must not take the replica out of traffic for an open breaker (it
+    /// would never read, and never close it) — an open breaker still serves, from the
+    /// loader and fail-safe values.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -562,11 +566,14 @@ where
     /// # use flagcache_core::{FlagCache, FlagKey, Version};
     /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
     /// # let cache = FlagCache::<bool>::builder(flagcache_memory::MemoryStore::new(), loader).build().await?;
-    /// // A readiness probe: ready when L2 is being read and changes are being heard.
+    /// // A readiness probe: ready while changes are being heard (kill switches reach
+    /// // this replica). An open L2 breaker is reported, not a reason to leave traffic.
     /// fn ready(cache: &FlagCache<bool>) -> bool {
     ///     let health = cache.health();
-    ///     let hearing = health.subscription.map_or(true, |s| s.up);
-    ///     !health.l2_breaker_open() && hearing
+    ///     if health.l2_breaker_open() {
+    ///         eprintln!("L2 skipped: {:?}", health.breakers);
+    ///     }
+    ///     health.subscription.map_or(true, |s| s.up)
     /// }
     ///
     /// cache.get(&FlagKey::new("checkout")?).await?;
