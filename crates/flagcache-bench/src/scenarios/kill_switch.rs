@@ -51,11 +51,35 @@ const CLAIM: Version = Version::new(1_000_000);
 struct Flips {
     /// Per flip, the time until the last replica served it.
     all_served: Samples,
+    /// Flips issued.
     count: usize,
     /// Replicas that did not serve a flip within [`DEADLINE`], summed over flips.
     never: usize,
+    /// `set` calls that failed: a flip's own are retried; one tried during an outage
+    /// is not.
+    failed_sets: u64,
+}
+
+/// What one flip measured.
+#[derive(Debug)]
+struct Flip {
+    /// The time until the last replica served it, if every replica did.
+    all_served: Option<Duration>,
+    /// Replicas that did not serve it within [`DEADLINE`].
+    never: usize,
     /// `set` calls that failed (and were retried).
     failed_sets: u64,
+}
+
+impl Flips {
+    fn add(&mut self, flip: Flip) {
+        self.count += 1;
+        self.never += flip.never;
+        self.failed_sets += flip.failed_sets;
+        if let Some(d) = flip.all_served {
+            self.all_served.push(d);
+        }
+    }
 }
 
 /// The flag the replicas read and one of them flips, and the source behind it.
@@ -104,16 +128,19 @@ impl<'a> Flag<'a> {
     }
 
     /// Flips to the next version, timed from `t0`: the `set` is retried every 20 ms
-    /// until it succeeds or [`DEADLINE`] passes, then every replica is read until it
-    /// serves the new version.
-    async fn flip(&mut self, t0: Instant, flips: &mut Flips) {
+    /// until it succeeds or [`DEADLINE`] passes, then every replica is read (every
+    /// 2 ms) until it serves the new version.
+    async fn flip(&mut self, t0: Instant) -> Flip {
         self.advance();
-        flips.count += 1;
+        let mut failed_sets = 0;
         while self.set_once().await.is_err() {
-            flips.failed_sets += 1;
+            failed_sets += 1;
             if t0.elapsed() > DEADLINE {
-                flips.never += self.caches.len();
-                return;
+                return Flip {
+                    all_served: None,
+                    never: self.caches.len(),
+                    failed_sets,
+                };
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -136,11 +163,15 @@ impl<'a> Flag<'a> {
         });
         let served: Vec<Option<Duration>> = futures_util::future::join_all(waits).await;
         let never = served.iter().filter(|s| s.is_none()).count();
-        flips.never += never;
-        if never == 0 {
-            if let Some(last) = served.into_iter().flatten().max() {
-                flips.all_served.push(last);
-            }
+        Flip {
+            // The last replica's time, when none missed it.
+            all_served: if never == 0 {
+                served.into_iter().flatten().max()
+            } else {
+                None
+            },
+            never,
+            failed_sets,
         }
     }
 
@@ -207,7 +238,7 @@ fn report(section: &mut Section, fault: &str, flips: Flips) {
         Row::new(SCENARIO, fault, summary)
             .count("flips", flips.count as f64)
             .count("never served", flips.never as f64)
-            .count("failed sets (retried)", flips.failed_sets as f64),
+            .count("failed sets", flips.failed_sets as f64),
     );
 }
 
@@ -244,7 +275,7 @@ async fn over_redis(section: &mut Section, plan: Plan, source: &Arc<Source>) -> 
     let mut flips = Flips::default();
     let mut flag = Flag::new(&caches, source, "kill.none").await?;
     for _ in 0..plan.n(20, 3) {
-        flag.flip(Instant::now(), &mut flips).await;
+        flips.add(flag.flip(Instant::now()).await);
     }
     report(section, "Redis, no fault", flips);
 
@@ -252,7 +283,7 @@ async fn over_redis(section: &mut Section, plan: Plan, source: &Arc<Source>) -> 
     let mut flag = Flag::new(&caches, source, "kill.unreadable").await?;
     for _ in 0..plan.n(10, 2) {
         plant_unreadable(&url, NS, &flag.key).await?;
-        flag.flip(Instant::now(), &mut flips).await;
+        flips.add(flag.flip(Instant::now()).await);
     }
     report(section, "Redis, unreadable entry planted", flips);
 
@@ -265,7 +296,7 @@ async fn over_redis(section: &mut Section, plan: Plan, source: &Arc<Source>) -> 
         tokio::task::block_in_place(|| server.restart()).map_err(err)?;
         let back = Instant::now();
         traffic.stop().await;
-        flag.flip(back, &mut flips).await;
+        flips.add(flag.flip(back).await);
     }
     report(section, "Redis restarted (from restart)", flips);
 
@@ -279,7 +310,7 @@ async fn over_redis(section: &mut Section, plan: Plan, source: &Arc<Source>) -> 
         server.resume().map_err(err)?;
         let resumed = Instant::now();
         traffic.stop().await;
-        flag.flip(resumed, &mut flips).await;
+        flips.add(flag.flip(resumed).await);
     }
     report(
         section,
@@ -334,7 +365,7 @@ async fn over_memcached(section: &mut Section, plan: Plan, source: &Arc<Source>)
         let traffic = live.traffic();
         tokio::time::sleep(Duration::from_millis(200)).await;
         traffic.stop().await;
-        live.flip(Instant::now(), &mut flips).await;
+        flips.add(live.flip(Instant::now()).await);
     }
     report(
         section,
@@ -356,7 +387,7 @@ async fn over_memcached(section: &mut Section, plan: Plan, source: &Arc<Source>)
         tokio::task::block_in_place(|| servers[DOWN].restart()).map_err(err)?;
         let back = Instant::now();
         traffic.stop().await;
-        down.flip(back, &mut flips).await;
+        flips.add(down.flip(back).await);
         servers[DOWN].stop();
     }
     report(
