@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Scenarios: `l1`, `l2-redis`, `l2-memcached`, `storm`, `rollout`, `propagation`,
-//! `down`. `--quick` runs each with tiny counts (a smoke run: figures mean nothing,
-//! but every path runs and the correctness targets must hold). The exit status is
+//! `down`, `kill-switch`. `--quick` runs each with tiny counts (a smoke run: figures
+//! mean nothing, but every path runs and the correctness targets must hold). The exit status is
 //! non-zero when a scenario fails or a correctness target is missed. `--benchmarks
 //! FILE` rewrites the block between the bench markers in FILE with this run's tables.
 //!
@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use report::Report;
 use scenarios::{Plan, Res, Section, Servers};
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     "l1",
     "l2-redis",
     "l2-memcached",
@@ -34,6 +34,7 @@ const ALL: [&str; 7] = [
     "rollout",
     "propagation",
     "down",
+    "kill-switch",
 ];
 
 #[derive(Debug)]
@@ -98,7 +99,8 @@ async fn run(args: &Args) -> Res<Report> {
             "storm" => scenarios::cold_storm(&mut servers, plan).await,
             "rollout" => scenarios::rollout_storm(&mut servers, plan).await,
             "propagation" => scenarios::propagation_both(&mut servers, plan).await,
-            _ => scenarios::cache_down(plan).await,
+            "down" => scenarios::cache_down(plan).await,
+            _ => scenarios::kill_switch(plan).await,
         }
         .map_err(|e| format!("scenario {name}: {e}"))?;
         report.rows.extend(section.rows);

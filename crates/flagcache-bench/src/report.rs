@@ -120,6 +120,14 @@ impl Report {
             "| scenario | contender | ops/s | p50 | p99 | max | counts |\n|---|---|---:|---:|---:|---:|---|\n",
         );
         for r in &self.rows {
+            // A row without samples is one the run could not measure: no figures.
+            let latency = |us: f64| {
+                if r.latency.count == 0 {
+                    "—".to_string()
+                } else {
+                    fmt_us(us)
+                }
+            };
             let counts: Vec<String> = r
                 .counts
                 .iter()
@@ -131,9 +139,9 @@ impl Report {
                 r.scenario,
                 r.contender,
                 r.ops_per_sec.map_or("".into(), |o| format!("{o:.0}")),
-                fmt_us(r.latency.p50_us),
-                fmt_us(r.latency.p99_us),
-                fmt_us(r.latency.max_us),
+                latency(r.latency.p50_us),
+                latency(r.latency.p99_us),
+                latency(r.latency.max_us),
                 counts.join(", ")
             );
         }

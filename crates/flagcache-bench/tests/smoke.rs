@@ -48,6 +48,25 @@ fn every_scenario_runs_and_its_correctness_targets_hold() {
             "{scenario}: a contender has no samples"
         );
     }
+    let kill: Vec<_> = rows
+        .iter()
+        .filter(|r| {
+            r["scenario"]
+                .as_str()
+                .unwrap()
+                .starts_with("kill switch under faults")
+        })
+        .collect();
+    let measured = kill
+        .iter()
+        .filter(|r| r["latency"]["count"].as_u64().unwrap() > 0)
+        .count();
+    assert_eq!(measured, 6, "kill switch: a fault row has no samples");
+    assert!(
+        kill.iter()
+            .any(|r| r["contender"].as_str().unwrap().contains("not measured")),
+        "kill switch: the row it cannot measure is missing"
+    );
     let checks = json["checks"].as_array().unwrap();
     let check = |name: &str| {
         checks
@@ -60,7 +79,7 @@ fn every_scenario_runs_and_its_correctness_targets_hold() {
         .iter()
         .filter(|c| c["correctness"].as_bool().unwrap())
         .collect();
-    assert!(correctness.len() >= 7);
+    assert!(correctness.len() >= 13);
     for c in correctness {
         assert!(c["met"].as_bool().unwrap(), "missed: {c}");
     }

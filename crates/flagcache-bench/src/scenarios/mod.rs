@@ -5,6 +5,7 @@
 
 mod cache_down;
 mod gate;
+mod kill_switch;
 mod l1;
 mod l2;
 mod l2_memcached;
@@ -25,6 +26,7 @@ use crate::report::{Check, Row};
 use crate::source::Source;
 
 pub use cache_down::cache_down;
+pub use kill_switch::kill_switch;
 pub use l1::l1_hit;
 pub use l2_memcached::l2_hit_memcached;
 pub use l2_redis::l2_hit_redis;
