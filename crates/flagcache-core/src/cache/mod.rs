@@ -549,15 +549,12 @@ where
         stats
     }
 
-    /// The cache's health, for a readiness probe: the L2 circuit breakers that are
-    /// open or have failures (per read group: per server), the invalidation
-    /// subscription (up or down, the age of the last signal), the resyncs so far, how
-    /// long ago L2 last answered and its latency p99 (over the cache's life). Cheap — a
-    /// few atomic loads and one short lock, no I/O — so a probe may call it on every
-    /// request. It does not probe L2: an open breaker is probed by the next read, so a
-    /// readiness probe must not take the replica out of traffic for an open breaker (it
-    /// would never read, and never close it) — an open breaker still serves, from the
-    /// loader and fail-safe values.
+    /// The cache's health, for a readiness probe: L2 breakers open or failing (per
+    /// server), the invalidation subscription (up or down, age of its last signal),
+    /// resyncs, how long ago L2 last answered and its latency p99 (over the cache's
+    /// life). No I/O: a few atomic loads and one short lock. It does not probe L2 — the
+    /// next read does — so a probe must not take a replica out of traffic for an open
+    /// breaker (it would never read to close it); an open breaker still serves.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -569,11 +566,7 @@ where
     /// // A readiness probe: ready while changes are being heard (kill switches reach
     /// // this replica). An open L2 breaker is reported, not a reason to leave traffic.
     /// fn ready(cache: &FlagCache<bool>) -> bool {
-    ///     let health = cache.health();
-    ///     if health.l2_breaker_open() {
-    ///         eprintln!("L2 skipped: {:?}", health.breakers);
-    ///     }
-    ///     health.subscription.map_or(true, |s| s.up)
+    ///     cache.health().subscription.map_or(true, |s| s.up)
     /// }
     ///
     /// cache.get(&FlagKey::new("checkout")?).await?;
