@@ -194,12 +194,12 @@ impl ReadBatcher {
         }
     }
 
-    /// Reads `key` as [`FlagStore::get`] does: on its own while fewer than `inline`
-    /// reads of its group are in flight (or when the store gives it no group), else
-    /// in the group's next batch.
-    pub async fn get(&self, key: &FlagKey) -> Answer {
+    /// Reads `key` — of read group `group`, as the store gave it — as
+    /// [`FlagStore::get`] does: on its own while fewer than `inline` reads of its group
+    /// are in flight (or when it has no group), else in the group's next batch.
+    pub async fn get(&self, key: &FlagKey, group: Option<u64>) -> Answer {
         let store = &self.shared.store;
-        let Some(group) = store.read_group(key) else {
+        let Some(group) = group else {
             return store.get(key).await;
         };
         let queued = {
@@ -296,7 +296,7 @@ mod tests {
         let batcher = Arc::new(ReadBatcher::new(store.clone(), 1, None));
         let read = |k: &str| {
             let (b, k) = (batcher.clone(), key(k));
-            tokio::spawn(async move { b.get(&k).await })
+            tokio::spawn(async move { b.get(&k, Some(0)).await })
         };
         let first = read("inline");
         // Queue behind the held inline read.

@@ -63,7 +63,9 @@ where
     /// `None`: the loader is the truth, L2 only saves trips to it.
     pub(super) async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
         match self
-            .l2_call("get", Access::Read, Some(key), || self.read_l2_raw(key))
+            .l2_call("get", Access::Read, Some(key), |group| {
+                self.read_l2_raw(key, group)
+            })
             .await
         {
             Ok(entry) => entry,
@@ -80,10 +82,10 @@ where
         }
     }
 
-    pub(super) async fn read_l2_raw(&self, key: &FlagKey) -> Result<Option<Entry>> {
+    pub(super) async fn read_l2_raw(&self, key: &FlagKey, group: Group) -> Result<Option<Entry>> {
         let Some(source) = &self.expected else {
             return match &self.batcher {
-                Some(b) => b.get(key).await,
+                Some(b) => b.get(key, group).await,
                 None => self.store.get(key).await,
             };
         };
@@ -131,12 +133,14 @@ where
         access: Access,
     ) -> Result<PutOutcome> {
         let ttl = self.cfg.jittered(self.cfg.l2_ttl);
-        self.l2_call("put", access, Some(key), || self.store.put(key, entry, ttl))
-            .await
+        self.l2_call("put", access, Some(key), |_| {
+            self.store.put(key, entry, ttl)
+        })
+        .await
     }
 
     pub(super) async fn delete_l2(&self, key: &FlagKey, access: Access) -> Result<()> {
-        self.l2_call("delete", access, Some(key), || self.store.delete(key))
+        self.l2_call("delete", access, Some(key), |_| self.store.delete(key))
             .await
     }
 
@@ -147,13 +151,14 @@ where
     /// errors count towards opening the breaker, a refusal of the request leaves it
     /// as it is, and any other answer closes it. It takes a closure that makes the
     /// call rather than the call's future, so that future lives once, in this one's
-    /// state, instead of twice.
+    /// state, instead of twice; the closure gets the key's read group, which the store
+    /// computes once per call (a memcached store hashes the key onto its ring for it).
     pub(super) async fn l2_call<R, F>(
         &self,
         operation: &'static str,
         access: Access,
         key: Option<&FlagKey>,
-        call: impl FnOnce() -> F,
+        call: impl FnOnce(Group) -> F,
     ) -> Result<R>
     where
         F: std::future::Future<Output = Result<R>>,
@@ -169,7 +174,7 @@ where
             return Err(circuit_open(self.store.name(), operation, key, group));
         }
         let t = self.clock.now();
-        let answer = tokio::time::timeout(self.cfg.l2_timeout, call()).await;
+        let answer = tokio::time::timeout(self.cfg.l2_timeout, call(group)).await;
         let now = self.clock.now();
         let latency = now.saturating_duration_since(t);
         self.tel.l2_latency.record(seconds(latency));

@@ -506,7 +506,7 @@ where
         inner.drop_local(key, None);
         let grace = inner.cfg.loader_timeout * 2;
         let marked = inner
-            .l2_call("mark_stale", Access::Write, Some(key), || {
+            .l2_call("mark_stale", Access::Write, Some(key), |_| {
                 inner.store.mark_stale(key, grace)
             })
             .await;

@@ -61,7 +61,7 @@ where
         let batch = if cold.is_empty() || self.expected.is_some() {
             None
         } else {
-            self.l2_call("get_many", Access::Read, None, || {
+            self.l2_call("get_many", Access::Read, None, |_| {
                 self.store.get_many(&cold)
             })
             .await
