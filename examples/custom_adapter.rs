@@ -2,7 +2,9 @@
 //!
 //! This is the template to copy. It keeps entries encoded with the store's codec (as a
 //! remote backend would), honours TTLs, and applies the version guard under one lock so
-//! that `put` is atomic per key; an entry that does not decode never guards. Its test runs the whole conformance suite:
+//! that `put` is atomic per key; an entry that does not decode never guards; and it
+//! keeps fences (leases) under the same lock, so that a fill that read the key before an
+//! invalidation cannot write after it. Its test runs the whole conformance suite:
 //!
 //! ```text
 //! cargo test --example custom_adapter --features conformance
@@ -14,39 +16,84 @@ use std::time::{Duration, Instant};
 
 use flagcache::bytes::Bytes;
 use flagcache::{
-    async_trait, ttl_millis, Capabilities, Codec, Entry, FlagKey, FlagStore, FlagStoreExt,
-    PutOutcome, Result, Version,
+    async_trait, ttl_millis, Capabilities, Codec, Entry, FillRead, FillToken, FlagKey, FlagStore,
+    FlagStoreExt, PutOutcome, Result, Version,
 };
 
-/// Stored bytes and their deadline, per key.
+/// Stored bytes and fences, each with its deadline, per key.
 #[derive(Debug, Default)]
-pub struct LockedMapStore {
-    map: Mutex<HashMap<FlagKey, (Bytes, Instant)>>,
-    codec: Codec,
+struct State {
+    entries: HashMap<FlagKey, (Bytes, Instant)>,
+    fences: HashMap<FlagKey, (FillToken, Instant)>,
 }
 
-impl LockedMapStore {
-    fn map(&self) -> MutexGuard<'_, HashMap<FlagKey, (Bytes, Instant)>> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
+impl State {
     /// The live bytes under `key`, dropping them if expired.
-    fn live(&self, key: &FlagKey) -> Option<Bytes> {
-        let mut map = self.map();
-        match map.get(key) {
+    fn live(&mut self, key: &FlagKey) -> Option<Bytes> {
+        match self.entries.get(key) {
             Some((bytes, deadline)) if *deadline > Instant::now() => Some(bytes.clone()),
             Some(_) => {
-                map.remove(key);
+                self.entries.remove(key);
                 None
             }
             None => None,
         }
     }
 
+    /// The key's live fence, [`FillToken::NONE`] when there is none.
+    fn fence(&self, key: &FlagKey) -> FillToken {
+        match self.fences.get(key) {
+            Some((token, deadline)) if *deadline > Instant::now() => *token,
+            _ => FillToken::NONE,
+        }
+    }
+}
+
+/// A store over one locked map.
+#[derive(Debug, Default)]
+pub struct LockedMapStore {
+    state: Mutex<State>,
+    codec: Codec,
+}
+
+impl LockedMapStore {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Plants raw bytes (used by the conformance suite's corrupt-data test).
     pub fn write_raw(&self, key: &FlagKey, bytes: Bytes, ttl: Duration) {
-        self.map()
+        self.state()
+            .entries
             .insert(key.clone(), (bytes, Instant::now() + ttl));
+    }
+
+    /// The version guard, with the lock held: read, compare and write in one step.
+    fn put_locked(
+        &self,
+        state: &mut State,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+    ) -> Result<PutOutcome> {
+        let ttl = Duration::from_millis(ttl_millis(ttl, Duration::from_millis(1))?);
+        let bytes = self.codec.encode_entry(entry)?;
+        // Only an entry a reader would accept guards: bytes that fail any check of the
+        // decoder (header, length, checksum) are written over, whatever version their
+        // header claims. The header is read first, so a lower version costs no decode.
+        let guarding = state
+            .live(key)
+            .filter(|b| self.codec.peek_version(b).is_ok_and(|v| v >= entry.version))
+            .and_then(|b| self.codec.decode_entry(b).ok());
+        if let Some(current) = guarding {
+            return Ok(PutOutcome::Superseded {
+                current: current.version,
+            });
+        }
+        state
+            .entries
+            .insert(key.clone(), (bytes, Instant::now() + ttl));
+        Ok(PutOutcome::Stored)
     }
 }
 
@@ -65,38 +112,63 @@ impl FlagStore for LockedMapStore {
     }
 
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
-        self.live(key)
-            .map(|bytes| self.codec.decode_entry(bytes).map_err(|e| e.with_key(key)))
+        let live = self.state().live(key);
+        live.map(|bytes| self.codec.decode_entry(bytes).map_err(|e| e.with_key(key)))
             .transpose()
     }
 
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
-        let ttl = Duration::from_millis(ttl_millis(ttl, Duration::from_millis(1))?);
-        let bytes = self.codec.encode_entry(entry)?;
-        let now = Instant::now();
-        // Read, compare and write under one lock: that is what makes the guard atomic.
-        let mut map = self.map();
-        let held = map
-            .get(key)
-            .filter(|(_, deadline)| *deadline > now)
-            .map(|(b, _)| b.clone());
-        // Only an entry a reader would accept guards: bytes that fail any check of the
-        // decoder (header, length, checksum) are written over, whatever version their
-        // header claims. The header is read first, so a lower version costs no decode.
-        let guarding = held
-            .filter(|b| self.codec.peek_version(b).is_ok_and(|v| v >= entry.version))
-            .and_then(|b| self.codec.decode_entry(b).ok());
-        if let Some(current) = guarding {
-            return Ok(PutOutcome::Superseded {
-                current: current.version,
-            });
-        }
-        map.insert(key.clone(), (bytes, now + ttl));
-        Ok(PutOutcome::Stored)
+        self.put_locked(&mut self.state(), key, entry, ttl)
     }
 
     async fn delete(&self, key: &FlagKey) -> Result<()> {
-        self.map().remove(key);
+        self.state().entries.remove(key);
+        Ok(())
+    }
+
+    // Leases: a fill reads the key's fence with its miss, and writes only while the
+    // fence is still that one; an invalidation lays a new fence and drops the entry.
+
+    async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
+        let mut state = self.state();
+        keys.iter()
+            .map(|key| {
+                let token = state.fence(key);
+                let entry = state
+                    .live(key)
+                    .map(|b| self.codec.decode_entry(b).map_err(|e| e.with_key(key)))
+                    .transpose()?;
+                Ok(FillRead { entry, token })
+            })
+            .collect()
+    }
+
+    async fn put_fill(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        token: FillToken,
+    ) -> Result<PutOutcome> {
+        let mut state = self.state();
+        let fence = state.fence(key);
+        if fence.is_some() && fence != token {
+            return Ok(PutOutcome::Fenced);
+        }
+        self.put_locked(&mut state, key, entry, ttl)
+    }
+
+    async fn fence(
+        &self,
+        key: &FlagKey,
+        ttl: Duration,
+        _keep_stale: Option<Duration>,
+    ) -> Result<()> {
+        let mut state = self.state();
+        state
+            .fences
+            .insert(key.clone(), (FillToken::random(), Instant::now() + ttl));
+        state.entries.remove(key);
         Ok(())
     }
 }

@@ -125,6 +125,8 @@ async fn main() -> Result<()> {
             println!("2. stale write of v3 refused: the store keeps {current}")
         }
         PutOutcome::Stored => println!("2. BUG: a stale write replaced a newer version"),
+        // Only a fill's write (`put_fill`) is fenced by an invalidation.
+        PutOutcome::Fenced => println!("2. BUG: a versioned write was fenced"),
     }
 
     // 3. Kill switch: replica A turns the flag off; how soon does B serve it?

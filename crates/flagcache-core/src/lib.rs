@@ -30,7 +30,10 @@ pub use error::{Error, Result, Source};
 pub use invalidation::{Invalidation, ResyncReason, Signal, Subscription, Target};
 pub use key::FlagKey;
 pub use store::{FlagStore, FlagStoreExt, Invalidator};
-pub use types::{now_ms, ttl_millis, Capabilities, Checked, Entry, NodeId, PutOutcome, Version};
+pub use types::{
+    now_ms, ttl_millis, Capabilities, Checked, Entry, FillRead, FillToken, NodeId, PutOutcome,
+    Version,
+};
 
 /// Re-exported so adapters implement the traits with the same macro version.
 pub use async_trait::async_trait;

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    BoxFuture, Capabilities, Checked, Codec, Entry, FlagKey, Invalidation, NodeId, PutOutcome,
-    Result, Subscription, Version, DEFAULT_CODEC,
+    BoxFuture, Capabilities, Checked, Codec, Entry, FillRead, FillToken, FlagKey, Invalidation,
+    NodeId, PutOutcome, Result, Subscription, Version, DEFAULT_CODEC,
 };
 
 /// A store of versioned entries: the shared tier (L2) or process memory.
@@ -32,6 +32,10 @@ use crate::{
 ///   [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 /// - `get_checked(key, expected)` is [`Checked::Hit`] only when the stored version equals
 ///   `expected`; older *or newer* is [`Checked::Stale`].
+/// - A [`fence`](FlagStore::fence) refuses every [`put_fill`](FlagStore::put_fill) whose
+///   token was read (with [`get_each_for_fill`](FlagStore::get_each_for_fill)) before it,
+///   with [`PutOutcome::Fenced`], until the fence expires; a fill that read the new fence
+///   writes, and so does a versioned `put`.
 /// - Stored bytes that do not decode are reported as
 ///   [`Error::Corrupt`](crate::Error::Corrupt) or as a miss — never a panic — and a
 ///   `put` over them succeeds.
@@ -107,16 +111,68 @@ pub trait FlagStore: Send + Sync {
     /// A backend error or a timeout.
     async fn delete(&self, key: &FlagKey) -> Result<()>;
 
-    /// Marks a key's entry stale: from now on [`get`](FlagStore::get) reads it as a
-    /// miss, as after [`delete`](FlagStore::delete). A backend with cross-process
-    /// stale-while-revalidate (memcached's `md … I`) keeps the value for `grace`, so
-    /// that its [`Coalescer`](crate::Coalescer) can serve it while one process
-    /// refreshes it; a `put` of the same version revalidates it. The default deletes.
+    /// The batched read of a fill: as [`get_each`](FlagStore::get_each), and with each
+    /// answer the key's fence, read in the same round trip. A fill hands the token to
+    /// [`put_fill`](FlagStore::put_fill), so that a fence laid meanwhile refuses its write.
+    ///
+    /// The default reads no fence ([`FillToken::NONE`]): right only for a store with
+    /// no [`fence`](FlagStore::fence) of its own, which the conformance suite refuses.
+    async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
+        self.get_each(keys)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.map(|entry| FillRead {
+                    entry,
+                    token: FillToken::NONE,
+                })
+            })
+            .collect()
+    }
+
+    /// The write of a fill (a value loaded after an L2 miss): as [`put`](FlagStore::put),
+    /// and only while the key's fence is still `token`, the one the fill read with its
+    /// miss; otherwise [`PutOutcome::Fenced`] and nothing changes. Atomic with the write
+    /// (or, where the backend cannot compare two items atomically, undone before it
+    /// answers: see the adapter's docs). A fence that expired meanwhile no longer
+    /// refuses anything.
+    ///
+    /// # Errors
+    /// As for [`FlagStore::put`].
+    async fn put_fill(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        token: FillToken,
+    ) -> Result<PutOutcome> {
+        let _ = token;
+        self.put(key, entry, ttl).await
+    }
+
+    /// A versionless invalidation of `key` in this tier: lays a new fence beside the key
+    /// for `ttl` — every [`put_fill`](FlagStore::put_fill) carrying a token read before
+    /// it is refused until it expires, so `ttl` must cover the longest fill (the cache
+    /// passes twice the loader timeout plus twice the L2 timeout and a second) — and then
+    /// drops the entry, so that reads miss as after [`delete`](FlagStore::delete).
+    ///
+    /// With `keep_stale`, a backend with cross-process stale-while-revalidate
+    /// (memcached's `md … I`) keeps the value marked stale for that long instead, so
+    /// that its [`Coalescer`](crate::Coalescer) serves it while one process refreshes
+    /// it; a `put` of the same version revalidates it. Other backends drop it.
+    /// [`put`](FlagStore::put) (a versioned write) is not refused by fences.
+    ///
+    /// The default only deletes: it fences nothing, which the conformance suite refuses.
     ///
     /// # Errors
     /// A backend error or a timeout.
-    async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
-        let _ = grace;
+    async fn fence(
+        &self,
+        key: &FlagKey,
+        ttl: Duration,
+        keep_stale: Option<Duration>,
+    ) -> Result<()> {
+        let _ = (ttl, keep_stale);
         self.delete(key).await
     }
 }
@@ -221,17 +277,44 @@ macro_rules! forward_impls {
             {
                 (**self).delete(key)
             }
-            fn mark_stale<'s, 'k, 'f>(
+            fn get_each_for_fill<'s, 'k, 'f>(
+                &'s self,
+                keys: &'k [FlagKey],
+            ) -> BoxFuture<'f, Vec<Result<FillRead>>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get_each_for_fill(keys)
+            }
+            fn put_fill<'s, 'k, 'e, 'f>(
                 &'s self,
                 key: &'k FlagKey,
-                grace: Duration,
+                entry: &'e Entry,
+                ttl: Duration,
+                token: FillToken,
+            ) -> BoxFuture<'f, Result<PutOutcome>>
+            where
+                's: 'f,
+                'k: 'f,
+                'e: 'f,
+                Self: 'f,
+            {
+                (**self).put_fill(key, entry, ttl, token)
+            }
+            fn fence<'s, 'k, 'f>(
+                &'s self,
+                key: &'k FlagKey,
+                ttl: Duration,
+                keep_stale: Option<Duration>,
             ) -> BoxFuture<'f, Result<()>>
             where
                 's: 'f,
                 'k: 'f,
                 Self: 'f,
             {
-                (**self).mark_stale(key, grace)
+                (**self).fence(key, ttl, keep_stale)
             }
         }
 

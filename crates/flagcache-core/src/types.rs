@@ -154,6 +154,66 @@ pub enum PutOutcome {
         /// The version that stays stored.
         current: Version,
     },
+    /// Nothing was written: the key was fenced ([`FlagStore::fence`](crate::FlagStore::fence))
+    /// after the fill that offers this entry read it. The fill began before a versionless
+    /// invalidation, so its value may be older than the source's: it answers the read that
+    /// loaded it, and is neither stored nor installed anywhere. Only
+    /// [`FlagStore::put_fill`](crate::FlagStore::put_fill) answers this.
+    Fenced,
+}
+
+/// The fence a fill read with its L2 miss: [`FlagStore::put_fill`](crate::FlagStore::put_fill)
+/// writes only while the key's fence is still the one read. Opaque: a store makes it from
+/// what it holds beside the key ([`FillToken::NONE`] when no fence is there).
+///
+/// A versionless invalidation ([`FlagStore::fence`](crate::FlagStore::fence)) leaves a new
+/// fence, so every fill that read before it — in any process, whether or not that process
+/// has heard the invalidation — is refused its write (the memcache lease rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FillToken(pub u64);
+
+impl FillToken {
+    /// No fence at the key.
+    pub const NONE: FillToken = FillToken(0);
+
+    /// A fresh random fence (never [`FillToken::NONE`]).
+    pub fn random() -> Self {
+        FillToken(fastrand::u64(1..))
+    }
+
+    /// Whether a fence was read.
+    pub fn is_some(self) -> bool {
+        self != FillToken::NONE
+    }
+
+    /// The fence as stores write it: decimal digits (empty for none).
+    pub fn to_text(self) -> String {
+        if self.is_some() {
+            self.0.to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Reads a fence written by [`FillToken::to_text`]. Bytes that are not one read as a
+    /// fence no fill holds (`u64::MAX`): a fill that read them is refused until they expire,
+    /// never let through.
+    pub fn from_text(bytes: &[u8]) -> Self {
+        std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|&n| n != 0)
+            .map_or(FillToken(u64::MAX), FillToken)
+    }
+}
+
+/// What a fill's L2 read found: the entry (or a miss) and the key's fence, read together.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FillRead {
+    /// The entry, or `None` for a miss.
+    pub entry: Option<Entry>,
+    /// The fence beside the key when it was read.
+    pub token: FillToken,
 }
 
 /// A store's limits, as data: the conformance suite reads them to choose the tests

@@ -9,12 +9,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use flagcache_core::{
-    Capabilities, Codec, Entry, Error, FlagKey, FlagStore, PutOutcome, Result, Version,
+    Capabilities, Codec, Entry, Error, FillRead, FillToken, FlagKey, FlagStore, PutOutcome, Result,
+    Version,
 };
 
 use crate::builder::MemcachedStoreBuilder;
 use crate::chunks::ChunkedWrite;
-use crate::meta::{self, Meta, WireKey};
+use crate::meta::{self, Meta, Route, WireKey};
 use crate::pool::Pool;
 use crate::recache::StaleReads;
 use crate::BACKEND;
@@ -240,20 +241,47 @@ impl MemcachedStore {
         }
     }
 
+    /// The key of the fence beside `entry` (see [`FlagStore::fence`]):
+    /// `<namespace>!fence:<entry's wire key>`, or a digest of it when that is too long
+    /// for memcached; always plain ASCII. It lives on the entry's server: commands on it
+    /// are routed by the entry's key.
+    pub(crate) fn fence_wire(&self, entry: &WireKey) -> WireKey {
+        let internal = self.internal_prefix();
+        let text = format!("{internal}fence:{}", entry.text);
+        if text.len() <= 250 && text.bytes().all(|b| b.is_ascii_graphic()) {
+            return WireKey::plain(text);
+        }
+        let raw = entry.text.as_bytes();
+        WireKey::plain(format!(
+            "{internal}fence#{:016x}{:016x}",
+            crate::ring::hash(raw),
+            crate::ring::hash(&[raw, b"\x00fence"].concat()),
+        ))
+    }
+
+    /// The fence beside `entry` now, read on the entry's server.
+    async fn fence_now(&self, entry: &WireKey) -> Result<FillToken> {
+        let fence = self.fence_wire(entry);
+        let held = self.inner.meta.raw_get(Route::Key(entry), &fence).await?;
+        Ok(held.map_or(FillToken::NONE, |t| FillToken::from_text(&t)))
+    }
+
     /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
     /// encoding), answering each key as `get` would: its entry, its miss (a stale
-    /// entry included), or its own error.
+    /// entry included), or its own error — and with `fences`, each key's fence, read
+    /// by a second pipeline on the same server at the same time.
     async fn read_each(
         &self,
         operation: &'static str,
         keys: &[FlagKey],
-    ) -> Vec<Result<Option<Entry>>> {
-        let mut out: Vec<Result<Option<Entry>>> = Vec::with_capacity(keys.len());
+        fences: bool,
+    ) -> Vec<Result<FillRead>> {
+        let mut out: Vec<Result<FillRead>> = Vec::with_capacity(keys.len());
         let mut wires: Vec<Option<WireKey>> = Vec::with_capacity(keys.len());
         for k in keys {
             match self.wire_key(k) {
                 Ok(w) => {
-                    out.push(Ok(None));
+                    out.push(Ok(FillRead::default()));
                     wires.push(Some(w));
                 }
                 Err(e) => {
@@ -277,7 +305,7 @@ impl MemcachedStore {
                 .iter()
                 .filter_map(|&i| wires[i].as_ref().map(|w| (i, w)))
                 .collect();
-            self.read_server(operation, keys, group, base64)
+            self.read_server(operation, keys, group, base64, fences)
         });
         for answers in futures_util::future::join_all(reads).await {
             for (i, answer) in answers {
@@ -295,7 +323,8 @@ impl MemcachedStore {
         keys: &[FlagKey],
         group: Vec<(usize, &WireKey)>,
         base64: bool,
-    ) -> Vec<(usize, Result<Option<Entry>>)> {
+        fences: bool,
+    ) -> Vec<(usize, Result<FillRead>)> {
         let Some(&(first, route)) = group.first() else {
             return Vec::new();
         };
@@ -304,13 +333,35 @@ impl MemcachedStore {
         let mut batch: Vec<String> = group.iter().map(|(_, w)| w.text.clone()).collect();
         batch.sort_unstable();
         batch.dedup();
-        let found = match self
-            .inner
-            .meta
-            .get_multi(operation, route, batch, base64)
-            .await
-        {
-            Ok(found) => found,
+        let entries = self.inner.meta.get_multi(operation, route, batch, base64);
+        let fence_wires: Vec<WireKey> = if fences {
+            group.iter().map(|(_, w)| self.fence_wire(w)).collect()
+        } else {
+            Vec::new()
+        };
+        let fence_batch: Vec<String> = fence_wires.iter().map(|f| f.text.clone()).collect();
+        let fenced = async {
+            if fence_batch.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.inner
+                    .meta
+                    .get_multi(operation, route, fence_batch, false)
+                    .await
+            }
+        };
+        let (found, fenced) = futures_util::future::join(entries, fenced).await;
+        let found = match found.and_then(|f| fenced.map(|t| (f, t))) {
+            Ok((found, fenced)) => {
+                let tokens: std::collections::HashMap<Vec<u8>, FillToken> = fenced
+                    .into_iter()
+                    .filter_map(|mut v| {
+                        let k = v.key.take()?;
+                        Some((k, FillToken::from_text(&v.data.unwrap_or_default())))
+                    })
+                    .collect();
+                (found, tokens)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, key = %keys[first], "a memcached server failed a batch read");
                 return group
@@ -319,6 +370,7 @@ impl MemcachedStore {
                     .collect();
             }
         };
+        let (found, tokens) = found;
         let mut by_key: std::collections::HashMap<Vec<u8>, Bytes> =
             std::collections::HashMap::new();
         for mut v in found {
@@ -333,12 +385,16 @@ impl MemcachedStore {
             by_key.insert(k, Bytes::from(v.data.unwrap_or_default()));
         }
         let mut answers = Vec::with_capacity(group.len());
-        for (i, w) in group {
-            let answer = match by_key.get(w.text.as_bytes()) {
+        for (n, (i, w)) in group.into_iter().enumerate() {
+            let entry = match by_key.get(w.text.as_bytes()) {
                 Some(data) => self.entry_from(&keys[i], w, data.clone()).await,
                 None => Ok(None),
             };
-            answers.push((i, answer));
+            let token = fence_wires
+                .get(n)
+                .and_then(|f| tokens.get(f.text.as_bytes()).copied())
+                .unwrap_or(FillToken::NONE);
+            answers.push((i, entry.map(|entry| FillRead { entry, token })));
         }
         answers
     }
@@ -366,7 +422,88 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
-        self.read_each("get", keys).await
+        self.read_each("get", keys, false)
+            .await
+            .into_iter()
+            .map(|r| r.map(|read| read.entry))
+            .collect()
+    }
+
+    async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
+        self.read_each("get", keys, true).await
+    }
+
+    /// Memcached cannot compare two items in one step, so the fence is compared
+    /// before and after the version-guarded write: a fence already changed refuses it
+    /// outright; one that changed while it was written (the fence goes in before the
+    /// entry is dropped, so a write the second look misses is dropped with the entry)
+    /// has the write taken back — deleted only if the key still holds it, by its CAS.
+    async fn put_fill(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        token: FillToken,
+    ) -> Result<PutOutcome> {
+        let wire = self.wire_key(key)?;
+        let changed = |now: FillToken| now.is_some() && now != token;
+        if changed(self.fence_now(&wire).await.map_err(|e| e.with_key(key))?) {
+            return Ok(PutOutcome::Fenced);
+        }
+        let outcome = self.put(key, entry, ttl).await?;
+        if outcome != PutOutcome::Stored
+            || !changed(self.fence_now(&wire).await.map_err(|e| e.with_key(key))?)
+        {
+            return Ok(outcome);
+        }
+        let held = self
+            .inner
+            .meta
+            .get("put", &wire)
+            .await
+            .map_err(|e| e.with_key(key))?;
+        if let Some(held) = held {
+            let ours = held
+                .data
+                .as_deref()
+                .and_then(|d| self.inner.codec.peek_version(d).ok())
+                == Some(entry.version);
+            if let (true, Some(cas)) = (ours, held.cas) {
+                self.inner
+                    .meta
+                    .delete_with("put", &wire, vec![format!("C{cas}")])
+                    .await
+                    .map_err(|e| e.with_key(key))?;
+            }
+        }
+        Ok(PutOutcome::Fenced)
+    }
+
+    /// The new fence first (`ms`, on the entry's server), then the entry dropped
+    /// (`md`) — or with `keep_stale`, marked stale for that long (`md … I T…`), so that
+    /// `MemcachedRecache` serves it while one process refreshes it. That order is what
+    /// [`put_fill`](FlagStore::put_fill)'s second look relies on.
+    async fn fence(
+        &self,
+        key: &FlagKey,
+        ttl: Duration,
+        keep_stale: Option<Duration>,
+    ) -> Result<()> {
+        let wire = self.wire_key(key)?;
+        let fence = self.fence_wire(&wire);
+        let token = FillToken::random().to_text().into_bytes();
+        self.inner
+            .meta
+            .raw_set(Route::Key(&wire), &fence, token, meta::exptime(ttl)?)
+            .await
+            .map_err(|e| e.with_key(key))?;
+        match keep_stale {
+            Some(grace) => self
+                .invalidate_in_place(&wire, Some(meta::exptime(grace)?))
+                .await
+                .map_err(|e| e.with_key(key)),
+            None => self.delete(key).await,
+        }
     }
 
     /// The server that holds `key`: reads of one server's keys share a pipeline.
@@ -478,14 +615,6 @@ impl FlagStore for MemcachedStore {
             tracing::debug!(%key, round, "lost a CAS race; retrying");
         }
         Err(Error::backend(BACKEND, "put", true, Contention(self.inner.cas_attempts)).with_key(key))
-    }
-
-    async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
-        let wire = self.wire_key(key)?;
-        let exptime = meta::exptime(grace)?;
-        self.invalidate_in_place(&wire, Some(exptime))
-            .await
-            .map_err(|e| e.with_key(key))
     }
 
     async fn delete(&self, key: &FlagKey) -> Result<()> {

@@ -146,7 +146,11 @@ async fn a_chunked_value_marked_stale_is_revalidated_by_its_own_version() {
     let entry = Entry::new(Version::new(3), noise(100_000));
     assert_eq!(put(&store, &key, &entry).await, PutOutcome::Stored);
     store
-        .mark_stale(&key, std::time::Duration::from_secs(30))
+        .fence(
+            &key,
+            std::time::Duration::from_secs(30),
+            Some(std::time::Duration::from_secs(30)),
+        )
         .await
         .unwrap();
     assert_eq!(store.get(&key).await.unwrap(), None);

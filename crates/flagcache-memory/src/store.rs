@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flagcache_core::{
-    ttl_millis, Capabilities, Checked, Codec, Entry, Error, FlagKey, FlagStore, PutOutcome, Result,
-    Version,
+    ttl_millis, Capabilities, Checked, Codec, Entry, Error, FillRead, FillToken, FlagKey,
+    FlagStore, PutOutcome, Result, Version,
 };
 use moka::ops::compute::Op;
 use moka::policy::Expiry;
@@ -43,6 +43,11 @@ impl Expiry<FlagKey, Stored> for StoredTtl {
 
 struct Inner {
     map: moka::sync::Cache<FlagKey, Stored>,
+    /// Each fenced key's fence (its token as text), for the fence's own TTL.
+    fences: moka::sync::Cache<FlagKey, Stored>,
+    /// Held by a fence and by a fill's write, so the write's look at the fence and the
+    /// write itself are one step as far as a fence is concerned.
+    fencing: std::sync::Mutex<()>,
     codec: Codec,
     max_value_size: Option<usize>,
 }
@@ -114,6 +119,8 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 map: map.build(),
+                fences: moka::sync::Cache::builder().expire_after(StoredTtl).build(),
+                fencing: std::sync::Mutex::new(()),
                 codec: self.codec,
                 max_value_size: self.max_value_size,
             }),
@@ -223,9 +230,93 @@ impl FlagStore for MemoryStore {
         self.decode(key, slot).map(Checked::Hit)
     }
 
-    /// Writes under the key's lock when the key is absent, holds a lower version, or
-    /// holds bytes a reader rejects (whatever version their header claims).
+    async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
+        // Under the fence lock: the entry and the fence are read as of one moment.
+        let _fencing = self.fencing();
+        keys.iter()
+            .map(|k| {
+                let token = self.fence_of(k);
+                let entry = self
+                    .inner
+                    .map
+                    .get(k)
+                    .map(|s| self.decode(k, s))
+                    .transpose()?;
+                Ok(FillRead { entry, token })
+            })
+            .collect()
+    }
+
+    /// As [`put`](FlagStore::put), under the fence lock, when the key's fence is still
+    /// `token`.
+    async fn put_fill(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        token: FillToken,
+    ) -> Result<PutOutcome> {
+        let _fencing = self.fencing();
+        let fence = self.fence_of(key);
+        if fence.is_some() && fence != token {
+            return Ok(PutOutcome::Fenced);
+        }
+        self.put_unfenced(key, entry, ttl)
+    }
+
+    /// Lays a new fence for `ttl` and drops the entry (this store keeps no stale
+    /// values), under the fence lock.
+    async fn fence(
+        &self,
+        key: &FlagKey,
+        ttl: Duration,
+        _keep_stale: Option<Duration>,
+    ) -> Result<()> {
+        let ttl = Duration::from_millis(ttl_millis(ttl, Duration::from_millis(1))?);
+        let token = FillToken::random();
+        let _fencing = self.fencing();
+        self.inner.fences.insert(
+            key.clone(),
+            Stored {
+                bytes: Bytes::from(token.to_text()),
+                ttl,
+            },
+        );
+        self.inner.map.invalidate(key);
+        Ok(())
+    }
+
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
+        self.put_unfenced(key, entry, ttl)
+    }
+
+    async fn delete(&self, key: &FlagKey) -> Result<()> {
+        self.inner.map.invalidate(key);
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    fn fencing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The lock guards no data: a poisoned one is as good.
+        self.inner
+            .fencing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The key's fence, [`FillToken::NONE`] when there is none.
+    fn fence_of(&self, key: &FlagKey) -> FillToken {
+        self.inner
+            .fences
+            .get(key)
+            .map_or(FillToken::NONE, |f| FillToken::from_text(&f.bytes))
+    }
+
+    /// The version-guarded write: under the key's lock when the key is absent, holds a
+    /// lower version, or holds bytes a reader rejects (whatever version their header
+    /// claims).
+    fn put_unfenced(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
         let ttl = Duration::from_millis(ttl_millis(ttl, Duration::from_millis(1))?);
         let bytes = self
             .inner
@@ -260,10 +351,5 @@ impl FlagStore for MemoryStore {
                 }
             });
         Ok(outcome)
-    }
-
-    async fn delete(&self, key: &FlagKey) -> Result<()> {
-        self.inner.map.invalidate(key);
-        Ok(())
     }
 }

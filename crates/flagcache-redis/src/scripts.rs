@@ -62,14 +62,20 @@ end
     )
 }
 
-/// `put`: KEYS[1] the entry; ARGV = layout, new bytes, new version, ttl ms.
-/// Returns `{1}` when written; `{0, current}` when the stored version is equal or
-/// higher (nothing changed). Absent entries, and entries that fail `version_of`'s
-/// checks, are overwritten.
+/// `put`: KEYS[1] the entry, and for a fill's write KEYS[2] its fence; ARGV = layout,
+/// new bytes, new version, ttl ms, and for a fill the fence it read ('' for none).
+/// Returns `{2}` when the fence is not the one the fill read (nothing changed), `{1}`
+/// when written; `{0, current}` when the stored version is equal or higher (nothing
+/// changed). Absent entries, and entries that fail `version_of`'s checks, are
+/// overwritten.
 pub(crate) fn put() -> Script {
     let prelude = prelude();
     Script::new(&format!(
         "{prelude}
+if KEYS[2] then
+  local fence = redis.call('GET', KEYS[2])
+  if fence and fence ~= ARGV[5] then return {{2}} end
+end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local cv = version_of(cur)
@@ -98,6 +104,18 @@ if cmp(cv, ARGV[2]) == 0 then return {{1, cur}} end
 return {{0, cv}}
 "
     ))
+}
+
+/// A versionless invalidation: KEYS[1] the entry, KEYS[2] its fence, and KEYS[3] the
+/// flag's absence marker when it has one; ARGV = the new fence, its ttl ms. Lays the
+/// fence and drops the entry (and the marker) in one step.
+pub(crate) fn fence() -> Script {
+    Script::new(
+        "redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]); \
+         redis.call('DEL', KEYS[1]); \
+         if KEYS[3] then redis.call('DEL', KEYS[3]) end; \
+         return 1",
+    )
 }
 
 /// Compare-and-delete: KEYS[1] the entry; ARGV[1] the exact bytes a client read there

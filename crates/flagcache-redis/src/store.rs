@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use flagcache_core::{
-    ttl_millis, Capabilities, Checked, Codec, Entry, Error, FlagKey, FlagStore, PutOutcome, Result,
-    Version,
+    ttl_millis, Capabilities, Checked, Codec, Entry, Error, FillRead, FillToken, FlagKey,
+    FlagStore, PutOutcome, Result, Version,
 };
 use redis::{Script, Value};
 
@@ -74,17 +74,19 @@ impl RedisStoreBuilder {
     /// index the server does not have, or an ACL user refused the scripts (`NOPERM`).
     /// Errors name the target, its password redacted.
     pub async fn build(self) -> Result<RedisStore> {
-        let (put, get_checked) = (scripts::put(), scripts::get_checked());
-        let connection = Connection::open(self.target, &[&put, &get_checked]).await?;
+        let (put, get_checked, fence) = (scripts::put(), scripts::get_checked(), scripts::fence());
+        let connection = Connection::open(self.target, &[&put, &get_checked, &fence]).await?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 connection,
                 prefix: format!("{}:{{", self.namespace),
+                fence_prefix: format!("{}:fence:{{", self.namespace),
                 lock_keys: LockKeys::new(&self.namespace),
                 codec: self.codec,
                 max_value_size: self.max_value_size,
                 put,
                 get_checked,
+                fence,
                 delete_if_same: scripts::delete_if_same(),
             }),
         })
@@ -94,12 +96,16 @@ impl RedisStoreBuilder {
 struct Inner {
     connection: Connection,
     prefix: String,
+    /// `<namespace>:fence:{`
+    fence_prefix: String,
     /// The keys of [`crate::RedisLock`]'s locks and absence markers.
     lock_keys: LockKeys,
     codec: Codec,
     max_value_size: usize,
     put: Script,
     get_checked: Script,
+    /// Lays a fence and drops the entry.
+    fence: Script,
     /// Deletes an entry only if it still holds the given bytes.
     delete_if_same: Script,
 }
@@ -164,6 +170,16 @@ impl RedisStore {
         k.push_str(key.as_str());
         k.push('}');
         k
+    }
+
+    /// The Redis key of a flag's fence (see [`FlagStore::fence`]):
+    /// `<namespace>:fence:{<flag key>}`, in the flag's cluster slot. `None` for a key
+    /// that begins with `}`: under its empty hash tag each key hashes whole, so no other
+    /// key shares the entry's slot, and such a key is not fenced (its invalidation
+    /// deletes, as without leases).
+    pub fn fence_key(&self, key: &FlagKey) -> Option<String> {
+        (!key.as_str().starts_with('}'))
+            .then(|| format!("{}{}}}", self.inner.fence_prefix, key.as_str()))
     }
 
     /// The Redis key of a flag's stampede lock: `<namespace>:lock:{<flag key>}`, in
@@ -240,22 +256,28 @@ impl RedisStore {
     }
 
     /// One run of the `put` script: writes `bytes` unless the key holds `version` or
-    /// higher in an entry that passes the script's checks.
+    /// higher in an entry that passes the script's checks — or, for a fill's write
+    /// (`fence` given), unless the key's fence is no longer the one the fill read.
     async fn put_script(
         &self,
         key: &FlagKey,
         bytes: &[u8],
         version: Version,
         ttl_ms: u64,
+        fence: Option<&(String, FillToken)>,
     ) -> Result<PutOutcome> {
         let reply = self
             .run_script("put", &self.inner.put, key, |inv| {
                 inv.arg(bytes).arg(self.version_arg(version)).arg(ttl_ms);
+                if let Some((fence_key, token)) = fence {
+                    inv.key(fence_key).arg(token.to_text());
+                }
             })
             .await?;
         match reply {
             Value::Array(items) => match items.as_slice() {
                 [Value::Int(1)] => Ok(PutOutcome::Stored),
+                [Value::Int(2)] => Ok(PutOutcome::Fenced),
                 [Value::Int(0), v] => Ok(PutOutcome::Superseded {
                     current: self.version_from(v)?,
                 }),
@@ -279,6 +301,7 @@ impl RedisStore {
         version: Version,
         ttl_ms: u64,
         current: Version,
+        fence: Option<&(String, FillToken)>,
     ) -> Result<PutOutcome> {
         let held: Option<Vec<u8>> = self
             .inner
@@ -305,7 +328,43 @@ impl RedisStore {
                 }
             }
         }
-        self.put_script(key, bytes, version, ttl_ms).await
+        self.put_script(key, bytes, version, ttl_ms, fence).await
+    }
+
+    /// [`FlagStore::put`] and [`FlagStore::put_fill`]: the `put` script, and when it
+    /// answers Superseded, the client's check of the bytes that guard.
+    async fn put_guarded(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        fence: Option<(String, FillToken)>,
+    ) -> Result<PutOutcome> {
+        let ttl = ttl_millis(ttl, Duration::from_millis(1))?;
+        let bytes = self
+            .inner
+            .codec
+            .encode_entry(entry)
+            .map_err(|e| e.with_key(key))?;
+        if bytes.len() > self.inner.max_value_size {
+            return Err(Error::ValueTooLarge {
+                key: key.to_string(),
+                size: bytes.len(),
+                limit: self.inner.max_value_size,
+                backend: BACKEND,
+            });
+        }
+        let fence = fence.as_ref();
+        match self
+            .put_script(key, &bytes, entry.version, ttl, fence)
+            .await?
+        {
+            PutOutcome::Superseded { current } => {
+                self.put_over_unreadable(key, &bytes, entry.version, ttl, current, fence)
+                    .await
+            }
+            outcome => Ok(outcome),
+        }
     }
 
     /// `MGET` of `keys`: one answer per key, in order.
@@ -414,27 +473,97 @@ impl FlagStore for RedisStore {
     }
 
     async fn put(&self, key: &FlagKey, entry: &Entry, ttl: Duration) -> Result<PutOutcome> {
-        let ttl = ttl_millis(ttl, Duration::from_millis(1))?;
-        let bytes = self
-            .inner
-            .codec
-            .encode_entry(entry)
-            .map_err(|e| e.with_key(key))?;
-        if bytes.len() > self.inner.max_value_size {
-            return Err(Error::ValueTooLarge {
-                key: key.to_string(),
-                size: bytes.len(),
-                limit: self.inner.max_value_size,
-                backend: BACKEND,
-            });
-        }
-        match self.put_script(key, &bytes, entry.version, ttl).await? {
-            PutOutcome::Superseded { current } => {
-                self.put_over_unreadable(key, &bytes, entry.version, ttl, current)
-                    .await
+        self.put_guarded(key, entry, ttl, None).await
+    }
+
+    /// The entries and their fences in one `MGET` (a key and its fence share a slot, so
+    /// on a cluster — where reads are not batched — it is one node's command too).
+    async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
+        let fences: Vec<Option<String>> = keys.iter().map(|k| self.fence_key(k)).collect();
+        let mut cmd = redis::cmd("MGET");
+        for (k, f) in keys.iter().zip(&fences) {
+            cmd.arg(self.key_arg(k));
+            if let Some(f) = f {
+                cmd.arg(f);
             }
-            outcome => Ok(outcome),
         }
+        let asked = keys.len() + fences.iter().flatten().count();
+        let answer: Result<Vec<Option<Vec<u8>>>> = self.inner.connection.query("get", &cmd).await;
+        let raw = match answer {
+            Ok(raw) if raw.len() == asked => raw,
+            Ok(raw) => {
+                let e = Error::backend(
+                    BACKEND,
+                    "get",
+                    true,
+                    std::io::Error::other(format!(
+                        "MGET of {asked} keys answered {} values",
+                        raw.len()
+                    )),
+                );
+                return keys.iter().map(|k| Err(e.clone().with_key(k))).collect();
+            }
+            Err(e) => return keys.iter().map(|k| Err(e.clone().with_key(k))).collect(),
+        };
+        let mut raw = raw.into_iter();
+        keys.iter()
+            .zip(&fences)
+            .map(|(k, f)| {
+                let entry = raw.next().flatten();
+                let token = match f {
+                    Some(_) => raw
+                        .next()
+                        .flatten()
+                        .map_or(FillToken::NONE, |t: Vec<u8>| FillToken::from_text(&t)),
+                    None => FillToken::NONE,
+                };
+                Ok(FillRead {
+                    entry: entry.map(|b| self.decode(k, b)).transpose()?,
+                    token,
+                })
+            })
+            .collect()
+    }
+
+    /// The `put` script with the fence compared in the same step.
+    async fn put_fill(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        token: FillToken,
+    ) -> Result<PutOutcome> {
+        let fence = self.fence_key(key).map(|f| (f, token));
+        self.put_guarded(key, entry, ttl, fence).await
+    }
+
+    /// One script: the new fence (`SET … PX`), then the entry and the flag's absence
+    /// marker deleted. Redis keeps no stale values: `keep_stale` drops the entry too.
+    async fn fence(
+        &self,
+        key: &FlagKey,
+        ttl: Duration,
+        _keep_stale: Option<Duration>,
+    ) -> Result<()> {
+        let ttl = ttl_millis(ttl, Duration::from_millis(1))?;
+        let Some(fence_key) = self.fence_key(key) else {
+            return self.delete(key).await;
+        };
+        let mut inv = self.inner.fence.prepare_invoke();
+        inv.key(self.redis_key(key))
+            .key(fence_key)
+            .arg(FillToken::random().to_text())
+            .arg(ttl);
+        if let Some(marker) = self.inner.lock_keys.absent(key) {
+            inv.key(marker);
+        }
+        let _: Value = self
+            .inner
+            .connection
+            .script("fence", inv)
+            .await
+            .map_err(|e| e.with_key(key))?;
+        Ok(())
     }
 
     async fn delete(&self, key: &FlagKey) -> Result<()> {

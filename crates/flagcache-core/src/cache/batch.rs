@@ -6,12 +6,12 @@
 //! to the store at once, each on its own as the caller asks: at low concurrency
 //! nothing changes, not even a task hop. Reads beyond that wait in the group's queue,
 //! and the first read in flight to finish hands the whole queue to one
-//! [`FlagStore::get_each`] call (`MGET`, pipelined meta gets) on a spawned task, which
+//! [`FlagStore::get_each_for_fill`] call (`MGET`, pipelined meta gets) on a spawned task, which
 //! keeps taking what queued meanwhile until the queue is empty. Under load, many
 //! misses then cost one round trip and one command instead of one each, on the
 //! client's CPU and the server's.
 //!
-//! Each key keeps its own answer (entry, miss or error), a key queued twice is read
+//! Each key keeps its own answer (entry or miss with the key's fence, or an error), a key queued twice is read
 //! once, and the caller's L2 timeout covers the time queued. No timer is involved: a
 //! read never waits to fill a batch.
 
@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
-use crate::{Entry, Error, FlagKey, FlagStore, Result};
+use crate::{Error, FillRead, FlagKey, FlagStore, Result};
 
-type Answer = Result<Option<Entry>>;
+type Answer = Result<FillRead>;
 type Queued = (FlagKey, oneshot::Sender<Answer>);
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -125,7 +125,8 @@ fn spawn_batches(shared: &Arc<Shared>, group: u64, queued: Vec<Queued>) {
     });
 }
 
-/// One `get_each` for the keys of `batch`, each key read once, each caller answered.
+/// One `get_each_for_fill` for the keys of `batch`, each key read once, each caller
+/// answered.
 async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
     // Callers that gave up (timed out, dropped) are not read for.
     batch.retain(|(_, tx)| !tx.is_closed());
@@ -143,13 +144,13 @@ async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
     drop(index);
     let answers = match &keys[..] {
         [] => return,
-        [key] => vec![shared.store.get(key).await],
+        [key] => vec![read_one(&*shared.store, key).await],
         _ => {
             shared.batches.fetch_add(1, Ordering::Relaxed);
             shared
                 .batched_keys
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            shared.store.get_each(&keys).await
+            shared.store.get_each_for_fill(&keys).await
         }
     };
     let mut uses = vec![0usize; keys.len()];
@@ -169,6 +170,16 @@ async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
         // than get another key's answer.
         let answer = answer.unwrap_or_else(|| Err(abandoned(&*shared.store)));
         let _ = tx.send(answer);
+    }
+}
+
+/// One key's fill read, on its own.
+pub(crate) async fn read_one(store: &dyn FlagStore, key: &FlagKey) -> Answer {
+    let mut answers = store.get_each_for_fill(std::slice::from_ref(key)).await;
+    match answers.pop() {
+        Some(answer) if answers.is_empty() => answer,
+        // A store that answered other than one slot for one key.
+        _ => Err(abandoned(store)),
     }
 }
 
@@ -194,13 +205,13 @@ impl ReadBatcher {
         }
     }
 
-    /// Reads `key` — of read group `group`, as the store gave it — as
-    /// [`FlagStore::get`] does: on its own while fewer than `inline` reads of its group
+    /// Reads `key` — of read group `group`, as the store gave it — with its fence
+    /// ([`FlagStore::get_each_for_fill`]): on its own while fewer than `inline` reads of its group
     /// are in flight (or when it has no group), else in the group's next batch.
     pub async fn get(&self, key: &FlagKey, group: Option<u64>) -> Answer {
         let store = &self.shared.store;
         let Some(group) = group else {
-            return store.get(key).await;
+            return read_one(&**store, key).await;
         };
         let queued = {
             let mut groups = self.shared.groups();
@@ -220,7 +231,7 @@ impl ReadBatcher {
                     shared: self.shared.clone(),
                     group,
                 };
-                store.get(key).await
+                read_one(&**store, key).await
             }
             Some(rx) => rx.await.unwrap_or_else(|_| Err(abandoned(&**store))),
         }
@@ -238,7 +249,7 @@ impl ReadBatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Capabilities, PutOutcome, Version};
+    use crate::{Capabilities, Entry, PutOutcome, Version};
     use std::time::Duration;
     use tokio::sync::Notify;
 
@@ -270,6 +281,10 @@ mod tests {
             Ok(Some(entry_for(key)))
         }
         async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+            if let [k] = keys {
+                // A read on its own.
+                return vec![self.get(k).await];
+            }
             self.batches
                 .lock()
                 .unwrap()
@@ -309,11 +324,15 @@ mod tests {
         }
         store.gate.notify_one();
         assert_eq!(
-            first.await.unwrap().unwrap(),
+            first.await.unwrap().unwrap().entry,
             Some(entry_for(&key("inline")))
         );
         for (r, k) in queued.into_iter().zip(["twice", "other", "twice"]) {
-            assert_eq!(r.await.unwrap().unwrap(), Some(entry_for(&key(k))), "{k}");
+            assert_eq!(
+                r.await.unwrap().unwrap().entry,
+                Some(entry_for(&key(k))),
+                "{k}"
+            );
         }
         // One batch, each key in it once; the queue's order is the order the spawned
         // readers ran in, which is not asserted.

@@ -14,7 +14,8 @@ use super::l2::Access;
 use super::stats::{seconds, Ev};
 use super::{CacheStatus, Inner, Lookup, StaleReason};
 use crate::{
-    now_ms, Coalesced, Entry, Error, FlagKey, Lease, LoadOutcome, PutOutcome, Result, Turn, Version,
+    now_ms, Coalesced, Entry, Error, FillToken, FlagKey, Lease, LoadOutcome, PutOutcome, Result,
+    Turn, Version,
 };
 
 /// Where a fill found its value.
@@ -113,16 +114,17 @@ where
             let began = self.clock.now();
             let mut read = self.read_l2(key).await;
             let min = self.fences.lock().announced(key);
-            if let (Some(m), Some(e)) = (min, &read) {
+            if let (Some(m), Some(e)) = (min, &read.entry) {
                 if e.version < m {
                     // An invalidation announced a newer version than L2 gave us. The
                     // writer usually stores before it publishes: read once more.
                     tracing::debug!(version = %e.version, announced = %m, "L2 older than announced; re-reading");
-                    read = self.read_l2(key).await.filter(|e| e.version >= m);
+                    read = self.read_l2(key).await;
+                    read.entry = read.entry.filter(|e| e.version >= m);
                 }
             }
-            if let Some(entry) = read {
-                match self.install_entry(key, &entry, start, began, false) {
+            if let Some(entry) = &read.entry {
+                match self.install_entry(key, entry, start, began, false) {
                     Ok(slot) => return Ok((slot, Tier::L2)),
                     Err(e) => {
                         tracing::warn!(error = %e, "L2 entry does not decode; deleting it");
@@ -134,22 +136,28 @@ where
             // Boxed: the loader's path is the rare one, and inline its state would
             // make every fill's future — moved into the coalescer on each L2 hit —
             // several times larger.
-            Box::pin(self.load(key, start, began)).await
+            Box::pin(self.load(key, start, began, read.token)).await
         }
         .instrument(span)
         .await
     }
 
     /// Loads from the source — through the cross-process coalescer when there is one,
-    /// so that one process of the fleet loads while the others take its answer.
+    /// so that one process of the fleet loads while the others take its answer. `token`
+    /// is the L2 fence the fill read with its miss: the value is written back only
+    /// while it is still the key's.
     pub(super) async fn load(
         self: &Arc<Self>,
         key: &FlagKey,
         ticket: FenceTicket,
         began: quanta::Instant,
+        token: FillToken,
     ) -> Result<Filled<T>> {
         let Some(coalescer) = &self.coalescer else {
-            return self.load_from_source(key, ticket, began).await.map(|l| l.0);
+            return self
+                .load_from_source(key, ticket, began, token)
+                .await
+                .map(|l| l.0);
         };
         let lease = match coalescer.acquire(key).await? {
             Turn::Load(lease) => lease,
@@ -161,7 +169,7 @@ where
                 Lease::unguarded()
             }
         };
-        let loaded = self.load_from_source(key, ticket, began).await;
+        let loaded = self.load_from_source(key, ticket, began, token).await;
         let outcome = match &loaded {
             Ok((_, outcome)) => outcome.clone(),
             Err(e) => LoadOutcome::Failed(e.clone()),
@@ -226,13 +234,15 @@ where
         }
     }
 
-    /// Calls the loader, writes its value to L2 and installs it; returns how that went
-    /// too, for the cross-process coalescer's lease.
+    /// Calls the loader, writes its value to L2 (while the key's fence is still
+    /// `token`) and installs it; returns how that went too, for the cross-process
+    /// coalescer's lease.
     pub(super) async fn load_from_source(
         self: &Arc<Self>,
         key: &FlagKey,
         start: FenceTicket,
         began: quanta::Instant,
+        token: FillToken,
     ) -> Result<(Filled<T>, LoadOutcome)> {
         let t = Instant::now();
         let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
@@ -282,8 +292,14 @@ where
             self.tel.bump(Ev::FencedFill);
             return Ok(((slot, Tier::Loader), LoadOutcome::NotStored(None)));
         }
-        let written = self.write_l2(key, &entry).await;
+        let written = self.write_l2(key, &entry, token).await;
         match written {
+            // An invalidation fenced the key after this fill read it (on any replica,
+            // heard here or not): the value may predate it. It answers this read only.
+            Some(PutOutcome::Fenced) => {
+                tracing::debug!(%key, %version, "fill fenced in L2 by a later invalidation");
+                self.tel.bump(Ev::FencedFill);
+            }
             // L2 knows a newer version than the source just gave us (a lagging read
             // replica of the source): answer this read, but do not pin it in L1.
             Some(PutOutcome::Superseded { current }) if current > version => {
@@ -298,6 +314,8 @@ where
             Some(PutOutcome::Superseded { current }) if current > version => {
                 LoadOutcome::NotStored(None)
             }
+            // Waiters must load after the invalidation too, not take this.
+            Some(PutOutcome::Fenced) => LoadOutcome::NotStored(None),
             Some(_) => LoadOutcome::Stored(entry),
             None => LoadOutcome::NotStored(Some(entry)),
         };

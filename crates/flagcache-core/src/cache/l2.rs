@@ -5,10 +5,11 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::batch::read_one;
 use super::breaker::{Group, Permit};
 use super::stats::{seconds, Ev};
 use super::Inner;
-use crate::{Checked, Entry, Error, FlagKey, PutOutcome, Result};
+use crate::{Entry, Error, FillRead, FillToken, FlagKey, PutOutcome, Result};
 
 /// Why a read was skipped: the breaker of its read group is open.
 #[derive(Debug, thiserror::Error)]
@@ -59,51 +60,55 @@ impl<T> Inner<T>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    /// Reads L2 through the breaker and timeout. Failures are counted and become
-    /// `None`: the loader is the truth, L2 only saves trips to it.
-    pub(super) async fn read_l2(&self, key: &FlagKey) -> Option<Entry> {
+    /// Reads L2 through the breaker and timeout, with the key's fence (see
+    /// [`FlagStore::get_each_for_fill`](crate::FlagStore::get_each_for_fill)). Failures
+    /// are counted and become misses: the loader is the truth, L2 only saves trips to it.
+    pub(super) async fn read_l2(&self, key: &FlagKey) -> FillRead {
         match self
             .l2_call("get", Access::Read, Some(key), |group| {
                 self.read_l2_raw(key, group)
             })
             .await
         {
-            Ok(entry) => entry,
+            Ok(read) => read,
             Err(Error::Corrupt { reason, .. }) => {
                 tracing::warn!(cache = %self.cfg.name, %key, %reason, "corrupt L2 entry; deleting it");
                 self.tel.bump(Ev::Corrupt);
                 let _ = Box::pin(self.delete_l2(key, Access::Read)).await;
-                None
+                FillRead::default()
             }
             Err(e) => {
                 tracing::warn!(cache = %self.cfg.name, %key, error = %e, "L2 read failed");
-                None
+                FillRead::default()
             }
         }
     }
 
-    pub(super) async fn read_l2_raw(&self, key: &FlagKey, group: Group) -> Result<Option<Entry>> {
+    /// The read itself: batched when the store gives read groups. With a version
+    /// source, an entry at another version than the source's is a miss — its fence
+    /// kept, so that the load it leads to may write.
+    pub(super) async fn read_l2_raw(&self, key: &FlagKey, group: Group) -> Result<FillRead> {
+        let mut read = match &self.batcher {
+            Some(b) => b.get(key, group).await?,
+            None => read_one(&*self.store, key).await?,
+        };
         let Some(source) = &self.expected else {
-            return match &self.batcher {
-                Some(b) => b.get(key, group).await,
-                None => self.store.get(key).await,
-            };
+            return Ok(read);
+        };
+        let Some(found) = read.entry.as_ref().map(|e| e.version) else {
+            return Ok(read);
         };
         match source.current_version(key).await {
-            Ok(Some(v)) => match self.store.get_checked(key, v).await? {
-                Checked::Hit(e) => Ok(Some(e)),
-                Checked::Stale { current } => {
-                    tracing::debug!(%key, expected = %v, %current, "version-stamped read: L2 is stale");
-                    Ok(None)
-                }
-                Checked::Miss => Ok(None),
-            },
-            Ok(None) => self.store.get(key).await,
+            Ok(Some(v)) if v != found => {
+                tracing::debug!(%key, expected = %v, current = %found, "version-stamped read: L2 is stale");
+                read.entry = None;
+            }
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(%key, error = %e, "version source failed; reading L2 unchecked");
-                self.store.get(key).await
             }
         }
+        Ok(read)
     }
 
     pub(super) fn l2_failed(&self, group: Group, permit: Permit) {
@@ -114,10 +119,22 @@ where
         }
     }
 
-    /// Best-effort write of a loaded value to L2 (skipped while the breaker is open);
+    /// Best-effort write of a loaded value to L2 (skipped while the breaker is open),
+    /// refused when the key's fence is no longer `token`, the one its fill read;
     /// failures are counted, not returned.
-    pub(super) async fn write_l2(&self, key: &FlagKey, entry: &Entry) -> Option<PutOutcome> {
-        match self.write_l2_strict(key, entry, Access::Read).await {
+    pub(super) async fn write_l2(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        token: FillToken,
+    ) -> Option<PutOutcome> {
+        let ttl = self.cfg.jittered(self.cfg.l2_ttl);
+        let written = self
+            .l2_call("put", Access::Read, Some(key), |_| {
+                self.store.put_fill(key, entry, ttl, token)
+            })
+            .await;
+        match written {
             Ok(o) => Some(o),
             Err(e) => {
                 tracing::warn!(cache = %self.cfg.name, %key, error = %e, "L2 write failed");
@@ -135,6 +152,21 @@ where
         let ttl = self.cfg.jittered(self.cfg.l2_ttl);
         self.l2_call("put", access, Some(key), |_| {
             self.store.put(key, entry, ttl)
+        })
+        .await
+    }
+
+    /// A versionless invalidation in L2 ([`FlagStore::fence`](crate::FlagStore::fence)):
+    /// a fence that outlives every fill begun before it, and the entry dropped (or,
+    /// with `keep_stale`, kept stale for that long where the backend can).
+    pub(super) async fn fence_l2(
+        &self,
+        key: &FlagKey,
+        keep_stale: Option<std::time::Duration>,
+    ) -> Result<()> {
+        let ttl = self.cfg.fence_ttl();
+        self.l2_call("fence", Access::Write, Some(key), |_| {
+            self.store.fence(key, ttl, keep_stale)
         })
         .await
     }

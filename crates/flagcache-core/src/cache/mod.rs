@@ -211,6 +211,14 @@ impl Config {
         }
         d.mul_f64(1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0))
     }
+
+    /// How long a versionless invalidation's fence stays in L2: longer than any fill
+    /// begun before it can take to write — its L2 read, its load, and its write, each
+    /// bounded by its timeout (twice over, for a fill that waited on another process's
+    /// lock first) — plus a second of margin for clocks and scheduling.
+    pub(super) fn fence_ttl(&self) -> Duration {
+        (self.loader_timeout + self.l2_timeout) * 2 + Duration::from_secs(1)
+    }
 }
 
 struct Inner<T> {
@@ -455,6 +463,8 @@ where
                     .publish(Invalidation::key(key.clone()).with_version(version))
                     .await?;
             }
+            // A versioned write is guarded by versions alone, never fenced.
+            PutOutcome::Fenced => {}
             PutOutcome::Superseded { current } => {
                 inner.drop_older_than(key, current);
                 // L2 holds `current`: every replica holding something older drops it
@@ -469,15 +479,22 @@ where
 
     /// Drops `key` everywhere: from this L1, from L2, and — through the invalidator —
     /// from every other replica's L1. The next read loads it from the source. As for
-    /// [`set`](FlagCache::set), the L2 delete is tried even while the circuit breaker
+    /// [`set`](FlagCache::set), the L2 call is tried even while the circuit breaker
     /// is open.
+    ///
+    /// L2 is fenced ([`FlagStore::fence`]), not only emptied: a load that began before
+    /// this call — on any replica, even one that has not heard of it yet — cannot write
+    /// its value into L2 after it ([`PutOutcome::Fenced`]). Without the fence such a
+    /// load would find the key absent, pass the version guard, and its older value
+    /// would be served by every replica for the whole TTL. The fence lives for twice
+    /// the loader and L2 timeouts plus a second.
     ///
     /// # Errors
     /// An L2 or publish error (this replica's L1 is dropped regardless).
     pub async fn invalidate(&self, key: &FlagKey) -> Result<()> {
         let inner = &self.inner;
         inner.drop_local(key, None);
-        let deleted = inner.delete_l2(key, Access::Write).await;
+        let deleted = inner.fence_l2(key, None).await;
         // A read in the meantime may have refilled L1 from the entry just deleted.
         inner.drop_local(key, None);
         let published = inner.publish_applied(key).await;
@@ -489,8 +506,8 @@ where
     /// that may take one load's time to reach everyone (not for kill switches — use
     /// [`set`](FlagCache::set), which carries the new value and version).
     ///
-    /// L2 marks the entry stale ([`FlagStore::mark_stale`]) and every replica drops its
-    /// L1 copy. With a backend that keeps stale values (memcached, with
+    /// L2 is fenced as by [`invalidate`](FlagCache::invalidate) (a load begun before
+    /// cannot write back) and every replica drops its L1 copy. With a backend that keeps stale values (memcached, with
     /// `MemcachedRecache` as the cross-process coalescer), one process of the fleet
     /// reloads from the source while the others serve the stale value, marked
     /// [`StaleReason::Revalidating`], for at most twice the loader timeout. A reload
@@ -505,11 +522,7 @@ where
         let inner = &self.inner;
         inner.drop_local(key, None);
         let grace = inner.cfg.loader_timeout * 2;
-        let marked = inner
-            .l2_call("mark_stale", Access::Write, Some(key), |_| {
-                inner.store.mark_stale(key, grace)
-            })
-            .await;
+        let marked = inner.fence_l2(key, Some(grace)).await;
         // A read in the meantime may have refilled L1 from the entry just marked.
         inner.drop_local(key, None);
         let published = inner.publish_applied(key).await;

@@ -22,10 +22,12 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod coalescer;
+mod fences;
 mod invalidator;
 mod unreadable;
 
 pub use coalescer::{abandoned_lease_frees_the_key, one_load_per_burst};
+pub use fences::fences_refuse_older_fills;
 pub use invalidator::{invalidation_reaches_every_subscriber, resync_after_gap};
 pub use unreadable::unreadable_entries_never_guard;
 
@@ -100,7 +102,8 @@ pub async fn run_store_suite(store: Arc<dyn FlagStore>, raw: &dyn RawAccess) {
     get_checked_hit_stale_miss(s).await;
     get_many_keeps_order_and_misses(s).await;
     delete_removes(s).await;
-    mark_stale_reads_as_a_miss(s).await;
+    stale_fence_reads_as_a_miss(s).await;
+    fences_refuse_older_fills(s).await;
     keys_at_the_edges(s).await;
     large_values(s).await;
     corrupt_bytes_are_a_miss_not_a_panic(s, raw).await;
@@ -382,25 +385,25 @@ pub async fn delete_removes(store: &dyn FlagStore) {
         .expect("delete: twice is not an error");
 }
 
-/// A key marked stale reads as a miss (single and batch reads); a `put` of the same
-/// version revalidates it, and a newer one replaces it.
-pub async fn mark_stale_reads_as_a_miss(store: &dyn FlagStore) {
+/// A key fenced with its value kept stale reads as a miss (single and batch reads); a
+/// `put` of the same version revalidates it, and a newer one replaces it.
+pub async fn stale_fence_reads_as_a_miss(store: &dyn FlagStore) {
     let key = fresh_key("stale");
     let five = entry(store, 5, "five");
     store.put(&key, &five, TTL).await.unwrap();
     store
-        .mark_stale(&key, Duration::from_secs(30))
+        .fence(&key, Duration::from_secs(30), Some(Duration::from_secs(30)))
         .await
         .unwrap();
     assert_eq!(
         store.get(&key).await.unwrap(),
         None,
-        "mark_stale: the stale entry is still read as fresh"
+        "fence (keep stale): the stale entry is still read as fresh"
     );
     assert_eq!(
         store.get_many(std::slice::from_ref(&key)).await.unwrap(),
         vec![None],
-        "mark_stale: a batch read returns the stale entry"
+        "fence (keep stale): a batch read returns the stale entry"
     );
     // Stored where the entry was deleted, Superseded where it was kept: either way the
     // source's confirmation makes it readable again.
@@ -408,23 +411,27 @@ pub async fn mark_stale_reads_as_a_miss(store: &dyn FlagStore) {
     assert_eq!(
         store.get(&key).await.unwrap(),
         Some(five),
-        "mark_stale: a put of the same version did not revalidate it"
+        "fence (keep stale): a put of the same version did not revalidate it"
     );
     store
-        .mark_stale(&key, Duration::from_secs(30))
+        .fence(&key, Duration::from_secs(30), Some(Duration::from_secs(30)))
         .await
         .unwrap();
     let six = entry(store, 6, "six");
     assert_eq!(
         store.put(&key, &six, TTL).await.unwrap(),
         PutOutcome::Stored,
-        "mark_stale: a newer version was refused"
+        "fence (keep stale): a newer version was refused"
     );
     assert_eq!(store.get(&key).await.unwrap(), Some(six));
     store
-        .mark_stale(&fresh_key("stale-absent"), Duration::from_secs(30))
+        .fence(
+            &fresh_key("stale-absent"),
+            Duration::from_secs(30),
+            Some(Duration::from_secs(30)),
+        )
         .await
-        .expect("mark_stale: an absent key is not an error");
+        .expect("fence: an absent key is not an error");
     store.delete(&key).await.unwrap();
 }
 

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::{
-    Capabilities, Checked, Codec, Entry, Error, FlagKey, FlagStore, PutOutcome, Result, Version,
+    Capabilities, Checked, Codec, Entry, Error, FillRead, FillToken, FlagKey, FlagStore,
+    PutOutcome, Result, Version,
 };
 
 /// The operations a [`FaultyStore`] counts and can fault.
@@ -230,8 +231,29 @@ impl<S: FlagStore> FlagStore for FaultyStore<S> {
         self.enter(Op::Delete, "delete").await?;
         self.inner.delete(key).await
     }
-    async fn mark_stale(&self, key: &FlagKey, grace: Duration) -> Result<()> {
-        self.enter(Op::Delete, "mark_stale").await?;
-        self.inner.mark_stale(key, grace).await
+    async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
+        if let Err(e) = self.enter(Op::Read, "get_each_for_fill").await {
+            return keys.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.hold(self.inner.get_each_for_fill(keys).await).await
+    }
+    async fn put_fill(
+        &self,
+        key: &FlagKey,
+        entry: &Entry,
+        ttl: Duration,
+        token: FillToken,
+    ) -> Result<PutOutcome> {
+        self.enter(Op::Put, "put_fill").await?;
+        self.inner.put_fill(key, entry, ttl, token).await
+    }
+    async fn fence(
+        &self,
+        key: &FlagKey,
+        ttl: Duration,
+        keep_stale: Option<Duration>,
+    ) -> Result<()> {
+        self.enter(Op::Delete, "fence").await?;
+        self.inner.fence(key, ttl, keep_stale).await
     }
 }
