@@ -53,14 +53,20 @@ impl StaleReads {
                 reads.clear();
             }
         }
-        reads.insert(
-            wire.text.clone(),
-            StaleRead {
-                at: Instant::now(),
-                won: found.is_recache_winner == Some(true),
-                cas: found.cas,
-            },
-        );
+        let read = StaleRead {
+            at: Instant::now(),
+            won: found.is_recache_winner == Some(true),
+            cas: found.cas,
+        };
+        // A won token stays noted until taken: a later read of the same stale item in
+        // this process (which memcached answers with Z) must not lose it, or nobody in
+        // the fleet refreshes the item until its grace runs out.
+        let keep = reads.get(&wire.text).is_some_and(|held| {
+            held.won && held.cas == read.cas && held.at.elapsed() < STALE_READ_KEPT_FOR
+        });
+        if !keep {
+            reads.insert(wire.text.clone(), read);
+        }
     }
 
     /// What a plain read found at `wire` a moment ago, if anything. Forgets it.
@@ -240,15 +246,20 @@ impl Coalescer for MemcachedRecache {
         };
         let has_data = first.data.as_ref().is_some_and(|d| !d.is_empty());
         let stale = first.is_stale == Some(true);
+        // A token won by the plain read, if the item is still the one it saw (a later
+        // mark changes the CAS).
+        let won_before = noted
+            .as_ref()
+            .is_some_and(|n| n.won && n.cas.is_some() && n.cas == first.cas);
+        let won = first.is_recache_winner == Some(true) || won_before;
+        if stale && !has_data && won {
+            // A placeholder marked stale (a refresh while its winner loaded, which
+            // the refresh's fence then refused): the right to fill it is ours.
+            return Ok(self.lease(key, Won::Placeholder(first.cas)));
+        }
         if has_data && stale {
-            // A token won by the plain read, if the entry is still the one it saw (a
-            // later mark changes the CAS).
-            let won_before = noted.filter(|n| n.won && n.cas.is_some() && n.cas == first.cas);
-            if first.is_recache_winner == Some(true) {
+            if won {
                 return Ok(self.lease(key, Won::Stale(first.cas)));
-            }
-            if let Some(noted) = won_before {
-                return Ok(self.lease(key, Won::Stale(noted.cas)));
             }
             // Someone else is refreshing it: serve the stale value meanwhile.
             if let Ok(Some(entry)) = self.store.read_entry(key, true).await {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use base64::Engine;
 use bytes::Bytes;
 use flagcache_core::{
     Capabilities, Codec, Entry, Error, FillRead, FillToken, FlagKey, FlagStore, PutOutcome, Result,
@@ -269,7 +270,7 @@ impl MemcachedStore {
     /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
     /// encoding), answering each key as `get` would: its entry, its miss (a stale
     /// entry included), or its own error — and with `fences`, each key's fence, read
-    /// by a second pipeline on the same server at the same time.
+    /// in the same pipeline.
     async fn read_each(
         &self,
         operation: &'static str,
@@ -330,38 +331,35 @@ impl MemcachedStore {
         };
         // Each key asked once: a stale key asked twice would win its recache token on
         // the first answer and lose it to the second.
-        let mut batch: Vec<String> = group.iter().map(|(_, w)| w.text.clone()).collect();
-        batch.sort_unstable();
-        batch.dedup();
-        let entries = self.inner.meta.get_multi(operation, route, batch, base64);
-        let fence_wires: Vec<WireKey> = if fences {
-            group.iter().map(|(_, w)| self.fence_wire(w)).collect()
+        // With fences, each key's fence rides in the same pipeline: a fence key is
+        // plain ASCII, sent base64 too in a base64 batch (the `b` flag names the same
+        // item), and lives on the entry's server.
+        let fence_keys: Vec<String> = if fences {
+            group
+                .iter()
+                .map(|(_, w)| {
+                    let text = self.fence_wire(w).text;
+                    if base64 {
+                        base64::engine::general_purpose::STANDARD.encode(text)
+                    } else {
+                        text
+                    }
+                })
+                .collect()
         } else {
             Vec::new()
         };
-        let fence_batch: Vec<String> = fence_wires.iter().map(|f| f.text.clone()).collect();
-        let fenced = async {
-            if fence_batch.is_empty() {
-                Ok(Vec::new())
-            } else {
-                self.inner
-                    .meta
-                    .get_multi(operation, route, fence_batch, false)
-                    .await
-            }
-        };
-        let (found, fenced) = futures_util::future::join(entries, fenced).await;
-        let found = match found.and_then(|f| fenced.map(|t| (f, t))) {
-            Ok((found, fenced)) => {
-                let tokens: std::collections::HashMap<Vec<u8>, FillToken> = fenced
-                    .into_iter()
-                    .filter_map(|mut v| {
-                        let k = v.key.take()?;
-                        Some((k, FillToken::from_text(&v.data.unwrap_or_default())))
-                    })
-                    .collect();
-                (found, tokens)
-            }
+        let mut batch: Vec<String> = group.iter().map(|(_, w)| w.text.clone()).collect();
+        batch.extend(fence_keys.iter().cloned());
+        batch.sort_unstable();
+        batch.dedup();
+        let found = match self
+            .inner
+            .meta
+            .get_multi(operation, route, batch, base64)
+            .await
+        {
+            Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, key = %keys[first], "a memcached server failed a batch read");
                 return group
@@ -370,7 +368,6 @@ impl MemcachedStore {
                     .collect();
             }
         };
-        let (found, tokens) = found;
         let mut by_key: std::collections::HashMap<Vec<u8>, Bytes> =
             std::collections::HashMap::new();
         for mut v in found {
@@ -390,10 +387,10 @@ impl MemcachedStore {
                 Some(data) => self.entry_from(&keys[i], w, data.clone()).await,
                 None => Ok(None),
             };
-            let token = fence_wires
+            let token = fence_keys
                 .get(n)
-                .and_then(|f| tokens.get(f.text.as_bytes()).copied())
-                .unwrap_or(FillToken::NONE);
+                .and_then(|f| by_key.get(f.as_bytes()))
+                .map_or(FillToken::NONE, |t| FillToken::from_text(t));
             answers.push((i, entry.map(|entry| FillRead { entry, token })));
         }
         answers
