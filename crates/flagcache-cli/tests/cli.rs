@@ -248,3 +248,42 @@ fn usage_and_connection_errors_exit_2() {
     // A missing argument (clap).
     assert_eq!(flagcache("memory://", &["set", "k"]).status.code(), Some(2));
 }
+
+#[test]
+fn watch_flags_a_resync_and_exits_1() {
+    let server = MemcachedServer::start().unwrap();
+    let url = format!("memcached://127.0.0.1:{}?poll_interval=50ms", server.port());
+    let child = Command::new(env!("CARGO_BIN_EXE_flagcache"))
+        .env("FLAGCACHE_URL", &url)
+        .args(["watch", "--for", "4s", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let k = key();
+    let start = Instant::now();
+    let mut version = 1;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let v = version.to_string();
+        assert_eq!(
+            json(&url, &["set", &k, "--version", &v, "--value", "1"]).0,
+            0
+        );
+        version += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The invalidation log is lost: every subscriber must flush.
+    assert_eq!(server.request("flush_all\r\n").unwrap(), "OK");
+    let out = child.wait_with_output().unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{doc}");
+    assert!(doc["resyncs"].as_u64().unwrap() >= 1, "{doc}");
+    assert!(
+        doc["signals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["kind"] == "resync" && s["reason"].as_str().is_some()),
+        "{doc}"
+    );
+}
