@@ -1,5 +1,5 @@
 //! One URL picks the backend: [`connect`] builds the store, the invalidator and the
-//! cross-process coalescer a [`FlagCache`] needs; [`Backend`] hands them to a cache.
+//! cross-process coalescer a [`FlagCache`](crate::FlagCache) needs; [`Backend`] hands them to a cache.
 
 mod url;
 
@@ -9,15 +9,13 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{
-    Coalescer, Error, FlagCache, FlagCacheBuilder, FlagStore, Invalidator, Loader, Result,
-};
+use crate::{Coalescer, Error, FlagCacheBuilder, FlagStore, Invalidator, Loader, Result};
 use url::{Parsed, Scheme};
 
 /// The environment variable [`Backend::from_env`] reads.
 pub const URL_VAR: &str = "FLAGCACHE_URL";
 
-/// Connects to the backend `url` names and returns what a [`FlagCache`] needs.
+/// Connects to the backend `url` names and returns what a [`FlagCache`](crate::FlagCache) needs.
 ///
 /// | URL | backend (cargo feature) |
 /// |---|---|
@@ -207,16 +205,33 @@ impl Backend {
         }
     }
 
-    /// A [`FlagCache`] builder over this backend: its store, a new invalidation node
+    /// A [`FlagCache`](crate::FlagCache) builder over this backend: its store, a new invalidation node
     /// and its cross-process coalescer, the other settings at their defaults.
+    #[cfg_attr(
+        not(any(feature = "memory", feature = "redis", feature = "memcached")),
+        allow(unused_variables)
+    )]
     pub fn cache_builder<T>(&self, loader: impl Loader<T>) -> FlagCacheBuilder<T>
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        let builder = FlagCache::builder(self.store(), loader).invalidator(self.invalidator());
-        match self.coalescer() {
-            Some(coalescer) => builder.coalescer(Shared(coalescer)),
-            None => builder,
+        // The concrete types, not the `Arc<dyn …>` of the accessors: no second
+        // indirection on every call the cache makes.
+        match self.kind {
+            #[cfg(feature = "memory")]
+            Kind::Memory { ref store, ref bus } => {
+                crate::FlagCache::builder(store.clone(), loader).invalidator(bus.peer())
+            }
+            #[cfg(feature = "redis")]
+            Kind::Redis { ref store, ref bus } => crate::FlagCache::builder(store.clone(), loader)
+                .invalidator(bus.peer())
+                .coalescer(crate::redis::RedisLock::new(store)),
+            #[cfg(feature = "memcached")]
+            Kind::Memcached { ref store, ref log } => {
+                crate::FlagCache::builder(store.clone(), loader)
+                    .invalidator(log.peer())
+                    .coalescer(crate::memcached::MemcachedRecache::new(store))
+            }
         }
     }
 
@@ -248,16 +263,6 @@ impl Backend {
             Kind::Memcached { ref store, .. } => Some(store),
             _ => None,
         }
-    }
-}
-
-/// A shared coalescer handed to a cache builder, which takes one by value.
-struct Shared(Arc<dyn Coalescer>);
-
-#[crate::async_trait]
-impl Coalescer for Shared {
-    async fn acquire(&self, key: &crate::FlagKey) -> Result<crate::Turn> {
-        self.0.acquire(key).await
     }
 }
 
