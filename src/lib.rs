@@ -21,3 +21,6 @@ pub use flagcache_redis as redis;
 #[cfg(feature = "memcached")]
 #[doc(inline)]
 pub use flagcache_memcached as memcached;
+
+mod connect;
+pub use connect::{connect, Backend, URL_VAR};

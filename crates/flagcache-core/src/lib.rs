@@ -8,6 +8,7 @@ mod codec;
 mod error;
 mod invalidation;
 mod key;
+mod raw;
 mod store;
 mod types;
 
@@ -29,6 +30,7 @@ pub use codec::{
 pub use error::{Error, Result, Source};
 pub use invalidation::{Invalidation, ResyncReason, Signal, Subscription, Target};
 pub use key::FlagKey;
+pub use raw::{EntryReport, RawEntry};
 pub use store::{FlagStore, FlagStoreExt, Invalidator};
 pub use types::{
     now_ms, ttl_millis, Capabilities, Checked, Entry, FillRead, FillToken, NodeId, PutOutcome,

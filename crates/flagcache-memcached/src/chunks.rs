@@ -54,6 +54,11 @@ impl Manifest {
     }
 }
 
+/// The chunk count of a chunk manifest's payload; `None` for any other payload.
+pub(crate) fn manifest_count(payload: &[u8]) -> Option<u32> {
+    Manifest::parse(payload).map(|m| m.count)
+}
+
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = flate2::Crc::new();
     crc.update(bytes);

@@ -6,6 +6,7 @@ mod chunks;
 mod invalidator;
 mod meta;
 mod pool;
+mod raw;
 mod recache;
 mod ring;
 mod store;

@@ -228,7 +228,7 @@ impl MemcachedRecache {
 impl Coalescer for MemcachedRecache {
     /// Reads `key` with the recache flags: the winner of a miss's placeholder, or of a
     /// stale entry's token, loads; when the entry was marked stale
-    /// (`FlagStore::mark_stale`, `md … I`) and another process won the right to
+    /// (`FlagStore::fence` with `keep_stale`, `md … I`) and another process won the right to
     /// refresh it, the answer is the stale value at once; otherwise this waits for the
     /// winner's value.
     async fn acquire(&self, key: &FlagKey) -> Result<Turn> {

@@ -5,6 +5,7 @@ mod connection;
 mod error;
 mod invalidator;
 mod lock;
+mod raw;
 mod scripts;
 mod sentinel;
 mod store;
