@@ -108,7 +108,7 @@ async fn a_purging_event_from_a_foreign_publisher_deletes_l2_too() {
     .await;
 }
 
-/// Over a store that keeps no stale values (the default `mark_stale` deletes), a
+/// Over a store that keeps no stale values (its `fence` with `keep_stale` drops the entry), a
 /// refresh acts as an invalidation: every replica drops its copy and the next reads
 /// load the source's current value, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
