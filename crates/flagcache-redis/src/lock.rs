@@ -90,6 +90,8 @@ pub struct RedisLock {
     store: RedisStore,
     ttl: Duration,
     poll: Duration,
+    /// Takes the lock and reads the fence.
+    take: Arc<Script>,
     release: Arc<Script>,
     release_plain: Arc<Script>,
     releases: Arc<Releases>,
@@ -112,6 +114,7 @@ impl RedisLock {
             store: store.clone(),
             ttl: Duration::from_secs(10),
             poll: Duration::from_millis(20),
+            take: Arc::new(scripts::lock()),
             release: Arc::new(scripts::release()),
             release_plain: Arc::new(scripts::release_plain()),
             releases: Arc::new(Releases {
@@ -139,12 +142,23 @@ impl RedisLock {
         self
     }
 
-    async fn try_lock(&self, lock: &str, token: &str) -> Result<bool> {
+    /// Takes `lock` with `token` if it is free: `Some(fence)` — the key's fence at
+    /// that moment, which the release compares — or `None` when another holds it.
+    async fn try_lock(&self, key: &FlagKey, lock: &str, token: &str) -> Result<Option<Vec<u8>>> {
         let ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(lock).arg(token).arg("NX").arg("PX").arg(ms);
-        let reply: Value = self.store.connection().query("lock", &cmd).await?;
-        Ok(matches!(reply, Value::Okay) || matches!(&reply, Value::SimpleString(s) if s == "OK"))
+        let mut inv = self.take.prepare_invoke();
+        inv.key(lock).arg(token).arg(ms);
+        if let Some(fence) = self.store.fence_key(key) {
+            inv.key(fence);
+        }
+        match self.store.connection().script("lock", inv).await? {
+            Value::Nil => Ok(None),
+            Value::BulkString(fence) => Ok(Some(fence)),
+            Value::Okay | Value::SimpleString(_) => Ok(Some(Vec::new())),
+            other => Err(flagcache_core::Error::corrupt(format!(
+                "unexpected lock reply {other:?}"
+            ))),
+        }
     }
 
     async fn held(&self, lock: &str) -> Result<bool> {
@@ -158,7 +172,7 @@ impl RedisLock {
 
     /// Releases `lock` if still held with `token`, announcing it; `absent`: the
     /// source has no such flag, which waiters learn from a short-lived marker.
-    async fn release(&self, key: &FlagKey, lock: &str, token: &str, absent: bool) {
+    async fn release(&self, key: &FlagKey, lock: &str, token: &str, fence: &[u8], absent: bool) {
         let keys = self.store.lock_keys();
         let inv = match keys.absent(key) {
             None => {
@@ -178,9 +192,12 @@ impl RedisLock {
                 let mut inv = self.release.prepare_invoke();
                 inv.key(lock)
                     .key(marker)
+                    // A key with a marker has a fence: both share the lock's slot.
+                    .key(self.store.fence_key(key).unwrap_or_default())
                     .arg(token)
                     .arg(keys.release_channel())
-                    .arg(marker_ms);
+                    .arg(marker_ms)
+                    .arg(fence);
                 inv
             }
         };
@@ -226,16 +243,17 @@ impl Coalescer for RedisLock {
         loop {
             released.as_mut().enable();
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            match self.try_lock(&lock, &token).await {
-                Ok(true) => {
+            match self.try_lock(key, &lock, &token).await {
+                Ok(Some(fence)) => {
                     return Ok(Turn::Load(Lease::new(HeldLock {
                         lock: self.clone(),
                         key: key.clone(),
                         lock_key: lock.clone(),
                         token,
+                        fence,
                     })));
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(%key, error = %e, "stampede lock unavailable; loading unguarded");
                     return Ok(Turn::Load(Lease::unguarded()));
@@ -279,6 +297,8 @@ struct HeldLock {
     key: FlagKey,
     lock_key: String,
     token: String,
+    /// The key's fence when the lock was taken.
+    fence: Vec<u8>,
 }
 
 impl ReleaseLease for HeldLock {
@@ -286,7 +306,7 @@ impl ReleaseLease for HeldLock {
         Box::pin(async move {
             let absent = matches!(outcome, LoadOutcome::Absent);
             self.lock
-                .release(&self.key, &self.lock_key, &self.token, absent)
+                .release(&self.key, &self.lock_key, &self.token, &self.fence, absent)
                 .await;
         })
     }

@@ -139,18 +139,35 @@ pub(crate) fn release_plain() -> Script {
     )
 }
 
-/// Lock release: KEYS[1] the lock, KEYS[2] the flag's absence marker; ARGV[1] the
-/// holder's token, ARGV[2] the channel to announce the release on, ARGV[3] how long
-/// (ms) to mark the flag absent, or empty. Deletes the lock only if this holder still
-/// holds it (it may have expired and been taken by another), then sets the marker if
-/// the source has no such flag (and clears an older one otherwise), and publishes the
-/// lock's key, so that waiters wake at once rather than at their next poll and find
+/// Lock take: KEYS[1] the lock, and KEYS[2] the flag's fence when it has one; ARGV[1]
+/// the holder's token, ARGV[2] the lock's TTL (ms). Takes the lock if free (`SET NX
+/// PX`) and answers the fence as it is then ('' for none) — the fence the holder's
+/// answer must still find to be handed to others — or nil when the lock is taken.
+pub(crate) fn lock() -> Script {
+    Script::new(
+        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
+           if KEYS[2] then return redis.call('GET', KEYS[2]) or '' end; \
+           return '' \
+         end; \
+         return false",
+    )
+}
+
+/// Lock release: KEYS[1] the lock, KEYS[2] the flag's absence marker, KEYS[3] its
+/// fence; ARGV[1] the holder's token, ARGV[2] the channel to announce the release on,
+/// ARGV[3] how long (ms) to mark the flag absent, or empty, ARGV[4] the fence when the
+/// lock was taken. Deletes the lock only if this holder still holds it (it may have
+/// expired and been taken by another), then sets the marker if the source has no such
+/// flag — unless an invalidation fenced the key since the lock was taken: the holder's
+/// "no such flag" may predate it — (and clears an older one otherwise), and publishes
+/// the lock's key, so that waiters wake at once rather than at their next poll and find
 /// the answer.
 pub(crate) fn release() -> Script {
     Script::new(
         "if redis.call('GET', KEYS[1]) == ARGV[1] then \
            redis.call('DEL', KEYS[1]); \
-           if ARGV[3] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) \
+           if ARGV[3] ~= '' and (redis.call('GET', KEYS[3]) or '') == ARGV[4] then \
+             redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) \
            else redis.call('DEL', KEYS[2]) end; \
            redis.call('PUBLISH', ARGV[2], KEYS[1]); return 1 \
          else return 0 end",

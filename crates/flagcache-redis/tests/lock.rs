@@ -167,6 +167,38 @@ async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
     );
 }
 
+/// The same, with a holder that never hears the invalidation (no subscription): the
+/// key's fence, read when the lock was taken, has changed by its release, so it
+/// leaves no absence marker for the fleet to answer "no such flag" from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absence_fenced_by_an_unheard_invalidation_leaves_no_marker() {
+    let server = RedisServer::start().unwrap();
+    let source = CountingSource::new(1);
+    source.set_answer(Answer::Absent);
+    let replicas = replicas(&server, 2, &source, |l| l, false).await;
+    let k = key("created-unheard");
+    source.hold();
+    let holder = spawn_get(&replicas[0], &k);
+    let spawned = Instant::now();
+    while source.calls() == 0 {
+        assert!(
+            spawned.elapsed() < Duration::from_secs(5),
+            "the holder never called the source"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    replicas[1].invalidate(&k).await.unwrap();
+    source.release();
+    assert_eq!(holder.await.unwrap().unwrap(), None, "the holder's own answer");
+    assert_eq!(
+        server
+            .command(&["EXISTS", "flags:absent:{created-unheard}"])
+            .unwrap(),
+        "0",
+        "a fenced absence left its marker"
+    );
+}
+
 /// A "no such flag" that an invalidation overtook — the flag was created while the
 /// holder asked — is not handed to the waiters: they load it themselves and find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
