@@ -31,6 +31,7 @@ pub const URL_VAR: &str = "FLAGCACHE_URL";
 /// | setting | backends | meaning (default) |
 /// |---|---|---|
 /// | `namespace` | Redis, memcached | key prefix (`flags`) |
+/// | `key_layout` | Redis | where a flag lives: `{ns}:{{key}}` (default), `{ns}:{key}` or `{{ns}}:{key}`, braces percent-escaped in the URL (`%7B`, `%7D`); see `redis::KeyLayout` |
 /// | `layout` | all | `envelope` (default) or `json`: `{"flagConfig": …, "version": N}` and JSON invalidation messages |
 /// | `channel` | Redis | the invalidation pub/sub channel (`flag_updates`) |
 /// | `heartbeat` | Redis | heartbeat period, or `off` (`1s`; `off` with `layout=json`) |
@@ -299,6 +300,7 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
 
     let json = parsed.take_json_layout()?;
     let namespace = parsed.take("namespace");
+    let key_layout = parsed.take("key_layout");
     let channel = parsed.take("channel");
     let heartbeat = match parsed.take("heartbeat") {
         None => None,
@@ -331,6 +333,7 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
     }
     let mut known = vec![
         "namespace",
+        "key_layout",
         "channel",
         "layout",
         "heartbeat",
@@ -396,6 +399,9 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
     let mut store = target!(RedisStore::builder());
     if let Some(ns) = &namespace {
         store = store.namespace(ns);
+    }
+    if let Some(template) = &key_layout {
+        store = store.key_layout(template);
     }
     let mut bus = target!(RedisInvalidator::builder());
     if let Some(channel) = &channel {

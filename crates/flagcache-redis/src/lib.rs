@@ -4,6 +4,7 @@
 mod connection;
 mod error;
 mod invalidator;
+mod layout;
 mod lock;
 mod raw;
 mod scripts;
@@ -13,6 +14,7 @@ mod target;
 mod tls;
 
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
+pub use layout::KeyLayout;
 pub use lock::RedisLock;
 pub use store::{RedisStore, RedisStoreBuilder};
 

@@ -16,39 +16,39 @@ use redis::{Script, Value};
 use tokio::sync::Notify;
 
 use crate::connection::answers_ping;
-use crate::{scripts, RedisStore};
+use crate::{scripts, KeyLayout, RedisStore};
 
-/// The Redis keys of one namespace's stampede locks, all in the cluster slot of the
-/// flag they guard: a flag's lock, `<namespace>:lock:{<flag key>}`, and the marker its
-/// holder leaves when the source has no such flag, `<namespace>:absent:{<flag key>}`;
-/// and the channel releases are announced on, `<namespace>:lock:released`.
+/// The Redis keys of one store's stampede locks, all in the cluster slot of the flag
+/// they guard (see [`KeyLayout`]): a flag's lock, and the marker its holder leaves when
+/// the source has no such flag; and the channel releases are announced on,
+/// `<namespace>:lock:released`.
 #[derive(Debug)]
 pub(crate) struct LockKeys {
-    lock_prefix: String,
-    absent_prefix: String,
+    layout: KeyLayout,
     release_channel: String,
 }
 
 impl LockKeys {
-    pub(crate) fn new(namespace: &str) -> Self {
+    pub(crate) fn new(namespace: &str, layout: KeyLayout) -> Self {
         LockKeys {
-            lock_prefix: format!("{namespace}:lock:{{"),
-            absent_prefix: format!("{namespace}:absent:{{"),
+            layout,
             release_channel: format!("{namespace}:lock:released"),
         }
     }
 
-    /// The key of `key`'s lock.
+    /// The key of `key`'s lock: in the flag's slot where a key can be (a lock alone
+    /// needs no slot of its own kind: it is taken with the fence only when the flag has
+    /// one, and both then share the slot).
     pub(crate) fn lock(&self, key: &FlagKey) -> String {
-        format!("{}{}}}", self.lock_prefix, key.as_str())
+        self.layout
+            .companion("lock", key)
+            .unwrap_or_else(|| format!("{}:lock", self.layout.key(key)))
     }
 
-    /// The key of `key`'s absence marker; `None` when the key begins with `}` — an
-    /// empty hash tag, under which each key hashes whole, so the marker would not
-    /// share the lock's and the entry's slot. Such keys get no marker.
+    /// The key of `key`'s absence marker; `None` when no key shares the flag's slot
+    /// (see [`KeyLayout`]). Such keys get no marker.
     pub(crate) fn absent(&self, key: &FlagKey) -> Option<String> {
-        (!key.as_str().starts_with('}'))
-            .then(|| format!("{}{}}}", self.absent_prefix, key.as_str()))
+        self.layout.companion("absent", key)
     }
 
     /// The channel lock holders publish a released lock's key on.

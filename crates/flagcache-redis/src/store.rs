@@ -16,6 +16,7 @@ use redis::{Script, Value};
 use crate::connection::Connection;
 use crate::lock::LockKeys;
 use crate::target::{connection_methods, Target};
+use crate::KeyLayout;
 use crate::{scripts, BACKEND};
 
 /// Configures a [`RedisStore`].
@@ -23,6 +24,7 @@ use crate::{scripts, BACKEND};
 pub struct RedisStoreBuilder {
     target: Target,
     namespace: String,
+    key_layout: String,
     codec: Codec,
     max_value_size: usize,
 }
@@ -32,6 +34,7 @@ impl Default for RedisStoreBuilder {
         RedisStoreBuilder {
             target: Target::default(),
             namespace: "flags".to_string(),
+            key_layout: KeyLayout::DEFAULT.to_string(),
             codec: Codec::default(),
             max_value_size: 512 << 20,
         }
@@ -41,10 +44,36 @@ impl Default for RedisStoreBuilder {
 impl RedisStoreBuilder {
     connection_methods!();
 
-    /// The key prefix: entries live at `<namespace>:{<flag key>}` (default `flags`).
+    /// The namespace (default `flags`): entries live at `<namespace>:{<flag key>}` in
+    /// the default [`key_layout`](Self::key_layout).
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
+        self
+    }
+
+    /// Where a flag lives: a template over `{ns}` (the namespace) and `{key}` (the flag
+    /// key), braces doubled for literal ones — `{ns}:{{key}}` (default:
+    /// `flags:{checkout}`), `{ns}:{key}` (`flags:checkout`, as services in other
+    /// languages commonly write) or `{{ns}}:{key}` (`{flags}:checkout`: on a cluster,
+    /// every flag in one slot). See [`KeyLayout`] for what each means on a Redis
+    /// Cluster and where the lock, marker and fence keys go. Checked at
+    /// [`build`](Self::build).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> flagcache_core::Result<()> {
+    /// use flagcache_redis::RedisStore;
+    /// // Share `flags:<flagKey>` with the services already there.
+    /// let store = RedisStore::builder()
+    ///     .url("redis://127.0.0.1:6379")
+    ///     .key_layout("{ns}:{key}")
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn key_layout(mut self, template: impl Into<String>) -> Self {
+        self.key_layout = template.into();
         self
     }
 
@@ -74,14 +103,14 @@ impl RedisStoreBuilder {
     /// index the server does not have, or an ACL user refused the scripts (`NOPERM`).
     /// Errors name the target, its password redacted.
     pub async fn build(self) -> Result<RedisStore> {
+        let layout = KeyLayout::new(&self.key_layout, &self.namespace)?;
         let (put, get_checked, fence) = (scripts::put(), scripts::get_checked(), scripts::fence());
         let connection = Connection::open(self.target, &[&put, &get_checked, &fence]).await?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 connection,
-                prefix: format!("{}:{{", self.namespace),
-                fence_prefix: format!("{}:fence:{{", self.namespace),
-                lock_keys: LockKeys::new(&self.namespace),
+                lock_keys: LockKeys::new(&self.namespace, layout.clone()),
+                layout,
                 codec: self.codec,
                 max_value_size: self.max_value_size,
                 put,
@@ -95,9 +124,8 @@ impl RedisStoreBuilder {
 
 struct Inner {
     connection: Connection,
-    prefix: String,
-    /// `<namespace>:fence:{`
-    fence_prefix: String,
+    /// Where flags and their fences live.
+    layout: KeyLayout,
     /// The keys of [`crate::RedisLock`]'s locks and absence markers.
     lock_keys: LockKeys,
     codec: Codec,
@@ -134,7 +162,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("target", self.inner.connection.target())
-            .field("prefix", &self.inner.prefix)
+            .field("layout", &self.inner.layout)
             .field("codec", &self.inner.codec)
             .finish_non_exhaustive()
     }
@@ -158,28 +186,29 @@ impl RedisStore {
     /// command (no `String` per call).
     pub(crate) fn key_arg<'a>(&'a self, key: &'a FlagKey) -> KeyArg<'a> {
         KeyArg {
-            prefix: &self.inner.prefix,
+            layout: &self.inner.layout,
             key,
         }
     }
 
-    /// The Redis key of a flag: `<namespace>:{<flag key>}`.
+    /// The Redis key of a flag: `<namespace>:{<flag key>}` in the default
+    /// [`KeyLayout`].
     pub fn redis_key(&self, key: &FlagKey) -> String {
-        let mut k = String::with_capacity(self.inner.prefix.len() + key.as_str().len() + 1);
-        k.push_str(&self.inner.prefix);
-        k.push_str(key.as_str());
-        k.push('}');
-        k
+        self.inner.layout.key(key)
     }
 
-    /// The Redis key of a flag's fence (see [`FlagStore::fence`]):
-    /// `<namespace>:fence:{<flag key>}`, in the flag's cluster slot. `None` for a key
-    /// that begins with `}`: under its empty hash tag each key hashes whole, so no other
-    /// key shares the entry's slot, and such a key is not fenced (its invalidation
-    /// deletes, as without leases).
+    /// The store's key layout.
+    pub fn key_layout(&self) -> &KeyLayout {
+        &self.inner.layout
+    }
+
+    /// The Redis key of a flag's fence (see [`FlagStore::fence`]), in the flag's
+    /// cluster slot: `<namespace>:fence:{<flag key>}` in the default layout (see
+    /// [`KeyLayout`] for the others). `None` when no key can share the flag's slot
+    /// (in the default layout, a flag key beginning with `}`): such a flag is not
+    /// fenced — its invalidation deletes, as without leases.
     pub fn fence_key(&self, key: &FlagKey) -> Option<String> {
-        (!key.as_str().starts_with('}'))
-            .then(|| format!("{}{}}}", self.inner.fence_prefix, key.as_str()))
+        self.inner.layout.companion("fence", key)
     }
 
     /// The Redis key of a flag's stampede lock: `<namespace>:lock:{<flag key>}`, in
@@ -585,7 +614,7 @@ impl FlagStore for RedisStore {
 
 /// A flag's Redis key (see [`RedisStore::redis_key`]) as one command argument.
 pub(crate) struct KeyArg<'a> {
-    prefix: &'a str,
+    layout: &'a KeyLayout,
     key: &'a FlagKey,
 }
 
@@ -597,8 +626,8 @@ impl redis::ToRedisArgs for KeyArg<'_> {
         use std::io::Write;
         let mut arg = out.writer_for_next_arg();
         // Writes into the command's own buffer, which cannot fail.
-        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.layout.prefix().as_bytes());
         let _ = arg.write_all(self.key.as_str().as_bytes());
-        let _ = arg.write_all(b"}");
+        let _ = arg.write_all(self.layout.suffix().as_bytes());
     }
 }

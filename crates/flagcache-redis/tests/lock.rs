@@ -189,7 +189,11 @@ async fn an_absence_fenced_by_an_unheard_invalidation_leaves_no_marker() {
     }
     replicas[1].invalidate(&k).await.unwrap();
     source.release();
-    assert_eq!(holder.await.unwrap().unwrap(), None, "the holder's own answer");
+    assert_eq!(
+        holder.await.unwrap().unwrap(),
+        None,
+        "the holder's own answer"
+    );
     assert_eq!(
         server
             .command(&["EXISTS", "flags:absent:{created-unheard}"])
