@@ -1,4 +1,5 @@
-//! A Redis Cluster of N masters on loopback, formed with `redis-cli --cluster create`.
+//! A Redis Cluster of N masters on loopback (Redis or Valkey nodes), formed with
+//! `redis-cli --cluster create`.
 
 use std::fmt;
 use std::process::Command;
@@ -6,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::RedisServer;
 use crate::process::REDIS_CLI;
-use crate::{Error, Result};
+use crate::{Error, Flavor, Result};
 
 /// A Redis Cluster of N masters (no replicas) on loopback, torn down on drop.
 pub struct RedisCluster {
@@ -25,19 +26,29 @@ impl fmt::Debug for RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts `masters` cluster-enabled nodes (at least 3), joins them with
-    /// `redis-cli --cluster create`, and waits until every node reports
+    /// Starts `masters` cluster-enabled `redis-server` nodes (at least 3), joins them
+    /// with `redis-cli --cluster create`, and waits until every node reports
     /// `cluster_state:ok`.
     ///
     /// # Errors
     /// [`Error::BinaryMissing`] when `redis-server` or `redis-cli` is missing;
     /// [`Error::Start`] when the cluster does not form.
     pub fn start(masters: usize) -> Result<Self> {
+        Self::start_with(Flavor::Redis, masters)
+    }
+
+    /// As [`RedisCluster::start`], with nodes of `flavor` (`redis-cli` forms a Valkey
+    /// cluster as well: the cluster commands are the same).
+    ///
+    /// # Errors
+    /// As for [`RedisCluster::start`], for the flavor's server binary.
+    pub fn start_with(flavor: Flavor, masters: usize) -> Result<Self> {
         let masters = masters.max(3);
         let cli = REDIS_CLI.locate()?;
         let mut nodes = Vec::with_capacity(masters);
         for _ in 0..masters {
             let mut b = RedisServer::builder()
+                .flavor(flavor)
                 .arg("cluster-enabled", "yes")
                 .arg("cluster-node-timeout", "5000")
                 .arg("cluster-require-full-coverage", "no");
@@ -59,7 +70,7 @@ impl RedisCluster {
             .output()?;
         if !out.status.success() {
             return Err(Error::Start {
-                what: format!("redis cluster on {addrs:?}"),
+                what: format!("{flavor} cluster on {addrs:?}"),
                 reason: format!("redis-cli --cluster create exited with {}", out.status),
                 log: String::from_utf8_lossy(&out.stdout).into_owned()
                     + &String::from_utf8_lossy(&out.stderr),
