@@ -133,3 +133,26 @@ pub fn foreign_heartbeat(seq: u64) -> Vec<u8> {
     b.extend_from_slice(&seq.to_be_bytes());
     b
 }
+
+/// Turns each `async fn name(flavor: Flavor)` named into two tests, `name::redis` and
+/// `name::valkey`: the same body against `redis-server` and against `valkey-server`.
+/// The Valkey one returns early, with the reason printed, when `valkey-server` is
+/// missing on a developer's machine, and fails under CI (`Flavor::available`).
+macro_rules! on_both_flavors {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$test(flagcache_testkit::Flavor::Redis).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn valkey() {
+                if flagcache_testkit::Flavor::Valkey.available().unwrap() {
+                    super::$test(flagcache_testkit::Flavor::Valkey).await;
+                }
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_flavors;
