@@ -10,10 +10,14 @@ mod sentinel;
 mod store;
 mod target;
 mod tls;
+mod tracking;
 
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
 pub use lock::RedisLock;
 pub use store::{RedisStore, RedisStoreBuilder};
+pub use tracking::{
+    RedisTrackingInvalidator, RedisTrackingInvalidatorBuilder, TRACKING_CLIENT_NAME,
+};
 
 /// The backend name errors and metrics carry.
 const BACKEND: &str = "redis";

@@ -1,0 +1,468 @@
+//! Invalidation by the server itself ([`RedisTrackingInvalidator`]): RESP3 broadcast
+//! client tracking (`CLIENT TRACKING ON BCAST PREFIX <namespace>:{`) turns every write
+//! to an entry — by any client, and expiry, eviction and `FLUSHDB` — into a signal.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flagcache_core::{
+    Codec, Error, FlagKey, Invalidation, Invalidator, NodeId, Result, ResyncReason, Signal,
+    Subscription, Target as EventTarget,
+};
+use redis::aio::MultiplexedConnection;
+use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use crate::connection::Connection;
+use crate::error::build_error;
+use crate::target::{connection_methods, Target};
+use crate::RedisInvalidator;
+
+/// The name the tracking connection gives itself (`CLIENT SETNAME`), as `CLIENT LIST`
+/// shows it.
+pub const TRACKING_CLIENT_NAME: &str = "flagcache-tracking";
+
+/// Configures a [`RedisTrackingInvalidator`].
+#[derive(Debug, Clone)]
+pub struct RedisTrackingInvalidatorBuilder {
+    target: Target,
+    namespace: String,
+    codec: Codec,
+    ping_every: Duration,
+    alongside: Option<RedisInvalidator>,
+}
+
+impl Default for RedisTrackingInvalidatorBuilder {
+    fn default() -> Self {
+        RedisTrackingInvalidatorBuilder {
+            target: Target::default(),
+            namespace: "flags".to_string(),
+            codec: Codec::default(),
+            ping_every: Duration::from_secs(1),
+            alongside: None,
+        }
+    }
+}
+
+impl RedisTrackingInvalidatorBuilder {
+    connection_methods!();
+
+    /// The store's namespace: entries at `<namespace>:{<flag key>}` are tracked
+    /// (default `flags`, as `RedisStoreBuilder::namespace`). Its locks and absence
+    /// markers (`<namespace>:lock:{…}`, `<namespace>:absent:{…}`) are not.
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The store's layout (default the binary envelope; `JsonCodec` for the JSON
+    /// layout). Read only [`alongside`](Self::alongside) pub/sub, to learn the version
+    /// an entry holds after a write.
+    #[must_use]
+    pub fn codec(mut self, codec: impl Into<Codec>) -> Self {
+        self.codec = codec.into();
+        self
+    }
+
+    /// How often the tracking connection is PINGed (default 1 s): one that does not
+    /// answer within this or the response timeout, whichever is longer, is replaced,
+    /// with `Resync`.
+    #[must_use]
+    pub fn ping_every(mut self, every: Duration) -> Self {
+        self.ping_every = every;
+        self
+    }
+
+    /// Runs beside a pub/sub invalidator: `publish` goes through it (events with
+    /// versions, tags, namespace flushes), this invalidator takes its node id, and a
+    /// subscription carries both its signals and the server's pushes. A push then
+    /// carries the version the entry holds once the push arrived (one `MGET` per
+    /// push), so a replica keeps an L1 copy at that version — the value this node just
+    /// wrote is not evicted again by the push its own write caused — and drops any
+    /// older one, as a pub/sub event would.
+    #[must_use]
+    pub fn alongside(mut self, pubsub: RedisInvalidator) -> Self {
+        self.alongside = Some(pubsub);
+        self
+    }
+
+    /// Connects, and opens a tracking connection once (then lets go), so a server
+    /// without RESP3 or client tracking is found now.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` for a Redis Cluster (tracking is per node: use
+    /// [`RedisInvalidator`] there); otherwise as for `RedisStoreBuilder::build`, and a
+    /// permanent `Error::Backend` when the server does not speak RESP3 (`HELLO 3`,
+    /// before Redis 6) or refuses `CLIENT TRACKING` (an ACL user without it).
+    pub async fn build(self) -> Result<RedisTrackingInvalidator> {
+        if self.target.cluster {
+            return Err(Error::InvalidArgument(
+                "client tracking is per node and a Redis Cluster spreads keys over \
+                 several: use RedisInvalidator (pub/sub) on a cluster"
+                    .into(),
+            ));
+        }
+        let connection = Connection::open(self.target, &[]).await?;
+        let inner = Inner {
+            connection,
+            prefix: format!("{}:{{", self.namespace),
+            codec: self.codec,
+            ping_every: self.ping_every,
+            node: self
+                .alongside
+                .as_ref()
+                .map_or_else(NodeId::random, |p| p.node_id()),
+            alongside: self.alongside,
+        };
+        drop(inner.open(0).await?);
+        Ok(RedisTrackingInvalidator {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+struct Inner {
+    connection: Connection,
+    /// `<namespace>:{`, the tracked prefix.
+    prefix: String,
+    codec: Codec,
+    ping_every: Duration,
+    node: NodeId,
+    alongside: Option<RedisInvalidator>,
+}
+
+/// A tracking connection and the pushes it receives.
+struct Tracked {
+    conn: MultiplexedConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+}
+
+impl Inner {
+    /// Opens a RESP3 connection to the `attempt`-th node (or Sentinel's primary) and
+    /// turns broadcast tracking on for the prefix. Pushes sent from then on are
+    /// received.
+    async fn open(&self, attempt: usize) -> Result<Tracked> {
+        let target = self.connection.target();
+        let at = target.describe();
+        let fail = |e| build_error("tracking", &at, target.connection_timeout, e);
+        let client = self.connection.node_client("tracking", attempt).await?;
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(fail)?;
+        let (tx, pushes) = mpsc::unbounded_channel();
+        let config = target.single_attempt().set_push_sender(tx);
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(fail)?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(TRACKING_CLIENT_NAME)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(fail)?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(&self.prefix)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(fail)?;
+        Ok(Tracked { conn, pushes })
+    }
+
+    /// The signals one invalidation push stands for: a null key list (a flush) is a
+    /// `Resync`; each tracked key an invalidation of its flag — versionless, or,
+    /// alongside pub/sub, at the version the entry holds now.
+    async fn signals(&self, data: &[Value]) -> Vec<Signal> {
+        let keys = match data.first() {
+            Some(Value::Array(keys)) | Some(Value::Set(keys)) => keys,
+            _ => return vec![Signal::Resync(ResyncReason::LogReset)],
+        };
+        let mut redis_keys = Vec::with_capacity(keys.len());
+        let mut flags = Vec::with_capacity(keys.len());
+        for k in keys {
+            let bytes = match k {
+                Value::BulkString(b) => b.as_slice(),
+                Value::SimpleString(s) => s.as_bytes(),
+                _ => continue,
+            };
+            if let Some(flag) = flag_key(&self.prefix, bytes) {
+                redis_keys.push(bytes.to_vec());
+                flags.push(flag);
+            }
+        }
+        let versions = match (&self.alongside, flags.is_empty()) {
+            (Some(_), false) => self.stored_versions(&redis_keys).await,
+            _ => vec![None; flags.len()],
+        };
+        flags
+            .into_iter()
+            .zip(versions)
+            .map(|(flag, version)| {
+                let ev = Invalidation::key(flag);
+                Signal::Invalidated(match version {
+                    Some(v) => ev.with_version(v),
+                    None => ev,
+                })
+            })
+            .collect()
+    }
+
+    /// The versions the entries hold now (one `MGET`); `None` for an absent or
+    /// unreadable entry, and for all when the read fails (a versionless invalidation
+    /// is always safe).
+    async fn stored_versions(
+        &self,
+        redis_keys: &[Vec<u8>],
+    ) -> Vec<Option<flagcache_core::Version>> {
+        let mut cmd = redis::cmd("MGET");
+        for k in redis_keys {
+            cmd.arg(k.as_slice());
+        }
+        match self
+            .connection
+            .query::<Vec<Option<Vec<u8>>>>("tracking version read", &cmd)
+            .await
+        {
+            Ok(values) if values.len() == redis_keys.len() => values
+                .into_iter()
+                .map(|v| v.and_then(|b| self.codec.peek_version(&b).ok()))
+                .collect(),
+            Ok(_) => vec![None; redis_keys.len()],
+            Err(e) => {
+                tracing::debug!(error = %e, "versions of tracked keys not read");
+                vec![None; redis_keys.len()]
+            }
+        }
+    }
+}
+
+/// The flag key of a tracked Redis key: `<namespace>:{<flag key>}` without the prefix
+/// and the closing brace. Keys of another shape under the prefix are not entries:
+/// `None`.
+fn flag_key(prefix: &str, redis_key: &[u8]) -> Option<FlagKey> {
+    let inner = redis_key
+        .strip_prefix(prefix.as_bytes())?
+        .strip_suffix(b"}")?;
+    FlagKey::new(std::str::from_utf8(inner).ok()?).ok()
+}
+
+/// An [`Invalidator`] fed by the server: RESP3 broadcast client tracking.
+///
+/// Each subscription holds a dedicated RESP3 connection (named
+/// [`TRACKING_CLIENT_NAME`]) with `CLIENT TRACKING ON BCAST PREFIX <namespace>:{`.
+/// The server then pushes the key of every entry that changes — written by any
+/// client, in any language, with or without publishing; expired; evicted; deleted —
+/// and each push becomes `Signal::Invalidated` for its flag, without a version (but
+/// see [`alongside`](RedisTrackingInvalidatorBuilder::alongside)). A flush (a push
+/// with no keys: `FLUSHDB`, `FLUSHALL`) is `Resync(LogReset)`. The connection's
+/// loss (a closed socket, `CLIENT KILL`, a server restart, `tracking-redir-broken`)
+/// or silence (no answer to the PING it gets every second) is `Resync` at once,
+/// and again once a new tracking connection is in place, before any signal it
+/// carries: entries filled while it was away are never trusted after it.
+///
+/// Alone it publishes nothing: a key written through `FlagCache` is announced by the
+/// server. What the server cannot see — a tag invalidation, a namespace flush, a
+/// `purge_shared` request — needs pub/sub, and `publish` refuses it with
+/// `Error::InvalidArgument` instead of dropping it. Run it
+/// [`alongside`](RedisTrackingInvalidatorBuilder::alongside) a [`RedisInvalidator`]
+/// for both.
+///
+/// Tracking is per node: a Redis Cluster is refused at build; through Sentinel the
+/// connection follows the primary (a failover is a reconnect: `Resync`). The server
+/// must speak RESP3 (Redis 6+, Valkey).
+///
+/// ```no_run
+/// # async fn demo() -> flagcache_core::Result<()> {
+/// use flagcache_redis::{RedisInvalidator, RedisStore, RedisTrackingInvalidator};
+///
+/// let url = "redis://127.0.0.1:6379";
+/// let store = RedisStore::builder().url(url).build().await?;
+/// let pubsub = RedisInvalidator::connect(url).await?;
+/// let invalidator = RedisTrackingInvalidator::builder()
+///     .url(url)
+///     .alongside(pubsub)
+///     .build()
+///     .await?;
+/// # let _ = (store, invalidator); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisTrackingInvalidator {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisTrackingInvalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTrackingInvalidator")
+            .field("node", &self.inner.node)
+            .field("prefix", &self.inner.prefix)
+            .field("target", self.inner.connection.target())
+            .field("alongside", &self.inner.alongside)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTrackingInvalidator {
+    /// Configures a tracking invalidator.
+    pub fn builder() -> RedisTrackingInvalidatorBuilder {
+        RedisTrackingInvalidatorBuilder::default()
+    }
+
+    /// Connects to one server with default settings (namespace `flags`, alone).
+    ///
+    /// # Errors
+    /// As for [`RedisTrackingInvalidatorBuilder::build`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::builder().url(url).build().await
+    }
+}
+
+#[async_trait]
+impl Invalidator for RedisTrackingInvalidator {
+    fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    async fn publish(&self, event: &Invalidation) -> Result<()> {
+        if let Some(pubsub) = &self.inner.alongside {
+            return pubsub.publish(event).await;
+        }
+        match event.target {
+            EventTarget::Key(_) if !event.purge_shared => Ok(()),
+            _ => Err(Error::InvalidArgument(
+                "client tracking sees only writes to entries: tag and namespace \
+                 invalidations and purge_shared need pub/sub (RedisTrackingInvalidatorBuilder::alongside)"
+                    .into(),
+            )),
+        }
+    }
+
+    async fn subscribe(&self) -> Result<Subscription> {
+        let tracked = self.inner.open(0).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(listen(self.inner.clone(), tracked, tx));
+        let pushes = Subscription::from_receiver(rx);
+        match &self.inner.alongside {
+            None => Ok(pushes),
+            Some(pubsub) => {
+                let events = pubsub.subscribe().await?;
+                Ok(Subscription::from_stream(futures_util::stream::select(
+                    pushes, events,
+                )))
+            }
+        }
+    }
+}
+
+/// Turns pushes into signals until the `Subscription` is dropped; on the tracking
+/// connection's loss or silence, signals `Resync` at once, opens a new one (rotating
+/// through the nodes given, back-off 50 ms doubling to 2 s), and signals `Resync` again
+/// before anything it carries.
+async fn listen(inner: Arc<Inner>, tracked: Tracked, tx: mpsc::Sender<Signal>) {
+    let mut tracked = tracked;
+    let mut attempt = 0usize;
+    loop {
+        let Some(reason) = watch(&inner, &mut tracked, &tx).await else {
+            return;
+        };
+        tracing::warn!(%reason, prefix = %inner.prefix, "tracking connection lost; reconnecting");
+        if tx.send(Signal::Resync(reason.clone())).await.is_err() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(50);
+        tracked = loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            attempt += 1;
+            let opened = tokio::select! {
+                _ = tx.closed() => return,
+                r = tokio::time::timeout(
+                    inner.connection.target().call_limit() * 2,
+                    inner.open(attempt),
+                ) => r,
+            };
+            match opened {
+                Ok(Ok(t)) => break t,
+                Ok(Err(e)) => tracing::debug!(error = %e, "tracking reconnect failed"),
+                Err(_) => tracing::debug!("tracking reconnect timed out"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        };
+        if tx.send(Signal::Resync(reason)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Forwards one tracking connection's pushes until it is lost or silent (the reason)
+/// or the receiver is gone (`None`).
+async fn watch(
+    inner: &Inner,
+    tracked: &mut Tracked,
+    tx: &mpsc::Sender<Signal>,
+) -> Option<ResyncReason> {
+    let reply_limit = inner
+        .connection
+        .target()
+        .response_timeout
+        .max(inner.ping_every);
+    let mut ticker = tokio::time::interval(inner.ping_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = tx.closed() => return None,
+            push = tracked.pushes.recv() => {
+                let Some(push) = push else { return Some(ResyncReason::Reconnected) };
+                match push.kind {
+                    PushKind::Invalidate => {
+                        for signal in inner.signals(&push.data).await {
+                            if tx.send(signal).await.is_err() {
+                                return None;
+                            }
+                        }
+                    }
+                    PushKind::Disconnection => return Some(ResyncReason::Reconnected),
+                    PushKind::Other(kind) if kind == "tracking-redir-broken" => {
+                        return Some(ResyncReason::Reconnected);
+                    }
+                    _ => {}
+                }
+            }
+            _ = ticker.tick() => {
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<Value>(&mut tracked.conn);
+                if !matches!(tokio::time::timeout(reply_limit, ping).await, Ok(Ok(_))) {
+                    return Some(ResyncReason::HeartbeatMissed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flag_key;
+
+    #[test]
+    fn tracked_keys_map_back_to_flag_keys() {
+        let flag = |key: &[u8]| flag_key("flags:{", key).map(|k| k.as_str().to_string());
+        assert_eq!(flag(b"flags:{checkout}"), Some("checkout".into()));
+        assert_eq!(flag(b"flags:{a}b}"), Some("a}b".into()));
+        assert_eq!(flag(b"flags:{x}y"), None, "not an entry's shape");
+        assert_eq!(flag(b"flags:{}"), None, "no flag key is empty");
+        assert_eq!(flag(b"other:{x}"), None);
+    }
+}
