@@ -268,7 +268,9 @@ fn flag_key(prefix: &str, redis_key: &[u8]) -> Option<FlagKey> {
 /// loss (a closed socket, `CLIENT KILL`, a server restart, `tracking-redir-broken`)
 /// or silence (no answer to the PING it gets every second) is `Resync` at once,
 /// and again once a new tracking connection is in place, before any signal it
-/// carries: entries filled while it was away are never trusted after it.
+/// carries: entries filled while it was away are never trusted after it. A new
+/// connection that cannot turn tracking on (a server without RESP3 after a failover)
+/// is a failed attempt, retried with back-off.
 ///
 /// Alone it publishes nothing: a key written through `FlagCache` is announced by the
 /// server. What the server cannot see — a tag invalidation, a namespace flush, a
