@@ -1,6 +1,8 @@
 //! Invalidation by the server itself ([`RedisTrackingInvalidator`]): RESP3 broadcast
 //! client tracking (`CLIENT TRACKING ON BCAST PREFIX <namespace>:{`) turns every write
-//! to an entry — by any client, and expiry, eviction and `FLUSHDB` — into a signal.
+//! to an entry — by any client, and expiry, eviction and `FLUSHDB` — into a signal;
+//! the connections of one generation (one node, or every cluster primary) live in
+//! [`nodes`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,14 +13,16 @@ use flagcache_core::{
     Codec, Error, FlagKey, Invalidation, Invalidator, NodeId, Result, ResyncReason, Signal,
     Subscription, Target as EventTarget,
 };
-use redis::aio::MultiplexedConnection;
-use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{PushKind, Value};
 use tokio::sync::mpsc;
 
 use crate::connection::Connection;
-use crate::error::build_error;
 use crate::target::{connection_methods, Target};
 use crate::RedisInvalidator;
+
+mod nodes;
+
+use nodes::Generation;
 
 /// The name the tracking connection gives itself (`CLIENT SETNAME`), as `CLIENT LIST`
 /// shows it.
@@ -89,22 +93,15 @@ impl RedisTrackingInvalidatorBuilder {
         self
     }
 
-    /// Connects, and opens a tracking connection once (then lets go), so a server
+    /// Connects, and opens the tracking connections once (then lets go), so a server
     /// without RESP3 or client tracking is found now.
     ///
     /// # Errors
-    /// `Error::InvalidArgument` for a Redis Cluster (tracking is per node: use
-    /// [`RedisInvalidator`] there); otherwise as for `RedisStoreBuilder::build`, and a
-    /// permanent `Error::Backend` when the server does not speak RESP3 (`HELLO 3`,
-    /// before Redis 6) or refuses `CLIENT TRACKING` (an ACL user without it).
+    /// As for `RedisStoreBuilder::build`, and a permanent `Error::Backend` when a
+    /// server does not speak RESP3 (`HELLO 3`, before Redis 6) or refuses
+    /// `CLIENT TRACKING` (an ACL user without it); on a cluster,
+    /// `Error::InvalidArgument` when no primary serves slots.
     pub async fn build(self) -> Result<RedisTrackingInvalidator> {
-        if self.target.cluster {
-            return Err(Error::InvalidArgument(
-                "client tracking is per node and a Redis Cluster spreads keys over \
-                 several: use RedisInvalidator (pub/sub) on a cluster"
-                    .into(),
-            ));
-        }
         let connection = Connection::open(self.target, &[]).await?;
         let inner = Inner {
             connection,
@@ -117,7 +114,7 @@ impl RedisTrackingInvalidatorBuilder {
                 .map_or_else(NodeId::random, |p| p.node_id()),
             alongside: self.alongside,
         };
-        drop(inner.open(0).await?);
+        drop(nodes::open(&inner.connection, &inner.prefix, 0).await?);
         Ok(RedisTrackingInvalidator {
             inner: Arc::new(inner),
         })
@@ -134,51 +131,7 @@ struct Inner {
     alongside: Option<RedisInvalidator>,
 }
 
-/// A tracking connection and the pushes it receives.
-struct Tracked {
-    conn: MultiplexedConnection,
-    pushes: mpsc::UnboundedReceiver<PushInfo>,
-}
-
 impl Inner {
-    /// Opens a RESP3 connection to the `attempt`-th node (or Sentinel's primary) and
-    /// turns broadcast tracking on for the prefix. Pushes sent from then on are
-    /// received.
-    async fn open(&self, attempt: usize) -> Result<Tracked> {
-        let target = self.connection.target();
-        let at = target.describe();
-        let fail = |e| build_error("tracking", &at, target.connection_timeout, e);
-        let client = self.connection.node_client("tracking", attempt).await?;
-        let info = client.get_connection_info().clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(fail)?;
-        let (tx, pushes) = mpsc::unbounded_channel();
-        let config = target.single_attempt().set_push_sender(tx);
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(fail)?;
-        redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(TRACKING_CLIENT_NAME)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(fail)?;
-        redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .arg("BCAST")
-            .arg("PREFIX")
-            .arg(&self.prefix)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(fail)?;
-        Ok(Tracked { conn, pushes })
-    }
-
     /// The signals one invalidation push stands for: a null key list (a flush) is a
     /// `Resync`; each tracked key an invalidation of its flag — versionless, or,
     /// alongside pub/sub, at the version the entry holds now.
@@ -279,9 +232,12 @@ fn flag_key(prefix: &str, redis_key: &[u8]) -> Option<FlagKey> {
 /// [`alongside`](RedisTrackingInvalidatorBuilder::alongside) a [`RedisInvalidator`]
 /// for both.
 ///
-/// Tracking is per node: a Redis Cluster is refused at build; through Sentinel the
-/// connection follows the primary (a failover is a reconnect: `Resync`). The server
-/// must speak RESP3 (Redis 6+, Valkey).
+/// Tracking is per node. On a Redis Cluster a subscription holds one tracking
+/// connection to every primary that serves slots, reads the primaries again
+/// (`CLUSTER NODES`) at every PING, and when they changed — a primary added, failed
+/// or moved — signals `Resync` and tracks the new set (`Resync` again once it is in
+/// place). Through Sentinel the connection follows the primary (a failover is a
+/// reconnect: `Resync`). The servers must speak RESP3 (Redis 6+, Valkey).
 ///
 /// ```no_run
 /// # async fn demo() -> flagcache_core::Result<()> {
@@ -349,9 +305,9 @@ impl Invalidator for RedisTrackingInvalidator {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let tracked = self.inner.open(0).await?;
+        let generation = nodes::open(&self.inner.connection, &self.inner.prefix, 0).await?;
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(listen(self.inner.clone(), tracked, tx));
+        tokio::spawn(listen(self.inner.clone(), generation, tx));
         let pushes = Subscription::from_receiver(rx);
         match &self.inner.alongside {
             None => Ok(pushes),
@@ -369,8 +325,8 @@ impl Invalidator for RedisTrackingInvalidator {
 /// connection's loss or silence, signals `Resync` at once, opens a new one (rotating
 /// through the nodes given, back-off 50 ms doubling to 2 s), and signals `Resync` again
 /// before anything it carries.
-async fn listen(inner: Arc<Inner>, tracked: Tracked, tx: mpsc::Sender<Signal>) {
-    let mut tracked = tracked;
+async fn listen(inner: Arc<Inner>, generation: Generation, tx: mpsc::Sender<Signal>) {
+    let mut tracked = generation;
     let mut attempt = 0usize;
     loop {
         let Some(reason) = watch(&inner, &mut tracked, &tx).await else {
@@ -391,7 +347,7 @@ async fn listen(inner: Arc<Inner>, tracked: Tracked, tx: mpsc::Sender<Signal>) {
                 _ = tx.closed() => return,
                 r = tokio::time::timeout(
                     inner.connection.target().call_limit() * 2,
-                    inner.open(attempt),
+                    nodes::open(&inner.connection, &inner.prefix, attempt),
                 ) => r,
             };
             match opened {
@@ -407,11 +363,11 @@ async fn listen(inner: Arc<Inner>, tracked: Tracked, tx: mpsc::Sender<Signal>) {
     }
 }
 
-/// Forwards one tracking connection's pushes until it is lost or silent (the reason)
-/// or the receiver is gone (`None`).
+/// Forwards one generation's pushes until one of its connections is lost or silent,
+/// or the cluster's primaries change (the reason), or the receiver is gone (`None`).
 async fn watch(
     inner: &Inner,
-    tracked: &mut Tracked,
+    tracked: &mut Generation,
     tx: &mpsc::Sender<Signal>,
 ) -> Option<ResyncReason> {
     let reply_limit = inner
@@ -444,10 +400,22 @@ async fn watch(
                 }
             }
             _ = ticker.tick() => {
-                let cmd = redis::cmd("PING");
-                let ping = cmd.query_async::<Value>(&mut tracked.conn);
-                if !matches!(tokio::time::timeout(reply_limit, ping).await, Ok(Ok(_))) {
-                    return Some(ResyncReason::HeartbeatMissed);
+                for conn in &mut tracked.conns {
+                    let cmd = redis::cmd("PING");
+                    let ping = cmd.query_async::<Value>(conn);
+                    if !matches!(tokio::time::timeout(reply_limit, ping).await, Ok(Ok(_))) {
+                        return Some(ResyncReason::HeartbeatMissed);
+                    }
+                }
+                if let Some(tracked_primaries) = &tracked.primaries {
+                    // A primary added, gone or moved: writes there may be unseen.
+                    match nodes::primaries(&inner.connection).await {
+                        Ok(now) if &now != tracked_primaries => {
+                            return Some(ResyncReason::Reconnected);
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(error = %e, "cluster topology not read"),
+                    }
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! `RedisTrackingInvalidator` against real Redis and Valkey servers: a plain client's
 //! `SET` and an expiry reach the replicas' L1; a killed tracking connection and a flush
-//! are `Resync`; alongside pub/sub, a node's own write stays in its L1; a cluster and a
-//! server without RESP3 are refused at build.
+//! are `Resync`; alongside pub/sub, a node's own write stays in its L1; on a cluster
+//! every primary is tracked, a new one too; a server without RESP3 is refused at build.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -318,19 +318,95 @@ async fn a_server_without_resp3_is_refused_at_build(flavor: Flavor) {
     );
 }
 
-/// The limitation, shown: tracking is per node, so a cluster is refused at build
-/// (pub/sub works there: `conformance.rs` runs it on a cluster).
-async fn a_cluster_is_refused_at_build(flavor: Flavor) {
+/// Writes `flags:{<k>}` = "x" through a cluster client (which follows `MOVED`).
+async fn cluster_set(conn: &mut redis::cluster_async::ClusterConnection, k: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(format!("flags:{{{k}}}"))
+        .arg("x")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// Waits for invalidations of every key in `want` (others are ignored).
+async fn expect_keys(sub: &mut Subscription, want: &[String]) {
+    let mut missing: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
+    while !missing.is_empty() {
+        match next(sub).await {
+            Signal::Invalidated(ev) => {
+                if let Target::Key(k) = &ev.target {
+                    missing.remove(k.as_str());
+                }
+            }
+            s => panic!("{s:?} while waiting for {missing:?}"),
+        }
+    }
+}
+
+async fn on_a_cluster_every_primary_is_tracked_and_a_new_one_joins(flavor: Flavor) {
+    let mut cluster = RedisCluster::start_with(flavor, 3).unwrap();
+    let inv = RedisTrackingInvalidator::builder()
+        .cluster(cluster.urls())
+        .ping_every(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    for node in cluster.nodes() {
+        assert!(
+            node.command(&["CLIENT", "LIST"])
+                .unwrap()
+                .contains(&format!(" name={TRACKING_CLIENT_NAME} ")),
+            "a primary without a tracking connection"
+        );
+    }
+    let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    // 30 keys land on all three primaries.
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        cluster_set(&mut conn, k).await;
+    }
+    expect_keys(&mut sub, &keys).await;
+
+    // A fourth primary takes over the slot of `moved`: noticed at a PING, `Resync`
+    // when noticed and again once it is tracked too.
+    let slot: u16 = cluster.nodes()[0]
+        .command(&["CLUSTER", "KEYSLOT", "flags:{moved}"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    cluster.add_primary(slot).unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            next(&mut sub).await,
+            Signal::Resync(ResyncReason::Reconnected)
+        );
+    }
+    cluster_set(&mut conn, "moved").await;
+    expect_keys(&mut sub, &["moved".to_string()]).await;
+}
+
+async fn on_a_cluster_a_lost_primary_connection_is_a_resync(flavor: Flavor) {
     let cluster = RedisCluster::start_with(flavor, 3).unwrap();
-    let err = RedisTrackingInvalidator::builder()
+    let inv = RedisTrackingInvalidator::builder()
         .cluster(cluster.urls())
         .build()
         .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::InvalidArgument(m) if m.contains("pub/sub")),
-        "{err}"
-    );
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    let node = &cluster.nodes()[1];
+    let id = tracking_client_id(node);
+    assert_eq!(node.command(&["CLIENT", "KILL", "ID", &id]).unwrap(), "1");
+    for _ in 0..2 {
+        assert_eq!(
+            next(&mut sub).await,
+            Signal::Resync(ResyncReason::Reconnected)
+        );
+    }
 }
 
 on_both_flavors!(
@@ -342,5 +418,6 @@ on_both_flavors!(
     alongside_pubsub_a_nodes_own_write_stays_in_its_l1,
     alone_it_refuses_what_the_server_cannot_see,
     a_server_without_resp3_is_refused_at_build,
-    a_cluster_is_refused_at_build,
+    on_a_cluster_every_primary_is_tracked_and_a_new_one_joins,
+    on_a_cluster_a_lost_primary_connection_is_a_resync,
 );
