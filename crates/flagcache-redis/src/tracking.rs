@@ -222,8 +222,10 @@ fn flag_key(prefix: &str, redis_key: &[u8]) -> Option<FlagKey> {
 /// or silence (no answer to the PING it gets every second) is `Resync` at once,
 /// and again once a new tracking connection is in place, before any signal it
 /// carries: entries filled while it was away are never trusted after it. A new
-/// connection that cannot turn tracking on (a server without RESP3 after a failover)
-/// is a failed attempt, retried with back-off.
+/// connection refused for good — a server that no longer speaks RESP3 after a
+/// failover, a user no longer allowed `CLIENT TRACKING` — ends the subscription
+/// instead (`FlagCache` then serves no L1 entry as fresh until it has subscribed
+/// again); transient failures are retried with back-off.
 ///
 /// Alone it publishes nothing: a key written through `FlagCache` is announced by the
 /// server. What the server cannot see — a tag invalidation, a namespace flush, a
@@ -324,7 +326,7 @@ impl Invalidator for RedisTrackingInvalidator {
 /// Turns pushes into signals until the `Subscription` is dropped; on the tracking
 /// connection's loss or silence, signals `Resync` at once, opens a new one (rotating
 /// through the nodes given, back-off 50 ms doubling to 2 s), and signals `Resync` again
-/// before anything it carries.
+/// before anything it carries. A permanent error on reopening ends the subscription.
 async fn listen(inner: Arc<Inner>, generation: Generation, tx: mpsc::Sender<Signal>) {
     let mut tracked = generation;
     let mut attempt = 0usize;
@@ -352,6 +354,12 @@ async fn listen(inner: Arc<Inner>, generation: Generation, tx: mpsc::Sender<Sign
             };
             match opened {
                 Ok(Ok(t)) => break t,
+                // A server that no longer speaks RESP3 or lets this user track: the
+                // subscription ends, and the cache stops trusting L1 until a new one.
+                Ok(Err(e)) if !e.is_transient() => {
+                    tracing::error!(error = %e, "tracking cannot be turned on again; subscription ends");
+                    return;
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "tracking reconnect failed"),
                 Err(_) => tracing::debug!("tracking reconnect timed out"),
             }

@@ -175,6 +175,30 @@ async fn a_killed_tracking_connection_is_a_resync_then_tracking_resumes(flavor: 
     ));
 }
 
+async fn a_reconnect_refused_for_good_ends_the_subscription(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
+    let inv = RedisTrackingInvalidator::connect(&server.url())
+        .await
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    // The user may no longer turn tracking on (NOPERM: permanent), as a server that no
+    // longer spoke RESP3 would refuse HELLO 3.
+    assert_eq!(
+        server
+            .command(&["ACL", "SETUSER", "default", "-client|tracking"])
+            .unwrap(),
+        "OK"
+    );
+    let id = tracking_client_id(&server);
+    server.command(&["CLIENT", "KILL", "ID", &id]).unwrap();
+    assert_eq!(
+        next(&mut sub).await,
+        Signal::Resync(ResyncReason::Reconnected)
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await;
+    assert_eq!(ended, Ok(None), "the subscription goes on");
+}
+
 async fn a_flush_is_a_resync(flavor: Flavor) {
     let server = RedisServer::start_with(flavor).unwrap();
     let inv = RedisTrackingInvalidator::connect(&server.url())
@@ -414,6 +438,7 @@ on_both_flavors!(
     an_expiry_is_an_invalidation,
     a_killed_tracking_connection_is_a_resync_then_tracking_resumes,
     a_flush_is_a_resync,
+    a_reconnect_refused_for_good_ends_the_subscription,
     locks_and_other_namespaces_are_not_tracked,
     alongside_pubsub_a_nodes_own_write_stays_in_its_l1,
     alone_it_refuses_what_the_server_cannot_see,
