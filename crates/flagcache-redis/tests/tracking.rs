@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{json_store, key, next, on_both_flavors, raw_conn};
+use common::{json_store, key, next, next_within, on_both_flavors, raw_conn};
 use flagcache_core::{
     CacheStatus, Error, FlagCache, FlagKey, Invalidation, Invalidator, JsonCodec, ResyncReason,
     Signal, Subscription, Target, Version,
@@ -17,7 +17,7 @@ use flagcache_core::{
 use flagcache_redis::{
     RedisInvalidator, RedisStore, RedisTrackingInvalidator, TRACKING_CLIENT_NAME,
 };
-use flagcache_testkit::{CountingSource, Flavor, RedisCluster, RedisServer};
+use flagcache_testkit::{CountingSource, Flavor, RedisCluster, RedisSentinel, RedisServer};
 
 /// Writes `raw` under `flags:{<k>}` with a plain client, as a service in another
 /// language would: no store, no publish.
@@ -197,6 +197,62 @@ async fn a_reconnect_refused_for_good_ends_the_subscription(flavor: Flavor) {
     );
     let ended = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await;
     assert_eq!(ended, Ok(None), "the subscription goes on");
+}
+
+async fn entries_filled_before_a_lost_tracking_connection_are_not_served_fresh(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
+    let inv = RedisTrackingInvalidator::connect(&server.url())
+        .await
+        .unwrap();
+    let cache = replica(&server.url(), inv).await;
+    let k = key("held");
+    cache.get(&k).await.unwrap();
+    until_in_l1(&cache, &k).await;
+    let id = tracking_client_id(&server);
+    server.command(&["CLIENT", "KILL", "ID", &id]).unwrap();
+    // Writes may have been missed while it was away: once it is back (a second
+    // tracking client listed), the entry is read from L2 again, not served from L1.
+    let start = Instant::now();
+    while cache.stats().resyncs < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(tracking_client_id(&server), id);
+    assert_eq!(cache.lookup(&k).await.unwrap().status, CacheStatus::HitL2);
+}
+
+async fn through_sentinel_tracking_follows_a_failover(flavor: Flavor) {
+    let mut setup = RedisSentinel::start_with(flavor, None).unwrap();
+    let inv = RedisTrackingInvalidator::builder()
+        .sentinel([setup.sentinel_url()], RedisSentinel::SERVICE)
+        .connection_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .ping_every(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = inv.subscribe().await.unwrap();
+    foreign_set(&setup.primary_mut().url(), "before", "x", None).await;
+    expect_keys(&mut sub, &["before".to_string()]).await;
+
+    let setup = tokio::task::spawn_blocking(move || {
+        setup.fail_over().unwrap();
+        setup
+    })
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            next_within(&mut sub, Duration::from_secs(30)).await,
+            Signal::Resync(_)
+        ));
+    }
+    foreign_set(&setup.replica().url(), "after", "x", None).await;
+    expect_keys(&mut sub, &["after".to_string()]).await;
 }
 
 async fn a_flush_is_a_resync(flavor: Flavor) {
@@ -438,6 +494,8 @@ on_both_flavors!(
     an_expiry_is_an_invalidation,
     a_killed_tracking_connection_is_a_resync_then_tracking_resumes,
     a_flush_is_a_resync,
+    entries_filled_before_a_lost_tracking_connection_are_not_served_fresh,
+    through_sentinel_tracking_follows_a_failover,
     a_reconnect_refused_for_good_ends_the_subscription,
     locks_and_other_namespaces_are_not_tracked,
     alongside_pubsub_a_nodes_own_write_stays_in_its_l1,
