@@ -31,6 +31,7 @@ fn every_scenario_runs_and_its_correctness_targets_hold() {
         "cold-key storm",
         "rollout storm",
         "propagation",
+        "foreign writer",
         "cache down",
     ] {
         let found: Vec<_> = rows

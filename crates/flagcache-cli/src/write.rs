@@ -8,12 +8,15 @@ use serde_json::{json, Value};
 use crate::report::{Failure, Report};
 
 /// A cache over the backend that writes and publishes; it never loads (the command
-/// line is not a source of truth).
+/// line is not a source of truth). An operator's write may take its time (a large
+/// value goes to memcached in chunks): its L2 calls are given 5 s, not a request
+/// path's 250 ms.
 async fn cache(backend: &Backend) -> Result<FlagCache<Value>, Failure> {
     let no_source = |_key: FlagKey| async { Ok(None) };
     backend
         .cache_builder(no_source)
         .name("flagcache-cli")
+        .l2_timeout(std::time::Duration::from_secs(5))
         .build()
         .await
         .map_err(Failure::connect)

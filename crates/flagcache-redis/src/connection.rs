@@ -147,19 +147,32 @@ impl Connection {
     pub(crate) async fn subscribe(&self, channel: &str, attempt: usize) -> Result<PubSub> {
         let at = self.target.describe();
         let fail = |e| build_error("subscribe", &at, self.target.connection_timeout, e);
-        let client = match &self.conn {
-            Conn::Sentinel(s) => s.primary_client().await.map_err(fail)?,
+        let client = self.node_client("subscribe", attempt).await?;
+        let mut pubsub = client.get_async_pubsub().await.map_err(fail)?;
+        pubsub.subscribe(channel).await.map_err(fail)?;
+        Ok(pubsub)
+    }
+
+    /// A client for the node a dedicated connection goes to: the `attempt`-th node
+    /// given (modulo their number), or the current primary when connected through
+    /// Sentinel. Errors are reported as `operation`'s, naming the target.
+    pub(crate) async fn node_client(
+        &self,
+        operation: &'static str,
+        attempt: usize,
+    ) -> Result<redis::Client> {
+        let at = self.target.describe();
+        let fail = |e| build_error(operation, &at, self.target.connection_timeout, e);
+        match &self.conn {
+            Conn::Sentinel(s) => s.primary_client().await.map_err(fail),
             _ => {
                 let urls = &self.target.urls;
                 let url = urls
                     .get(attempt % urls.len().max(1))
                     .ok_or_else(|| Error::InvalidArgument("a Redis URL is required".into()))?;
-                self.target.client(url).map_err(fail)?
+                self.target.client(url).map_err(fail)
             }
-        };
-        let mut pubsub = client.get_async_pubsub().await.map_err(fail)?;
-        pubsub.subscribe(channel).await.map_err(fail)?;
-        Ok(pubsub)
+        }
     }
 }
 

@@ -12,11 +12,15 @@ mod sentinel;
 mod store;
 mod target;
 mod tls;
+mod tracking;
 
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
 pub use layout::KeyLayout;
 pub use lock::RedisLock;
 pub use store::{RedisStore, RedisStoreBuilder};
+pub use tracking::{
+    RedisTrackingInvalidator, RedisTrackingInvalidatorBuilder, TRACKING_CLIENT_NAME,
+};
 
 /// The backend name errors and metrics carry.
 const BACKEND: &str = "redis";

@@ -7,14 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::key;
+use common::{key, on_both_flavors};
 use flagcache_core::{Entry, Error, FlagKey, FlagStore, Version};
 use flagcache_redis::RedisStore;
-use flagcache_testkit::RedisServer;
+use flagcache_testkit::{Flavor, RedisServer};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_values_are_refused_and_nothing_is_written() {
-    let server = RedisServer::start().unwrap();
+async fn oversized_values_are_refused_and_nothing_is_written(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::builder()
         .url(server.url())
         .max_value_size(4096)
@@ -40,3 +39,5 @@ async fn oversized_values_are_refused_and_nothing_is_written() {
         Err(Error::InvalidKey { .. })
     ));
 }
+
+on_both_flavors!(oversized_values_are_refused_and_nothing_is_written,);

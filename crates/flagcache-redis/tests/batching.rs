@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{key, raw_conn};
+use common::{key, on_both_flavors, raw_conn};
 use flagcache_core::{CacheStatus, FlagCache, FlagKey, FlagStoreExt, Version};
 use flagcache_redis::RedisStore;
-use flagcache_testkit::RedisServer;
+use flagcache_testkit::{Flavor, RedisServer};
 
 /// `INFO commandstats` calls of `command` so far.
 async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
@@ -31,10 +31,9 @@ async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &s
 /// Under concurrent misses the cache reads Redis with `MGET` batches rather than one
 /// `GET` per key; every key gets its own entry, and a corrupt entry in a batch costs
 /// only its own key (deleted, then loaded from the source).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_misses_read_redis_in_mget_batches_key_by_key() {
+async fn concurrent_misses_read_redis_in_mget_batches_key_by_key(flavor: Flavor) {
     const KEYS: usize = 300;
-    let server = RedisServer::start().unwrap();
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let keys: Vec<FlagKey> = (0..KEYS).map(|i| key(&format!("mget.{i}"))).collect();
     for (i, k) in keys.iter().enumerate() {
@@ -111,3 +110,5 @@ async fn concurrent_misses_read_redis_in_mget_batches_key_by_key() {
         "{gets} GETs and {mgets} MGETs for {KEYS} keys"
     );
 }
+
+on_both_flavors!(concurrent_misses_read_redis_in_mget_batches_key_by_key,);

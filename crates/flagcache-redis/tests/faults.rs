@@ -7,17 +7,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{invalidator_with_heartbeat, key, next, store_with_timeouts};
+use common::{invalidator_with_heartbeat, key, next, on_both_flavors, store_with_timeouts};
 use flagcache_core::{
     CacheStatus, Checked, Entry, FlagCache, FlagStore, FlagStoreExt, Invalidation, Invalidator,
     PutOutcome, Signal, StaleReason, Target, Version,
 };
 use flagcache_redis::RedisStore;
-use flagcache_testkit::{Answer, CountingSource, RedisServer};
+use flagcache_testkit::{Answer, CountingSource, Flavor, RedisServer};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first() {
-    let mut server = RedisServer::start().unwrap();
+async fn a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first(flavor: Flavor) {
+    let mut server = RedisServer::start_with(flavor).unwrap();
     let store = store_with_timeouts(&server.url(), Duration::from_millis(300)).await;
     let publisher = invalidator_with_heartbeat(&server.url(), Duration::from_millis(100)).await;
     let subscriber = publisher.peer();
@@ -74,9 +73,8 @@ async fn a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first()
     panic!("no event after the restart");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scripts_are_reloaded_after_script_flush() {
-    let server = RedisServer::start().unwrap();
+async fn scripts_are_reloaded_after_script_flush(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let k = key("k");
     for v in 1..=20u64 {
@@ -99,9 +97,8 @@ async fn scripts_are_reloaded_after_script_flush() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
-    let mut server = RedisServer::start().unwrap();
+async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries(flavor: Flavor) {
+    let mut server = RedisServer::start_with(flavor).unwrap();
     let store = store_with_timeouts(&server.url(), Duration::from_millis(200)).await;
     let source = CountingSource::new(1);
     let cache = FlagCache::<String>::builder(store.clone(), source.clone())
@@ -158,3 +155,9 @@ async fn flag_cache_over_redis_survives_a_dead_server_and_garbage_entries() {
     let l = cache.lookup(&key("k")).await.unwrap();
     assert!(!matches!(l.status, CacheStatus::Stale(_)), "{l:?}");
 }
+
+on_both_flavors!(
+    a_restart_fails_calls_fast_then_recovers_and_subscribers_resync_first,
+    scripts_are_reloaded_after_script_flush,
+    flag_cache_over_redis_survives_a_dead_server_and_garbage_entries,
+);

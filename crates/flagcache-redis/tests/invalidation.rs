@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use common::{
     foreign_event, foreign_heartbeat, invalidator_with_heartbeat, key, next, next_message,
-    raw_publish, raw_subscriber, CHANNEL, FOREIGN,
+    on_both_flavors, raw_publish, raw_subscriber, CHANNEL, FOREIGN,
 };
 use flagcache_core::{
     Invalidation, Invalidator, JsonCodec, ResyncReason, Signal, Subscription, Target, Version,
 };
 use flagcache_redis::RedisInvalidator;
-use flagcache_testkit::RedisServer;
+use flagcache_testkit::{Flavor, RedisServer};
 use futures_util::StreamExt;
 
 /// A subscription on `server`, and the invalidator it belongs to.
@@ -36,9 +36,8 @@ fn foreign_gap(expected: u64, got: u64) -> Signal {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_skipped_sequence_number_names_the_gap() {
-    let server = RedisServer::start().unwrap();
+async fn a_skipped_sequence_number_names_the_gap(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let (_inv, mut sub) = subscription(&server).await;
     raw_publish(&server.url(), vec![foreign_event(1), foreign_event(3)]).await;
     assert!(matches!(next(&mut sub).await, Signal::Invalidated(ev) if ev.seq == 1));
@@ -46,9 +45,8 @@ async fn a_skipped_sequence_number_names_the_gap() {
     assert!(matches!(next(&mut sub).await, Signal::Invalidated(ev) if ev.seq == 3));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_last_event_is_revealed_by_the_next_heartbeat() {
-    let server = RedisServer::start().unwrap();
+async fn a_lost_last_event_is_revealed_by_the_next_heartbeat(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let (_inv, mut sub) = subscription(&server).await;
     // Event 1 arrives; event 2 is lost; the publisher's heartbeat says it sent 2.
     raw_publish(
@@ -60,9 +58,8 @@ async fn a_lost_last_event_is_revealed_by_the_next_heartbeat() {
     assert_eq!(next(&mut sub).await, foreign_gap(2, 2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_subscription_is_noticed_by_missing_heartbeats() {
-    let server = RedisServer::start().unwrap();
+async fn a_silent_subscription_is_noticed_by_missing_heartbeats(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let inv = invalidator_with_heartbeat(&server.url(), Duration::from_millis(100)).await;
     let mut sub = inv.subscribe().await.unwrap();
     // The server stops answering everyone for 1.5 s: nothing arrives, not even our
@@ -74,9 +71,8 @@ async fn a_silent_subscription_is_noticed_by_missing_heartbeats() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quiet_subscribers_publish_no_heartbeats() {
-    let server = RedisServer::start().unwrap();
+async fn quiet_subscribers_publish_no_heartbeats(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let inv = invalidator_with_heartbeat(&server.url(), Duration::from_millis(50)).await;
     let _sub = inv.subscribe().await.unwrap();
     let mut stream = raw_subscriber(&server.url()).await;
@@ -94,9 +90,8 @@ async fn quiet_subscribers_publish_no_heartbeats() {
     assert_eq!(hb.get_payload_bytes()[..3], [0xF1, 0xA8, 0x01]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_healthy_subscription_never_resyncs() {
-    let server = RedisServer::start().unwrap();
+async fn a_healthy_subscription_never_resyncs(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let a = invalidator_with_heartbeat(&server.url(), Duration::from_millis(20)).await;
     let b = a.peer();
     let mut sub = b.subscribe().await.unwrap();
@@ -121,9 +116,8 @@ async fn a_healthy_subscription_never_resyncs() {
     assert_eq!(events, 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_events_from_redis_cli_are_received() {
-    let server = RedisServer::start().unwrap();
+async fn json_events_from_redis_cli_are_received(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let inv = RedisInvalidator::builder()
         .url(server.url())
         .codec(JsonCodec::new())
@@ -158,3 +152,12 @@ async fn json_events_from_redis_cli_are_received() {
         "{text}"
     );
 }
+
+on_both_flavors!(
+    a_skipped_sequence_number_names_the_gap,
+    a_lost_last_event_is_revealed_by_the_next_heartbeat,
+    a_silent_subscription_is_noticed_by_missing_heartbeats,
+    quiet_subscribers_publish_no_heartbeats,
+    a_healthy_subscription_never_resyncs,
+    json_events_from_redis_cli_are_received,
+);

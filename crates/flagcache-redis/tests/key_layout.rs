@@ -10,37 +10,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{key, raw_conn};
-use flagcache_core::bytes::Bytes;
-use flagcache_core::conformance::{self, RawAccess};
-use flagcache_core::{
-    async_trait, Coalescer, FlagKey, FlagStore, FlagStoreExt, JsonCodec, Result, Version,
-};
+use common::{key, on_both_flavors, raw_conn, Raw};
+use flagcache_core::conformance;
+use flagcache_core::{Coalescer, FlagStore, FlagStoreExt, JsonCodec, Version};
 use flagcache_redis::{RedisLock, RedisStore, RedisStoreBuilder};
-use flagcache_testkit::{RedisCluster, RedisServer};
+use flagcache_testkit::{Flavor, RedisCluster, RedisServer};
 
 const TEMPLATES: [&str; 3] = ["{ns}:{{key}}", "{ns}:{key}", "{{ns}}:{key}"];
-
-/// Plants raw bytes at the store's key with a plain `SET` through `C`.
-struct Raw<C> {
-    store: RedisStore,
-    conn: tokio::sync::Mutex<C>,
-}
-
-#[async_trait]
-impl<C: redis::aio::ConnectionLike + Send + Sync> RawAccess for Raw<C> {
-    async fn write_raw(&self, key: &FlagKey, bytes: Bytes, ttl: Duration) -> Result<()> {
-        let mut c = self.conn.lock().await;
-        redis::cmd("SET")
-            .arg(self.store.redis_key(key))
-            .arg(&bytes[..])
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async::<()>(&mut *c)
-            .await
-            .map_err(|e| flagcache_core::Error::backend("redis", "raw set", true, e))
-    }
-}
 
 /// The suite and the lock's properties over stores `build` makes.
 async fn suite<C: redis::aio::ConnectionLike + Send + Sync>(
@@ -55,10 +31,7 @@ async fn suite<C: redis::aio::ConnectionLike + Send + Sync>(
         .await
         .unwrap();
     assert_eq!(store.key_layout().template(), template);
-    let raw = Raw {
-        store: store.clone(),
-        conn: tokio::sync::Mutex::new(conn),
-    };
+    let raw = Raw::new(&store, conn);
     conformance::run_store_suite(Arc::new(store.clone()), &raw).await;
     let fleet: Vec<Arc<dyn Coalescer>> = (0..3)
         .map(|_| Arc::new(RedisLock::new(&store)) as Arc<dyn Coalescer>)
@@ -66,9 +39,8 @@ async fn suite<C: redis::aio::ConnectionLike + Send + Sync>(
     conformance::one_load_per_burst(&fleet, Arc::new(store.clone())).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_layout_passes_the_suite_on_one_node() {
-    let server = RedisServer::start().unwrap();
+async fn every_layout_passes_the_suite_on_one_node(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     for template in TEMPLATES {
         let url = server.url();
         suite(
@@ -80,9 +52,8 @@ async fn every_layout_passes_the_suite_on_one_node() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_layout_passes_the_suite_on_a_cluster() {
-    let cluster = RedisCluster::start(3).unwrap();
+async fn every_layout_passes_the_suite_on_a_cluster(flavor: Flavor) {
+    let cluster = RedisCluster::start_with(flavor, 3).unwrap();
     for template in TEMPLATES {
         let conn = redis::cluster::ClusterClient::new(cluster.urls())
             .unwrap()
@@ -101,9 +72,8 @@ async fn every_layout_passes_the_suite_on_a_cluster() {
 /// A service in another language keeps flags at `flags:<flagKey>` in the JSON layout:
 /// with `{ns}:{key}` the store reads its entries, writes where it reads, and its `DEL`
 /// removes ours.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_services_plain_keys_are_shared() {
-    let server = RedisServer::start().unwrap();
+async fn a_foreign_services_plain_keys_are_shared(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::builder()
         .url(server.url())
         .key_layout("{ns}:{key}")
@@ -158,9 +128,8 @@ async fn a_foreign_services_plain_keys_are_shared() {
 }
 
 /// A template that cannot be right is refused at build, named, with the accepted forms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_layout_is_refused_at_build() {
-    let server = RedisServer::start().unwrap();
+async fn a_bad_layout_is_refused_at_build(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let e = RedisStore::builder()
         .url(server.url())
         .key_layout("{ns}:{flag}")
@@ -174,3 +143,10 @@ async fn a_bad_layout_is_refused_at_build() {
         "{text}"
     );
 }
+
+on_both_flavors!(
+    every_layout_passes_the_suite_on_one_node,
+    every_layout_passes_the_suite_on_a_cluster,
+    a_foreign_services_plain_keys_are_shared,
+    a_bad_layout_is_refused_at_build,
+);

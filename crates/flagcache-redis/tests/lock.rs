@@ -7,10 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::key;
+use common::{key, on_both_flavors};
 use flagcache_core::{FlagCache, FlagKey};
 use flagcache_redis::{RedisLock, RedisStore};
-use flagcache_testkit::{Answer, CountingSource, RedisServer};
+use flagcache_testkit::{Answer, CountingSource, Flavor, RedisServer};
 
 /// `n` replicas over `server`, each with its own connections (as separate processes
 /// would have), loading from `source` behind a `RedisLock` made by `lock`; with an
@@ -60,9 +60,8 @@ fn read_storm(
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_replicas_times_100_cold_reads_cost_one_load() {
-    let server = RedisServer::start().unwrap();
+async fn eight_replicas_times_100_cold_reads_cost_one_load(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let source = CountingSource::new(1).with_latency(Duration::from_millis(200));
     let replicas = replicas(&server, 8, &source, |l| l, false).await;
     let k = key("cold");
@@ -78,9 +77,8 @@ async fn eight_replicas_times_100_cold_reads_cost_one_load() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
-    let server = RedisServer::start().unwrap();
+async fn a_dead_lock_holder_is_taken_over_after_its_ttl(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let source = CountingSource::new(1).with_latency(Duration::from_millis(1));
     let cache = FlagCache::<String>::builder(store.clone(), source.clone())
@@ -112,9 +110,8 @@ async fn a_dead_lock_holder_is_taken_over_after_its_ttl() {
 /// Waiters wake when the holder announces its release, not at their next poll: with a
 /// 10 s poll interval, the other replicas still get the value within moments of the
 /// load ending.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
-    let server = RedisServer::start().unwrap();
+async fn waiters_wake_on_the_release_announcement_not_the_next_poll(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let source = CountingSource::new(1).with_latency(Duration::from_millis(300));
     let slow_poll = |l: RedisLock| l.poll_interval(Duration::from_secs(10));
     let replicas = replicas(&server, 3, &source, slow_poll, false).await;
@@ -145,9 +142,8 @@ async fn waiters_wake_on_the_release_announcement_not_the_next_poll() {
 /// A flag the source does not have, read by 8 replicas at once: the lock holder's
 /// answer reaches the waiters through a short-lived marker, so the source is asked
 /// once — not once per replica, each taking the lock in turn to ask again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_absent_flag_costs_the_source_one_call_across_replicas() {
-    let server = RedisServer::start().unwrap();
+async fn an_absent_flag_costs_the_source_one_call_across_replicas(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let absent = CountingSource::new(1).with_latency(Duration::from_millis(200));
     absent.set_answer(Answer::Absent);
     let replicas = replicas(&server, 8, &absent, |l| l, false).await;
@@ -205,9 +201,8 @@ async fn an_absence_fenced_by_an_unheard_invalidation_leaves_no_marker() {
 
 /// A "no such flag" that an invalidation overtook — the flag was created while the
 /// holder asked — is not handed to the waiters: they load it themselves and find it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
-    let server = RedisServer::start().unwrap();
+async fn an_absence_overtaken_by_an_invalidation_is_not_shared(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     // The first call answers "none" slowly; the flag exists for every later one.
     let source = CountingSource::new(1).with_latency(Duration::from_millis(400));
     source.set_answer(Answer::Absent);
@@ -248,10 +243,9 @@ async fn an_absence_overtaken_by_an_invalidation_is_not_shared() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_lock_passes_the_coalescer_properties() {
+async fn the_lock_passes_the_coalescer_properties(flavor: Flavor) {
     use flagcache_core::{conformance, Coalescer};
-    let server = RedisServer::start().unwrap();
+    let server = RedisServer::start_with(flavor).unwrap();
     // One store and one lock per simulated process, all on the one server.
     let mut fleet: Vec<Arc<dyn Coalescer>> = Vec::new();
     for _ in 0..6 {
@@ -268,9 +262,8 @@ async fn the_lock_passes_the_coalescer_properties() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_loader_that_panics_releases_the_lock_at_once() {
-    let server = RedisServer::start().unwrap();
+async fn a_loader_that_panics_releases_the_lock_at_once(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     // The first call panics after 300 ms, holding the lock until then; later calls answer.
     let source = CountingSource::new(1).with_latency(Duration::from_millis(300));
     source.set_answer(Answer::Panic);
@@ -301,3 +294,13 @@ async fn a_loader_that_panics_releases_the_lock_at_once() {
     );
     assert_eq!(source.calls(), 2);
 }
+
+on_both_flavors!(
+    eight_replicas_times_100_cold_reads_cost_one_load,
+    a_dead_lock_holder_is_taken_over_after_its_ttl,
+    waiters_wake_on_the_release_announcement_not_the_next_poll,
+    an_absent_flag_costs_the_source_one_call_across_replicas,
+    an_absence_overtaken_by_an_invalidation_is_not_shared,
+    the_lock_passes_the_coalescer_properties,
+    a_loader_that_panics_releases_the_lock_at_once,
+);

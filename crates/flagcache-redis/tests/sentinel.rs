@@ -7,17 +7,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_round_trip, key, next_within};
+use common::{assert_round_trip, key, next_within, on_both_flavors};
 use flagcache_core::{
     FlagKey, FlagStore, FlagStoreExt, Invalidation, Invalidator, PutOutcome, Signal, Target,
     Version,
 };
 use flagcache_redis::{RedisInvalidator, RedisStore};
-use flagcache_testkit::RedisSentinel;
+use flagcache_testkit::{Flavor, RedisSentinel};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_and_invalidator_carry_on_after_a_failover() {
-    let setup = RedisSentinel::start().unwrap();
+async fn store_and_invalidator_carry_on_after_a_failover(flavor: Flavor) {
+    let setup = RedisSentinel::start_with(flavor, None).unwrap();
     let sentinels = [setup.sentinel_url()];
     let store = RedisStore::builder()
         .sentinel(sentinels.clone(), RedisSentinel::SERVICE)
@@ -103,9 +102,8 @@ async fn store_and_invalidator_carry_on_after_a_failover() {
     panic!("no event after the failover (resynced: {resynced})");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_nodes_with_a_password() {
-    let setup = RedisSentinel::start_with_password("n0de-secret").unwrap();
+async fn data_nodes_with_a_password(flavor: Flavor) {
+    let setup = RedisSentinel::start_with(flavor, Some("n0de-secret")).unwrap();
     let sentinels = [setup.sentinel_url()];
     let err = RedisStore::builder()
         .sentinel(sentinels.clone(), RedisSentinel::SERVICE)
@@ -169,9 +167,8 @@ async fn store_with_a_flag(setup: &RedisSentinel, response: Duration) -> (RedisS
 /// When the connection to the primary breaks under load, the requests that find it
 /// gone wait for one rediscovery instead of each asking Sentinel and connecting anew:
 /// a burst of 200 costs the primary a handful of new connections, not one each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_after_a_broken_connection_reconnects_once() {
-    let mut setup = RedisSentinel::start().unwrap();
+async fn a_burst_after_a_broken_connection_reconnects_once(flavor: Flavor) {
+    let mut setup = RedisSentinel::start_with(flavor, None).unwrap();
     let (store, k) = store_with_a_flag(&setup, Duration::from_millis(500)).await;
     let before = connections_received(setup.primary_mut());
     // Every client connection of the primary dropped at once (ours included).
@@ -210,9 +207,8 @@ async fn a_burst_after_a_broken_connection_reconnects_once() {
 /// A caller that gives up on a silent primary before the connection's own response
 /// timeout (as `FlagCache`'s shorter L2 timeout does) still makes the store forget
 /// that connection: the next call asks Sentinel and connects anew.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_given_up_on_a_silent_primary_forgets_its_connection() {
-    let mut setup = RedisSentinel::start().unwrap();
+async fn a_call_given_up_on_a_silent_primary_forgets_its_connection(flavor: Flavor) {
+    let mut setup = RedisSentinel::start_with(flavor, None).unwrap();
     let (store, k) = store_with_a_flag(&setup, Duration::from_secs(5)).await;
     let before = connections_received(setup.primary_mut());
     setup.primary_mut().pause().unwrap();
@@ -227,3 +223,10 @@ async fn a_call_given_up_on_a_silent_primary_forgets_its_connection() {
         "the silent connection was reused instead of forgotten"
     );
 }
+
+on_both_flavors!(
+    store_and_invalidator_carry_on_after_a_failover,
+    data_nodes_with_a_password,
+    a_burst_after_a_broken_connection_reconnects_once,
+    a_call_given_up_on_a_silent_primary_forgets_its_connection,
+);

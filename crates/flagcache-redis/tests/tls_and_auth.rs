@@ -6,14 +6,17 @@
 
 mod common;
 
-use common::{assert_round_trip, key, next};
+use common::{assert_round_trip, key, next, on_both_flavors};
 use flagcache_core::{Invalidation, Invalidator, Signal, Target};
 use flagcache_redis::{RedisInvalidator, RedisStore};
-use flagcache_testkit::RedisServer;
+use flagcache_testkit::{Flavor, RedisServer};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_password_is_a_clear_error_at_connect() {
-    let server = RedisServer::builder().password("right").start().unwrap();
+async fn a_wrong_password_is_a_clear_error_at_connect(flavor: Flavor) {
+    let server = RedisServer::builder()
+        .flavor(flavor)
+        .password("right")
+        .start()
+        .unwrap();
     let url = format!("redis://:wrong@127.0.0.1:{}", server.port());
     let err = RedisStore::connect(&url).await.unwrap_err();
     let text = err.to_string();
@@ -63,3 +66,5 @@ async fn tls_store_and_invalidator() {
     let err = RedisStore::connect(&url).await.unwrap_err();
     assert!(!err.is_transient(), "{err}");
 }
+
+on_both_flavors!(a_wrong_password_is_a_clear_error_at_connect,);

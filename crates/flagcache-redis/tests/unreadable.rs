@@ -9,10 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{json_store, key, raw_conn};
+use common::{json_store, key, on_both_flavors, raw_conn};
 use flagcache_core::{Entry, FlagKey, FlagStore, PutOutcome, Version};
 use flagcache_redis::RedisStore;
-use flagcache_testkit::RedisServer;
+use flagcache_testkit::{Flavor, RedisServer};
 use redis::aio::MultiplexedConnection;
 
 const TTL: Duration = Duration::from_secs(60);
@@ -90,9 +90,8 @@ async fn warm_up(store: &RedisStore) {
     store.put(&k, &five(store), TTL).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_script_writes_over_what_it_checks_in_one_run() {
-    let server = RedisServer::start().unwrap();
+async fn the_script_writes_over_what_it_checks_in_one_run(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let mut conn = raw_conn(&server.url()).await;
     warm_up(&store).await;
@@ -112,9 +111,8 @@ async fn the_script_writes_over_what_it_checks_in_one_run() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checksum_mismatch_is_deleted_by_the_client_and_written_over() {
-    let server = RedisServer::start().unwrap();
+async fn a_checksum_mismatch_is_deleted_by_the_client_and_written_over(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let mut conn = raw_conn(&server.url()).await;
     warm_up(&store).await;
@@ -124,9 +122,8 @@ async fn a_checksum_mismatch_is_deleted_by_the_client_and_written_over() {
     assert!(runs >= 3, "{runs} script runs");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_the_script_does_not_read_is_repaired_by_the_client() {
-    let server = RedisServer::start().unwrap();
+async fn json_the_script_does_not_read_is_repaired_by_the_client(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = json_store(&server.url()).await;
     let mut conn = raw_conn(&server.url()).await;
     warm_up(&store).await;
@@ -144,9 +141,8 @@ async fn json_the_script_does_not_read_is_repaired_by_the_client() {
     assert!(put_over(&mut conn, &store, "json-stamp", stamp).await >= 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_normal_put_is_one_script_run_stored_or_superseded() {
-    let server = RedisServer::start().unwrap();
+async fn a_normal_put_is_one_script_run_stored_or_superseded(flavor: Flavor) {
+    let server = RedisServer::start_with(flavor).unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let mut conn = raw_conn(&server.url()).await;
     warm_up(&store).await;
@@ -163,3 +159,10 @@ async fn a_normal_put_is_one_script_run_stored_or_superseded() {
     assert_eq!(evalsha_calls(&mut conn).await, 2, "a superseded put");
     assert_eq!(store.get(&k).await.unwrap(), Some(high));
 }
+
+on_both_flavors!(
+    the_script_writes_over_what_it_checks_in_one_run,
+    a_checksum_mismatch_is_deleted_by_the_client_and_written_over,
+    json_the_script_does_not_read_is_repaired_by_the_client,
+    a_normal_put_is_one_script_run_stored_or_superseded,
+);

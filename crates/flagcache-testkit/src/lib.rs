@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod flavor;
 mod memcached;
 mod process;
 mod redis;
@@ -8,6 +9,7 @@ mod resp;
 mod runs;
 mod source;
 
+pub use flavor::Flavor;
 pub use memcached::{MemcachedServer, MemcachedServerBuilder};
 pub use redis::{RedisCluster, RedisSentinel, RedisServer, RedisServerBuilder};
 pub use runs::reap_orphans;

@@ -16,31 +16,44 @@ pub(crate) struct Binary {
     pub name: &'static str,
     pub env: &'static str,
     pub install: &'static str,
+    /// Where a fetch script leaves it, under the cargo target directory.
+    pub fetched: Option<&'static str>,
 }
 
 pub(crate) const REDIS_SERVER: Binary = Binary {
     name: "redis-server",
     env: "FLAGCACHE_REDIS_SERVER",
     install: "apt-get install redis-server",
+    fetched: None,
+};
+pub(crate) const VALKEY_SERVER: Binary = Binary {
+    name: "valkey-server",
+    env: "FLAGCACHE_VALKEY_SERVER",
+    install: "scripts/fetch-valkey",
+    fetched: Some("valkey/valkey-server"),
 };
 pub(crate) const REDIS_CLI: Binary = Binary {
     name: "redis-cli",
     env: "FLAGCACHE_REDIS_CLI",
     install: "apt-get install redis-tools",
+    fetched: None,
 };
 pub(crate) const OPENSSL: Binary = Binary {
     name: "openssl",
     env: "FLAGCACHE_OPENSSL",
     install: "apt-get install openssl",
+    fetched: None,
 };
 pub(crate) const MEMCACHED: Binary = Binary {
     name: "memcached",
     env: "FLAGCACHE_MEMCACHED",
     install: "apt-get install memcached",
+    fetched: None,
 };
 
 impl Binary {
-    /// The binary's path: `$ENV` if set, else the first match on `PATH`.
+    /// The binary's path: `$ENV` if set, else the first match on `PATH`, else (for a
+    /// fetched binary) where the fetch script leaves it in the cargo target directory.
     pub fn locate(&self) -> Result<PathBuf> {
         let missing = || Error::BinaryMissing {
             binary: self.name,
@@ -52,12 +65,35 @@ impl Binary {
             return if p.is_file() { Ok(p) } else { Err(missing()) };
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
+        let fetched = self
+            .fetched
+            .into_iter()
+            .flat_map(|rel| target_dirs().into_iter().map(move |dir| dir.join(rel)));
         std::env::split_paths(&path)
             .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
             .map(|dir| dir.join(self.name))
+            .chain(fetched)
             .find(|p| p.is_file())
             .ok_or_else(missing)
     }
+}
+
+/// The cargo target directories a fetched binary may be in: `$CARGO_TARGET_DIR`, and
+/// the workspace's own `target/`.
+fn target_dirs() -> Vec<PathBuf> {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace.join(d)
+            }
+        })
+        .into_iter()
+        .chain([workspace.join("target")])
+        .collect()
 }
 
 /// A loopback port that was free a moment ago (and, with `also_plus`, so was

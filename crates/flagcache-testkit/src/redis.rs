@@ -1,5 +1,6 @@
-//! `redis-server` on a free loopback port: [`RedisServer`] and its builder; a cluster
-//! and a sentinel setup made of such servers live in the submodules.
+//! `redis-server` (or `valkey-server`) on a free loopback port: [`RedisServer`] and
+//! its builder; a cluster and a sentinel setup made of such servers live in the
+//! submodules.
 
 mod cluster;
 mod sentinel;
@@ -14,18 +15,26 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{self, Proc, Running, REDIS_SERVER};
-use crate::{resp, Error, Result};
+use crate::process::{self, Proc, Running};
+use crate::{resp, Error, Flavor, Result};
 
 /// Extra `redis-server` settings, as `--name value` pairs.
 #[derive(Debug, Clone, Default)]
 pub struct RedisServerBuilder {
+    flavor: Flavor,
     args: Vec<String>,
     bus_port_offset: Option<u16>,
     tls: bool,
 }
 
 impl RedisServerBuilder {
+    /// Which server binary runs (default [`Flavor::Redis`]).
+    #[must_use]
+    pub fn flavor(mut self, flavor: Flavor) -> Self {
+        self.flavor = flavor;
+        self
+    }
+
     /// Adds `--<name> <value>` to the command line (e.g. `("maxmemory", "10mb")`).
     #[must_use]
     pub fn arg(mut self, name: &str, value: &str) -> Self {
@@ -59,10 +68,10 @@ impl RedisServerBuilder {
     /// Starts the server.
     ///
     /// # Errors
-    /// [`Error::BinaryMissing`] when `redis-server` is not installed; [`Error::Start`]
-    /// (with the log's tail) when it does not come up.
+    /// [`Error::BinaryMissing`] when the flavor's server binary is not installed;
+    /// [`Error::Start`] (with the log's tail) when it does not come up.
     pub fn start(self) -> Result<RedisServer> {
-        let bin = REDIS_SERVER.locate()?;
+        let bin = self.flavor.locate()?;
         let dir = process::temp_dir("redis")?;
         if self.tls {
             tls::make_certificate(dir.path())?;
@@ -92,6 +101,7 @@ impl RedisServerBuilder {
                 None
             };
             let mut server = RedisServer {
+                flavor: self.flavor,
                 bin: bin.clone(),
                 dir: dir.path().to_path_buf(),
                 args,
@@ -109,14 +119,15 @@ impl RedisServerBuilder {
             }
         }
         Err(last.unwrap_or_else(|| Error::Command {
-            what: "redis-server".into(),
+            what: format!("{}-server", self.flavor),
             reason: "no attempt made".into(),
         }))
     }
 }
 
-/// A `redis-server` on a free loopback port, killed on drop.
+/// A `redis-server` (or `valkey-server`) on a free loopback port, killed on drop.
 pub struct RedisServer {
+    flavor: Flavor,
     bin: PathBuf,
     dir: PathBuf,
     args: Vec<String>,
@@ -129,6 +140,7 @@ pub struct RedisServer {
 impl fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisServer")
+            .field("flavor", &self.flavor)
             .field("port", &self.port)
             .field("running", &self.proc.is_running())
             .field("dir", &self.dir)
@@ -145,9 +157,22 @@ impl RedisServer {
         Self::builder().start()
     }
 
+    /// Starts a plain server of `flavor` with default settings.
+    ///
+    /// # Errors
+    /// See [`RedisServerBuilder::start`].
+    pub fn start_with(flavor: Flavor) -> Result<Self> {
+        Self::builder().flavor(flavor).start()
+    }
+
     /// Configures a server before starting it.
     pub fn builder() -> RedisServerBuilder {
         RedisServerBuilder::default()
+    }
+
+    /// Which server binary it runs.
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -170,7 +195,7 @@ impl RedisServer {
         .args(&self.args)
         .current_dir(&self.dir);
         let mut proc = Proc::spawn(cmd, log)?;
-        let what = format!("redis-server on port {port}");
+        let what = format!("{}-server on port {port}", self.flavor);
         let password = self.password();
         proc.wait_ready(&what, self.addr(), |s| match &password {
             None => resp::pings(s),
@@ -237,7 +262,7 @@ impl RedisServer {
         }
         full.extend_from_slice(args);
         resp::command(self.addr(), &full).map_err(|reason| Error::Command {
-            what: format!("redis {:?} on port {}", args.first(), self.port),
+            what: format!("{} {:?} on port {}", self.flavor, args.first(), self.port),
             reason,
         })
     }
@@ -245,7 +270,7 @@ impl RedisServer {
     fn command_authed(&self, password: &str, args: &[&str]) -> Result<String> {
         use std::io::BufReader;
         let fail = |reason: String| Error::Command {
-            what: format!("redis {:?} on port {}", args.first(), self.port),
+            what: format!("{} {:?} on port {}", self.flavor, args.first(), self.port),
             reason,
         };
         let mut s = std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2))?;

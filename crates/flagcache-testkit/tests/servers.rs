@@ -116,6 +116,24 @@ fn redis_cluster_of_three_masters_forms_and_routes() {
 }
 
 #[test]
+fn a_primary_added_to_a_cluster_serves_the_slot_it_was_given() {
+    let mut cluster = RedisCluster::start(3).unwrap();
+    let slot: u16 = cluster.nodes()[0]
+        .command(&["CLUSTER", "KEYSLOT", "flags:{moved}"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    cluster.add_primary(slot).unwrap();
+    assert_eq!(cluster.nodes().len(), 4);
+    let new = &cluster.nodes()[3];
+    assert_eq!(new.command(&["SET", "flags:{moved}", "v"]).unwrap(), "OK");
+    for old in &cluster.nodes()[..3] {
+        let err = old.command(&["SET", "flags:{moved}", "v"]).unwrap_err();
+        assert!(err.to_string().contains(&format!("MOVED {slot}")), "{err}");
+    }
+}
+
+#[test]
 fn a_missing_binary_names_the_install_command() {
     // Point the lookup at a path that does not exist, in a child process so the
     // environment change cannot leak into other tests.

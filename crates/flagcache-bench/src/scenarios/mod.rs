@@ -4,6 +4,7 @@
 //! connection of their baselines.
 
 mod cache_down;
+mod foreign_writer;
 mod gate;
 mod kill_switch;
 mod l1;
@@ -26,6 +27,7 @@ use crate::report::{Check, Row};
 use crate::source::Source;
 
 pub use cache_down::cache_down;
+pub use foreign_writer::foreign_writer;
 pub use kill_switch::kill_switch;
 pub use l1::l1_hit;
 pub use l2_memcached::l2_hit_memcached;

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use flagcache_core::{FlagCache, Version};
+use flagcache_core::{FlagCache, FlagKey, Version};
 use flagcache_memcached::{MemcachedInvalidator, MemcachedStore};
 
 use super::replicas::{redis_pair, replica};
@@ -29,38 +29,36 @@ async fn propagation(
     for r in readers {
         r.get(&k).await.map_err(err)?;
     }
+    let key = &k;
+    flip_and_wait(readers, key, flips, |flip| async move {
+        writer
+            .set(key, payload(100), Version::new(flip))
+            .await
+            .map(|_| ())
+            .map_err(err)
+    })
+    .await
+}
+
+/// Writes versions 2, 3, … of `k` (`flips` of them) with `write`, and after each waits
+/// until every reader serves it: the time from the start of each write until each
+/// reader serves it, and how many times a reader never did.
+pub(super) async fn flip_and_wait<W, F>(
+    readers: &[FlagCache<String>],
+    k: &FlagKey,
+    flips: usize,
+    mut write: W,
+) -> Res<(Samples, usize)>
+where
+    W: FnMut(u64) -> F,
+    F: std::future::Future<Output = Res<()>>,
+{
     let mut samples = Samples::with_capacity(flips * readers.len());
     let mut missed = 0;
     for flip in 2..flips as u64 + 2 {
         let t0 = Instant::now();
-        writer
-            .set(&k, payload(100), Version::new(flip))
-            .await
-            .map_err(err)?;
-        let waits = readers.iter().map(|r| {
-            let k = k.clone();
-            async move {
-                loop {
-                    if let Ok(l) = r.lookup(&k).await {
-                        if l.version.is_some_and(|v| v.get() >= flip) {
-                            return Some(t0.elapsed());
-                        }
-                    }
-                    if t0.elapsed() > Duration::from_secs(5) {
-                        return None;
-                    }
-                    // Spin for the first 2 ms (most flips land sooner), then poll
-                    // every 0.5 ms: eight spinning readers would take both cores from
-                    // the very server that delivers the event, and measure that.
-                    if t0.elapsed() < Duration::from_millis(2) {
-                        tokio::task::yield_now().await;
-                    } else {
-                        tokio::time::sleep(Duration::from_micros(500)).await;
-                    }
-                }
-            }
-        });
-        for took in futures_util::future::join_all(waits).await {
+        write(flip).await?;
+        for took in until_seen(readers, k, flip, t0).await {
             match took {
                 Some(d) => samples.push(d),
                 None => missed += 1,
@@ -69,6 +67,37 @@ async fn propagation(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok((samples, missed))
+}
+
+/// How long after `t0` each reader first serves version `flip` (or newer) of `k`;
+/// `None` for a reader that did not within 5 s.
+async fn until_seen(
+    readers: &[FlagCache<String>],
+    k: &FlagKey,
+    flip: u64,
+    t0: Instant,
+) -> Vec<Option<Duration>> {
+    let waits = readers.iter().map(|r| async move {
+        loop {
+            if let Ok(l) = r.lookup(k).await {
+                if l.version.is_some_and(|v| v.get() >= flip) {
+                    return Some(t0.elapsed());
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                return None;
+            }
+            // Spin for the first 2 ms (most flips land sooner), then poll every
+            // 0.5 ms: eight spinning readers would take both cores from the very
+            // server that delivers the event, and measure that.
+            if t0.elapsed() < Duration::from_millis(2) {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+        }
+    });
+    futures_util::future::join_all(waits).await
 }
 
 /// Runs [`propagation`] over `caches` (the first writes) and reports it under
@@ -81,16 +110,38 @@ async fn propagation_section(
     bound_us: f64,
 ) -> Res<()> {
     let (samples, missed) = propagation(&caches[0], &caches[1..], flips).await?;
+    record(
+        section,
+        "propagation",
+        (samples, missed),
+        (flips, caches.len() - 1),
+        contender,
+        bound_us,
+    );
+    Ok(())
+}
+
+/// Adds one contender's propagation figures to `section`: the row (`scenario`, with
+/// the counts of flips and readers), its p99 against `bound_us`, and flips never seen
+/// (none allowed).
+pub(super) fn record(
+    section: &mut Section,
+    scenario: &str,
+    (samples, missed): (Samples, usize),
+    (flips, readers): (usize, usize),
+    contender: &str,
+    bound_us: f64,
+) {
     let summary = samples.summary();
     section.checks.push(Check::at_most(
-        &format!("propagation, {contender}: p99"),
+        &format!("{scenario}, {contender}: p99"),
         summary.p99_us,
         bound_us,
         "µs",
     ));
     section.checks.push(
         Check::at_most(
-            &format!("propagation, {contender}: flips never seen"),
+            &format!("{scenario}, {contender}: flips never seen"),
             missed as f64,
             0.0,
             "reads",
@@ -99,16 +150,12 @@ async fn propagation_section(
     );
     section.rows.push(
         Row::new(
-            &format!(
-                "propagation, {flips} flips to {} replicas",
-                caches.len() - 1
-            ),
+            &format!("{scenario}, {flips} flips to {readers} replicas"),
             contender,
             summary,
         )
         .count("never seen", missed as f64),
     );
-    Ok(())
 }
 
 /// Propagation over Redis pub/sub and over the memcached log.

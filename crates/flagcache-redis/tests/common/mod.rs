@@ -133,3 +133,65 @@ pub fn foreign_heartbeat(seq: u64) -> Vec<u8> {
     b.extend_from_slice(&seq.to_be_bytes());
     b
 }
+
+/// Turns each `async fn name(flavor: Flavor)` named into two tests, `name::redis` and
+/// `name::valkey`: the same body against `redis-server` and against `valkey-server`.
+/// The Valkey one returns early, with the reason printed, when `valkey-server` is
+/// missing on a developer's machine, and fails under CI (`Flavor::available`).
+macro_rules! on_both_flavors {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$test(flagcache_testkit::Flavor::Redis).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn valkey() {
+                if flagcache_testkit::Flavor::Valkey.available().unwrap() {
+                    super::$test(flagcache_testkit::Flavor::Valkey).await;
+                }
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_flavors;
+
+/// Plants raw bytes with a plain `SET` from another client: over `C`, a plain or a
+/// cluster connection.
+pub struct Raw<C> {
+    store: RedisStore,
+    conn: tokio::sync::Mutex<C>,
+}
+
+impl<C> Raw<C> {
+    pub fn new(store: &RedisStore, conn: C) -> Self {
+        Raw {
+            store: store.clone(),
+            conn: tokio::sync::Mutex::new(conn),
+        }
+    }
+}
+
+#[flagcache_core::async_trait]
+impl<C: redis::aio::ConnectionLike + Send + Sync> flagcache_core::conformance::RawAccess
+    for Raw<C>
+{
+    async fn write_raw(
+        &self,
+        key: &FlagKey,
+        bytes: flagcache_core::bytes::Bytes,
+        ttl: Duration,
+    ) -> flagcache_core::Result<()> {
+        let mut c = self.conn.lock().await;
+        let _: () = redis::cmd("SET")
+            .arg(self.store.redis_key(key))
+            .arg(&bytes[..])
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut *c)
+            .await
+            .map_err(|e| flagcache_core::Error::backend("redis", "raw set", true, e))?;
+        Ok(())
+    }
+}

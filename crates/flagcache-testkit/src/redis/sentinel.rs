@@ -1,4 +1,5 @@
-//! A Redis Sentinel setup on loopback: a primary, a replica and one sentinel.
+//! A Sentinel setup on loopback (Redis or Valkey): a primary, a replica and one
+//! sentinel.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -6,8 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::RedisServer;
-use crate::process::{self, Proc, REDIS_SERVER};
-use crate::{resp, Error, Result};
+use crate::process::{self, Proc};
+use crate::{resp, Error, Flavor, Result};
 
 /// A Redis Sentinel setup on loopback: a primary, one replica, and one sentinel that
 /// monitors the primary as `mymaster` (quorum 1, down after 1 s), torn down on drop.
@@ -40,7 +41,7 @@ impl RedisSentinel {
     /// [`Error::BinaryMissing`] when `redis-server` is missing; [`Error::Start`] when the
     /// setup does not come up.
     pub fn start() -> Result<Self> {
-        Self::start_inner(None)
+        Self::start_with(Flavor::Redis, None)
     }
 
     /// As [`RedisSentinel::start`], with `password` required by the primary and the
@@ -49,11 +50,17 @@ impl RedisSentinel {
     /// # Errors
     /// As for [`RedisSentinel::start`].
     pub fn start_with_password(password: &str) -> Result<Self> {
-        Self::start_inner(Some(password))
+        Self::start_with(Flavor::Redis, Some(password))
     }
 
-    fn start_inner(password: Option<&str>) -> Result<Self> {
-        let bin = REDIS_SERVER.locate()?;
+    /// As [`RedisSentinel::start`] (or, with `password`,
+    /// [`RedisSentinel::start_with_password`]), every process of `flavor`: the
+    /// sentinel is `<flavor>-server --sentinel`.
+    ///
+    /// # Errors
+    /// As for [`RedisSentinel::start`], for the flavor's server binary.
+    pub fn start_with(flavor: Flavor, password: Option<&str>) -> Result<Self> {
+        let bin = flavor.locate()?;
         let auth: Vec<String> = match password {
             Some(p) => vec![
                 "--requirepass".into(),
@@ -63,8 +70,12 @@ impl RedisSentinel {
             ],
             None => Vec::new(),
         };
-        let primary = RedisServer::builder().args(auth.clone()).start()?;
+        let primary = RedisServer::builder()
+            .flavor(flavor)
+            .args(auth.clone())
+            .start()?;
         let replica = RedisServer::builder()
+            .flavor(flavor)
             .args(auth)
             .args([
                 "--replicaof".to_string(),
@@ -102,7 +113,11 @@ impl RedisSentinel {
             cmd.arg(&conf).arg("--sentinel").current_dir(dir.path());
             let mut proc = Proc::spawn(cmd, dir.path().join(format!("sentinel-{port}.log")))?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            match proc.wait_ready(&format!("redis sentinel on port {port}"), addr, resp::pings) {
+            match proc.wait_ready(
+                &format!("{flavor} sentinel on port {port}"),
+                addr,
+                resp::pings,
+            ) {
                 Ok(()) => {
                     let setup = RedisSentinel {
                         primary,
