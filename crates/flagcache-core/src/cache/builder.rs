@@ -41,6 +41,7 @@ pub struct FlagCacheBuilder<T> {
     expected: Option<Arc<dyn VersionSource>>,
     coalescer: Option<Arc<dyn Coalescer>>,
     hook: Option<Hook>,
+    tagger: Option<super::tags::Tagger<T>>,
     cfg: Config,
 }
 
@@ -66,6 +67,7 @@ where
             expected: None,
             coalescer: None,
             hook: None,
+            tagger: None,
             cfg: Config {
                 name: "flags".to_string(),
                 l1_enabled: true,
@@ -265,6 +267,43 @@ where
         self
     }
 
+    /// Tags values: `tagger` gives the tags of a flag's value (computed from the value,
+    /// so a `set` and a load tag it alike), and
+    /// [`FlagCache::invalidate_tag`] then invalidates exactly the flags carrying a
+    /// tag — in every replica's L1 and in L2. Off by default (a tag invalidation then
+    /// drops every replica's whole L1). Tags must make valid keys: no whitespace, no
+    /// control characters.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flagcache_core::Result<()> {
+    /// # let store = flagcache_memory::MemoryStore::new();
+    /// use flagcache_core::{FlagCache, FlagKey, Version};
+    ///
+    /// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    /// struct Flag { team: String, enabled: bool }
+    ///
+    /// let source = |_k: FlagKey| async {
+    ///     Ok(Some((Flag { team: "checkout".into(), enabled: true }, Version::new(1))))
+    /// };
+    /// let cache = FlagCache::builder(store, source)
+    ///     .tags(|_key, flag: &Flag| vec![format!("team:{}", flag.team)])
+    ///     .build()
+    ///     .await?;
+    /// cache.get(&FlagKey::new("new-cart")?).await?;
+    /// // Every flag of the checkout team, everywhere; the others stay cached.
+    /// cache.invalidate_tag("team:checkout").await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn tags(
+        mut self,
+        tagger: impl Fn(&crate::FlagKey, &T) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.tagger = Some(Arc::new(tagger));
+        self
+    }
+
     /// Coalesces loads across processes with `coalescer` (the cross-process
     /// [`Coalescer`]: Redis' `RedisLock`, memcached's `MemcachedRecache`): when many
     /// replicas miss the same key at once, one loads from the source and the others
@@ -374,6 +413,7 @@ where
             invalidator: self.invalidator,
             expected: self.expected,
             coalescer: self.coalescer,
+            tags: self.tagger.map(super::tags::Tags::new),
             plain_hits: self.hook.is_none() && cfg.l1_enabled && cfg.xfetch_beta == 0.0,
             hook: self.hook,
             node,

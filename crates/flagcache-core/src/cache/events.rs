@@ -123,7 +123,14 @@ where
                     });
                 }
             }
-            // Tags are not tracked per key: dropping everything is always correct.
+            Target::Tag(tag) => {
+                let stamp = if ev.sent_at_ms > 0 {
+                    ev.sent_at_ms
+                } else {
+                    now_ms()
+                };
+                self.apply_tag(tag, stamp);
+            }
             _ => self.drop_all_local(),
         }
         // Counted once applied, so an observer of the counter sees the effect.
@@ -144,6 +151,10 @@ where
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.fills.forget_all();
         drop(fences);
+        if let Some(tags) = &self.tags {
+            // Tag invalidations may have been missed too: read the stamps again.
+            tags.forget_stamps();
+        }
         self.tel.bump(Ev::Resync);
     }
 }

@@ -112,6 +112,9 @@ where
         async move {
             let start = self.fences.begin();
             let began = self.clock.now();
+            // What an entry this fill writes is stamped with: when it began, so that a
+            // tag invalidated meanwhile outdates it (see `FlagCache::invalidate_tag`).
+            let began_ms = now_ms();
             let mut read = self.read_l2(key).await;
             let min = self.fences.lock().announced(key);
             if let (Some(m), Some(e)) = (min, &read.entry) {
@@ -123,7 +126,11 @@ where
                     read.entry = read.entry.filter(|e| e.version >= m);
                 }
             }
-            if let Some(entry) = &read.entry {
+            let servable = match &read.entry {
+                Some(entry) => self.servable(key, entry).await,
+                None => false,
+            };
+            if let (Some(entry), true) = (&read.entry, servable) {
                 match self.install_entry(key, entry, start, began, false) {
                     Ok(slot) => return Ok((slot, Tier::L2)),
                     Err(e) => {
@@ -136,7 +143,7 @@ where
             // Boxed: the loader's path is the rare one, and inline its state would
             // make every fill's future — moved into the coalescer on each L2 hit —
             // several times larger.
-            Box::pin(self.load(key, start, began, read.token)).await
+            Box::pin(self.load(key, start, began, read.token, began_ms)).await
         }
         .instrument(span)
         .await
@@ -152,10 +159,11 @@ where
         ticket: FenceTicket,
         began: quanta::Instant,
         token: FillToken,
+        began_ms: u64,
     ) -> Result<Filled<T>> {
         let Some(coalescer) = &self.coalescer else {
             return self
-                .load_from_source(key, ticket, began, token)
+                .load_from_source(key, ticket, began, token, began_ms)
                 .await
                 .map(|l| l.0);
         };
@@ -169,7 +177,9 @@ where
                 Lease::unguarded()
             }
         };
-        let loaded = self.load_from_source(key, ticket, began, token).await;
+        let loaded = self
+            .load_from_source(key, ticket, began, token, began_ms)
+            .await;
         let outcome = match &loaded {
             Ok((_, outcome)) => outcome.clone(),
             Err(e) => LoadOutcome::Failed(e.clone()),
@@ -196,12 +206,15 @@ where
             }
             Coalesced::Fresh(None) => None,
             Coalesced::Fresh(Some(entry)) => {
-                if !self.acceptable_answer(key, Some(entry.version)).await {
+                if !self.acceptable_answer(key, Some(entry.version)).await
+                    || !self.servable(key, &entry).await
+                {
                     return None;
                 }
                 let slot = self.install_entry(key, &entry, ticket, began, false).ok()?;
                 Some((slot, Tier::L2))
             }
+            Coalesced::Stale(entry) if !self.servable(key, &entry).await => None,
             Coalesced::Stale(entry) => {
                 // Another process is refreshing it: serve the stale value, held in L1
                 // as stale (never as fresh), so that reads keep revalidating until the
@@ -243,6 +256,7 @@ where
         start: FenceTicket,
         began: quanta::Instant,
         token: FillToken,
+        began_ms: u64,
     ) -> Result<(Filled<T>, LoadOutcome)> {
         let t = Instant::now();
         let loaded = tokio::time::timeout(self.cfg.loader_timeout, self.loader.load(key)).await;
@@ -278,7 +292,7 @@ where
         let payload = self.store.codec().encode_value(&value)?;
         let entry = Entry {
             version,
-            stamp_ms: now_ms(),
+            stamp_ms: began_ms,
             payload,
         };
         let slot = self.new_l1_entry(

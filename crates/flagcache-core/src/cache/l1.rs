@@ -195,6 +195,7 @@ where
             }
         }
         self.l1.insert(key.clone(), slot.clone());
+        self.index_tags(key, slot.value.as_deref());
         true
     }
 
@@ -252,6 +253,7 @@ where
             cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version
         });
         if !newer_held {
+            self.index_tags(key, slot.value.as_deref());
             self.l1.insert(key.clone(), slot);
         }
     }

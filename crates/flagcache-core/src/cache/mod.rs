@@ -24,6 +24,7 @@ mod l2;
 mod loader;
 mod revalidate;
 mod stats;
+mod tags;
 mod warm;
 
 use std::fmt;
@@ -229,6 +230,8 @@ struct Inner<T> {
     expected: Option<Arc<dyn VersionSource>>,
     /// The cross-process coalescer, when configured.
     coalescer: Option<Arc<dyn crate::Coalescer>>,
+    /// Tag bookkeeping, when the cache has a tagger.
+    tags: Option<tags::Tags<T>>,
     hook: Option<Hook>,
     /// L1 on, no evaluation hook, no early refresh: a fresh hit needs nothing but the
     /// entry (see [`Inner::fresh_hit`]).
@@ -527,6 +530,28 @@ where
         inner.drop_local(key, None);
         let published = inner.publish_applied(key).await;
         marked.and(published)
+    }
+
+    /// Invalidates every flag carrying `tag` (see
+    /// [`FlagCacheBuilder::tags`]): on every replica, only the tag's keys leave L1
+    /// (this one's at once), and L2 entries carrying the tag that were written before
+    /// now are no longer served by anyone — without scanning L2: the tag's stamp (this
+    /// time) is kept in L2 under the reserved key `!tag:<tag>`, and an entry read from
+    /// L2 is served only if it is newer than the stamps of its tags. A replica that
+    /// was down meanwhile reads the stamps from L2 when it comes back (a resync forgets
+    /// what it knew). A load that began before the invalidation — on any replica —
+    /// writes an entry stamped when it began, which is therefore never served (the
+    /// lease rule). A cache without a tagger drops its whole L1.
+    ///
+    /// Entries are stamped with the writer's clock and compared with the invalidator's:
+    /// clock skew between replicas widens or narrows the window by as much.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a tag that does not make a valid key (whitespace,
+    /// control characters), an L2 or a publish error (this replica's L1 is dropped
+    /// regardless).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
+        self.inner.invalidate_tag(tag).await
     }
 
     /// Drops every replica's L1 (this one's at once). L2 keeps its entries — they are

@@ -71,8 +71,12 @@ where
         match batch {
             Some(found) => {
                 for (key, entry) in cold.into_iter().zip(found) {
-                    let filled =
-                        entry.and_then(|e| self.install_entry(&key, &e, start, began, false).ok());
+                    let filled = match entry {
+                        Some(e) if self.servable(&key, &e).await => {
+                            self.install_entry(&key, &e, start, began, false).ok()
+                        }
+                        _ => None,
+                    };
                     match filled {
                         Some(_) => report.from_l2 += 1,
                         None => misses.push(key),
