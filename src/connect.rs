@@ -34,6 +34,7 @@ pub const URL_VAR: &str = "FLAGCACHE_URL";
 /// | `layout` | all | `envelope` (default) or `json`: `{"flagConfig": …, "version": N}` and JSON invalidation messages |
 /// | `channel` | Redis | the invalidation pub/sub channel (`flag_updates`) |
 /// | `heartbeat` | Redis | heartbeat period, or `off` (`1s`; `off` with `layout=json`) |
+/// | `heartbeat_window` | Redis | how long a node heartbeats after its last event (`5s`) |
 /// | `connect_timeout`, `response_timeout` | Redis | `2s`, `500ms` |
 /// | `tls_ca` | `rediss` | path of a PEM root certificate to trust instead of the system's |
 /// | `sentinel_username`, `sentinel_password` | Sentinel | the sentinels' own credentials |
@@ -305,6 +306,7 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
         Some(off) if off == "off" => Some(None),
         Some(every) => Some(Some(parsed.duration("heartbeat", &every)?)),
     };
+    let heartbeat_window = parsed.take_duration("heartbeat_window")?;
     let connect_timeout = parsed.take_duration("connect_timeout")?;
     let response_timeout = parsed.take_duration("response_timeout")?;
     let tls_ca = match (parsed.take("tls_ca"), parsed.scheme) {
@@ -334,6 +336,7 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
         "channel",
         "layout",
         "heartbeat",
+        "heartbeat_window",
         "connect_timeout",
         "response_timeout",
     ];
@@ -403,6 +406,9 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
     }
     if let Some(every) = heartbeat {
         bus = bus.heartbeat(every);
+    }
+    if let Some(window) = heartbeat_window {
+        bus = bus.heartbeat_window(window);
     }
     parsed.finish(&known)?;
     Ok(Kind::Redis {

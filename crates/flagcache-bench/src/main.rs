@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Scenarios: `l1`, `l2-redis`, `l2-memcached`, `storm`, `rollout`, `propagation`,
-//! `down`, `kill-switch`. `--quick` runs each with tiny counts (a smoke run: figures
+//! `down`, `kill-switch`, `idle-fleet`. `--quick` runs each with tiny counts (a smoke run: figures
 //! mean nothing, but every path runs and the correctness targets must hold). The exit status is
 //! non-zero when a scenario fails or a correctness target is missed. `--benchmarks
 //! FILE` rewrites the block between the bench markers in FILE with this run's tables.
@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use report::Report;
 use scenarios::{Plan, Res, Section, Servers};
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "l1",
     "l2-redis",
     "l2-memcached",
@@ -35,6 +35,7 @@ const ALL: [&str; 8] = [
     "propagation",
     "down",
     "kill-switch",
+    "idle-fleet",
 ];
 
 #[derive(Debug)]
@@ -100,6 +101,7 @@ async fn run(args: &Args) -> Res<Report> {
             "rollout" => scenarios::rollout_storm(&mut servers, plan).await,
             "propagation" => scenarios::propagation_both(&mut servers, plan).await,
             "down" => scenarios::cache_down(plan).await,
+            "idle-fleet" => scenarios::idle_fleet(&mut servers, plan).await,
             _ => scenarios::kill_switch(plan).await,
         }
         .map_err(|e| format!("scenario {name}: {e}"))?;

@@ -5,6 +5,7 @@
 
 mod cache_down;
 mod gate;
+mod idle_fleet;
 mod kill_switch;
 mod l1;
 mod l2;
@@ -26,6 +27,7 @@ use crate::report::{Check, Row};
 use crate::source::Source;
 
 pub use cache_down::cache_down;
+pub use idle_fleet::idle_fleet;
 pub use kill_switch::kill_switch;
 pub use l1::l1_hit;
 pub use l2_memcached::l2_hit_memcached;
