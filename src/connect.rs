@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::fleet::FleetRegistry;
 use crate::{Coalescer, Error, FlagCacheBuilder, FlagStore, Invalidator, Loader, Result};
 use url::{Parsed, Scheme};
 
@@ -35,6 +36,7 @@ pub const URL_VAR: &str = "FLAGCACHE_URL";
 /// | `layout` | all | `envelope` (default) or `json`: `{"flagConfig": …, "version": N}` and JSON invalidation messages |
 /// | `channel` | Redis | the invalidation pub/sub channel (`flag_updates`) |
 /// | `heartbeat` | Redis | heartbeat period, or `off` (`1s`; `off` with `layout=json`) |
+/// | `heartbeat_window` | Redis | how long a node heartbeats after its last event (`5s`) |
 /// | `connect_timeout`, `response_timeout` | Redis | `2s`, `500ms` |
 /// | `tls_ca` | `rediss` | path of a PEM root certificate to trust instead of the system's |
 /// | `sentinel_username`, `sentinel_password` | Sentinel | the sentinels' own credentials |
@@ -105,6 +107,7 @@ enum Kind {
     Memory {
         store: crate::memory::MemoryStore,
         bus: crate::memory::MemoryInvalidator,
+        fleet: crate::memory::MemoryFleet,
     },
     #[cfg(feature = "redis")]
     Redis {
@@ -206,6 +209,39 @@ impl Backend {
         }
     }
 
+    /// The fleet registry beside the store, where caches built with
+    /// [`report_to_fleet`](FlagCacheBuilder::report_to_fleet) record their presence and
+    /// the versions they applied, and where `flagcache verify` reads them: `RedisFleet`,
+    /// `MemcachedFleet`, or one `MemoryFleet` per backend in memory.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flagcache::Result<()> {
+    /// use flagcache::{FlagCache, FlagKey, Version};
+    ///
+    /// let backend = flagcache::connect("memory://").await?;
+    /// let loader = |_key: FlagKey| async { Ok(Some((true, Version::new(1)))) };
+    /// let cache: FlagCache<bool> = backend
+    ///     .cache_builder(loader)
+    ///     .report_to_fleet(backend.fleet())
+    ///     .build()
+    ///     .await?;
+    /// # drop(cache);
+    /// # Ok(()) }
+    /// ```
+    pub fn fleet(&self) -> Arc<dyn FleetRegistry> {
+        match self.kind {
+            #[cfg(feature = "memory")]
+            Kind::Memory { ref fleet, .. } => Arc::new(fleet.clone()),
+            #[cfg(feature = "redis")]
+            Kind::Redis { ref store, .. } => Arc::new(crate::redis::RedisFleet::new(store)),
+            #[cfg(feature = "memcached")]
+            Kind::Memcached { ref store, .. } => {
+                Arc::new(crate::memcached::MemcachedFleet::new(store))
+            }
+        }
+    }
+
     /// A [`FlagCache`](crate::FlagCache) builder over this backend: its store, a new invalidation node
     /// and its cross-process coalescer, the other settings at their defaults.
     #[cfg_attr(
@@ -220,9 +256,9 @@ impl Backend {
         // indirection on every call the cache makes.
         match self.kind {
             #[cfg(feature = "memory")]
-            Kind::Memory { ref store, ref bus } => {
-                crate::FlagCache::builder(store.clone(), loader).invalidator(bus.peer())
-            }
+            Kind::Memory {
+                ref store, ref bus, ..
+            } => crate::FlagCache::builder(store.clone(), loader).invalidator(bus.peer()),
             #[cfg(feature = "redis")]
             Kind::Redis { ref store, ref bus } => crate::FlagCache::builder(store.clone(), loader)
                 .invalidator(bus.peer())
@@ -286,6 +322,7 @@ fn memory(mut parsed: Parsed) -> Result<Kind> {
             .codec(codec(json))
             .build(),
         bus: crate::memory::MemoryInvalidator::new(),
+        fleet: crate::memory::MemoryFleet::new(),
     })
 }
 
@@ -307,6 +344,7 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
         Some(off) if off == "off" => Some(None),
         Some(every) => Some(Some(parsed.duration("heartbeat", &every)?)),
     };
+    let heartbeat_window = parsed.take_duration("heartbeat_window")?;
     let connect_timeout = parsed.take_duration("connect_timeout")?;
     let response_timeout = parsed.take_duration("response_timeout")?;
     let tls_ca = match (parsed.take("tls_ca"), parsed.scheme) {
@@ -337,6 +375,7 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
         "channel",
         "layout",
         "heartbeat",
+        "heartbeat_window",
         "connect_timeout",
         "response_timeout",
     ];
@@ -409,6 +448,9 @@ async fn redis(mut parsed: Parsed) -> Result<Kind> {
     }
     if let Some(every) = heartbeat {
         bus = bus.heartbeat(every);
+    }
+    if let Some(window) = heartbeat_window {
+        bus = bus.heartbeat_window(window);
     }
     parsed.finish(&known)?;
     Ok(Kind::Redis {

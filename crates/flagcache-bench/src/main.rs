@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Scenarios: `l1`, `l2-redis`, `l2-memcached`, `storm`, `rollout`, `propagation`,
-//! `foreign-writer`, `down`, `kill-switch`. `--quick` runs each with tiny counts (a smoke run: figures
+//! `foreign-writer`, `down`, `kill-switch`, `idle-fleet`. `--quick` runs each with tiny counts (a smoke run: figures
 //! mean nothing, but every path runs and the correctness targets must hold). The exit status is
 //! non-zero when a scenario fails or a correctness target is missed. `--benchmarks
 //! FILE` rewrites the block between the bench markers in FILE with this run's tables.
@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use report::Report;
 use scenarios::{Plan, Res, Section, Servers};
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 10] = [
     "l1",
     "l2-redis",
     "l2-memcached",
@@ -36,6 +36,7 @@ const ALL: [&str; 9] = [
     "foreign-writer",
     "down",
     "kill-switch",
+    "idle-fleet",
 ];
 
 #[derive(Debug)]
@@ -102,6 +103,7 @@ async fn run(args: &Args) -> Res<Report> {
             "propagation" => scenarios::propagation_both(&mut servers, plan).await,
             "foreign-writer" => scenarios::foreign_writer(&mut servers, plan).await,
             "down" => scenarios::cache_down(plan).await,
+            "idle-fleet" => scenarios::idle_fleet(&mut servers, plan).await,
             _ => scenarios::kill_switch(plan).await,
         }
         .map_err(|e| format!("scenario {name}: {e}"))?;

@@ -3,6 +3,7 @@
 
 mod inspect;
 mod report;
+mod verify;
 mod watch;
 mod write;
 
@@ -14,10 +15,11 @@ use clap::{Parser, Subcommand};
 use report::{Failure, Report};
 
 /// Operate a flagcache deployment: look at what L2 holds, write and invalidate flags,
-/// and watch the invalidation channel.
+/// watch the invalidation channel, and verify that every replica applied a version.
 ///
 /// Exit codes: 0 ok; 1 a finding (a key absent or unreadable, a write superseded, a
-/// resync seen while watching); 2 a usage or connection error.
+/// resync seen while watching, a replica that did not apply a version in time); 2 a
+/// usage or connection error.
 #[derive(Debug, Parser)]
 #[command(
     name = "flagcache",
@@ -25,7 +27,8 @@ use report::{Failure, Report};
     about,
     long_about = None,
     after_help = "Exit codes: 0 ok; 1 a finding (a key absent or unreadable, a write \
-                  superseded, a resync seen while watching); 2 a usage or connection error."
+                  superseded, a resync seen while watching, a replica that did not apply \
+                  a version in time); 2 a usage or connection error."
 )]
 struct Cli {
     /// The backend URL (see the help text).
@@ -101,6 +104,20 @@ enum Command {
         #[arg(long = "for", value_parser = parse_duration)]
         duration: Option<Duration>,
     },
+    /// Waits until every live replica (from the presence caches report with
+    /// `report_to_fleet`) has applied VERSION or newer of KEY; prints each replica's
+    /// lag. Exit 1 with the stragglers when the budget passes, or when no replica
+    /// reports its presence.
+    Verify {
+        /// The flag key.
+        key: String,
+        /// The version every replica must serve (or a newer one).
+        #[arg(long)]
+        version: u64,
+        /// How long to wait (`5s`, `500ms`, `1m`).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        within: Duration,
+    },
 }
 
 /// `250ms`, `5s`, `2m`: a whole number and a unit.
@@ -145,6 +162,11 @@ async fn run(cli: Cli) -> Result<Report, Failure> {
         Command::Invalidate { keys, all } => write::invalidate(&backend, &keys, all).await,
         Command::Refresh { keys } => write::refresh(&backend, &keys).await,
         Command::Watch { duration } => watch::run(&backend, duration, json).await,
+        Command::Verify {
+            key,
+            version,
+            within,
+        } => verify::run(&backend, &key, version, within, json).await,
     }
 }
 

@@ -1,12 +1,54 @@
 //! `flagcache watch`: tails the invalidation channel (Redis pub/sub) or log
-//! (memcached), each event with its origin, sequence and lag, resyncs flagged.
+//! (memcached), each event with its origin, sequence and lag, resyncs flagged, and
+//! lists the live nodes from the fleet presence.
 
 use std::time::Duration;
 
 use flagcache::{now_ms, Backend, Invalidation, Signal, Target};
 use serde_json::{json, Value};
 
-use crate::report::{Failure, Report};
+use crate::report::{human, Failure, Report};
+
+/// The live nodes (those that report their presence) as JSON, and as lines to print.
+/// Presence is optional: when it cannot be read, there are none to list.
+async fn live_nodes(backend: &Backend) -> (Vec<Value>, String) {
+    let mut nodes = backend.fleet().nodes().await.unwrap_or_default();
+    nodes.sort_by(|a, b| (&a.name, a.node).cmp(&(&b.name, b.node)));
+    let mut text = format!("{} live nodes (reporting presence)\n", nodes.len());
+    let json = nodes
+        .iter()
+        .map(|n| {
+            let seen = now_ms().saturating_sub(n.seen_at_ms);
+            let up = now_ms().saturating_sub(n.started_at_ms);
+            text.push_str(&format!(
+                "  {} {} pid {}{} up {} seen {} ago{}\n",
+                n.node,
+                n.name,
+                n.pid,
+                n.host
+                    .as_ref()
+                    .map_or_else(String::new, |h| format!(" on {h}")),
+                human(Duration::from_millis(up)),
+                human(Duration::from_millis(seen)),
+                if n.subscribed {
+                    ""
+                } else {
+                    " (no invalidator)"
+                }
+            ));
+            json!({
+                "node": n.node.to_string(),
+                "name": n.name,
+                "pid": n.pid,
+                "host": n.host,
+                "subscribed": n.subscribed,
+                "started_at_ms": n.started_at_ms,
+                "seen_ago_ms": seen,
+            })
+        })
+        .collect();
+    (json, text)
+}
 
 /// One event as JSON and as a table row.
 fn event(ev: &Invalidation) -> (Value, Vec<String>) {
@@ -68,6 +110,7 @@ pub async fn run(
     let deadline = duration.map(|d| tokio::time::Instant::now() + d);
     if !json_out {
         println!("watching {} ({})", backend.url(), backend.name());
+        print!("{}", live_nodes(backend).await.1);
         println!("{}", line(&HEADER.map(String::from)));
     }
     let (mut signals, mut events, mut resyncs) = (Vec::new(), 0u64, 0u64);
@@ -122,6 +165,7 @@ pub async fn run(
             ""
         }
     );
+    let (nodes, _) = live_nodes(backend).await;
     Ok(Report {
         json: json!({
             "url": backend.url(),
@@ -129,6 +173,7 @@ pub async fn run(
             "events": events,
             "resyncs": resyncs,
             "signals": signals,
+            "nodes": nodes,
         }),
         text,
         finding: resyncs > 0,

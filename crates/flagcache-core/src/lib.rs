@@ -14,6 +14,7 @@ mod types;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod fleet;
 pub mod layer;
 
 pub use cache::{

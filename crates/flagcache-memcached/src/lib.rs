@@ -3,6 +3,7 @@
 
 mod builder;
 mod chunks;
+mod fleet;
 mod invalidator;
 mod meta;
 mod pool;
@@ -12,6 +13,7 @@ mod ring;
 mod store;
 
 pub use builder::MemcachedStoreBuilder;
+pub use fleet::MemcachedFleet;
 pub use invalidator::{MemcachedInvalidator, MemcachedInvalidatorBuilder};
 pub use recache::MemcachedRecache;
 pub use store::MemcachedStore;

@@ -1,10 +1,10 @@
 //! Invalidation over Redis pub/sub ([`RedisInvalidator`]): sequence-numbered events,
-//! heartbeats that reveal a lost last event, and subscriptions that reconnect and
-//! signal `Resync`.
+//! heartbeats for a short window after a node's last event (they reveal a lost last
+//! event), and subscriptions that reconnect and signal `Resync`.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -75,6 +75,7 @@ pub struct RedisInvalidatorBuilder {
     codec: Codec,
     heartbeat: Option<Duration>,
     heartbeat_set: bool,
+    heartbeat_window: Duration,
 }
 
 impl Default for RedisInvalidatorBuilder {
@@ -85,6 +86,7 @@ impl Default for RedisInvalidatorBuilder {
             codec: Codec::default(),
             heartbeat: Some(Duration::from_secs(1)),
             heartbeat_set: false,
+            heartbeat_window: DEFAULT_HEARTBEAT_WINDOW,
         }
     }
 }
@@ -107,15 +109,44 @@ impl RedisInvalidatorBuilder {
         self
     }
 
-    /// How often a subscription checks its connection (PING) and, once this node has
-    /// published, publishes a heartbeat carrying its event count, which reveals a lost
-    /// last event to every subscriber. Default 1 s. `None` keeps the PING (every second)
+    /// How often a subscription checks its connection (PING) and, for a
+    /// [window](Self::heartbeat_window) after each event this node publishes, how often
+    /// it publishes a heartbeat carrying its event count, which reveals a lost last
+    /// event to every subscriber. Default 1 s. `None` keeps the PING (every second)
     /// but sends no heartbeats — the default with `JsonCodec`, whose channel other
     /// languages' subscribers share.
     #[must_use]
     pub fn heartbeat(mut self, every: Option<Duration>) -> Self {
         self.heartbeat = every;
         self.heartbeat_set = true;
+        self
+    }
+
+    /// How long after its last event a node goes on sending heartbeats (default 5 s):
+    /// a lost last event is revealed by the first heartbeat after it (within one
+    /// [heartbeat](Self::heartbeat) period), and the ones after it cover a lost
+    /// heartbeat. Past the window the node is silent, so an idle fleet sends nothing
+    /// and its background traffic is its subscriptions' PINGs alone — one per
+    /// subscriber per period, growing with the fleet's size N, where heartbeats
+    /// forever would cost every publisher's heartbeat delivered to every subscriber
+    /// (N²). A window shorter than the period still sends one heartbeat.
+    ///
+    /// ```no_run
+    /// # async fn f() -> flagcache_core::Result<()> {
+    /// use std::time::Duration;
+    /// use flagcache_redis::RedisInvalidator;
+    ///
+    /// let bus = RedisInvalidator::builder()
+    ///     .url("redis://127.0.0.1:6379")
+    ///     .heartbeat(Some(Duration::from_millis(500)))
+    ///     .heartbeat_window(Duration::from_secs(3))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn heartbeat_window(mut self, window: Duration) -> Self {
+        self.heartbeat_window = window;
         self
     }
 
@@ -140,11 +171,23 @@ impl RedisInvalidatorBuilder {
                 channel: self.channel,
                 codec: self.codec,
                 heartbeat,
+                heartbeat_window: self.heartbeat_window,
                 node: NodeId::random(),
                 send: Mutex::new(0),
+                beats: std::sync::Mutex::default(),
             }),
         })
     }
+}
+
+/// How long a node heartbeats after its last event, by default.
+const DEFAULT_HEARTBEAT_WINDOW: Duration = Duration::from_secs(5);
+
+/// When this node last published an event, and whether its heartbeat task runs.
+#[derive(Debug, Default)]
+struct Beats {
+    last_event: Option<Instant>,
+    running: bool,
 }
 
 struct Inner {
@@ -152,19 +195,25 @@ struct Inner {
     channel: String,
     codec: Codec,
     heartbeat: Option<Duration>,
+    heartbeat_window: Duration,
     node: NodeId,
     /// The last sequence number assigned. Held while sending, so that this node's
     /// messages leave in sequence order and a heartbeat never overtakes an event.
     send: Mutex<u64>,
+    /// The heartbeat window's state (a plain lock: never held across an await).
+    beats: std::sync::Mutex<Beats>,
 }
 
 /// An [`Invalidator`] over Redis pub/sub.
 ///
 /// Pub/sub is fire-and-forget, so every event carries its publisher's node id and a
-/// per-publisher sequence number; subscribers signal `Resync` on a gap. Each subscribing
-/// node also publishes heartbeats carrying its own count of events, which both prove the
-/// subscription alive and reveal a lost last event. A subscription reconnects by itself
-/// and signals `Resync` before any event received after the reconnection.
+/// per-publisher sequence number; subscribers signal `Resync` on a gap. For a short
+/// [window](RedisInvalidatorBuilder::heartbeat_window) after each event it publishes, a
+/// node also publishes heartbeats carrying its count of events, which reveal a lost
+/// last event; an idle node sends none. Each subscription PINGs its own connection, so
+/// a silently dead subscription is noticed without anyone's traffic. A subscription
+/// reconnects by itself and signals `Resync` before any event received after the
+/// reconnection.
 ///
 /// Built as every adapter's invalidator is: [`builder`](RedisInvalidator::builder),
 /// its settings, `build()` — or [`connect`](RedisInvalidator::connect) with the
@@ -182,6 +231,7 @@ impl fmt::Debug for RedisInvalidator {
             .field("channel", &self.inner.channel)
             .field("target", self.inner.connection.target())
             .field("heartbeat", &self.inner.heartbeat)
+            .field("heartbeat_window", &self.inner.heartbeat_window)
             .finish_non_exhaustive()
     }
 }
@@ -210,8 +260,10 @@ impl RedisInvalidator {
                 channel: self.inner.channel.clone(),
                 codec: self.inner.codec.clone(),
                 heartbeat: self.inner.heartbeat,
+                heartbeat_window: self.inner.heartbeat_window,
                 node: NodeId::random(),
                 send: Mutex::new(0),
+                beats: std::sync::Mutex::default(),
             }),
         }
     }
@@ -223,8 +275,24 @@ impl RedisInvalidator {
         Ok(())
     }
 
-    /// Publishes "this node has sent N events" — only once it has sent any, so quiet
-    /// subscribers add no traffic.
+    /// Notes an event just published and starts the heartbeat task unless it runs.
+    fn event_sent(&self) {
+        let Some(every) = self.inner.heartbeat else {
+            return;
+        };
+        let mut beats = self
+            .inner
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        beats.last_event = Some(Instant::now());
+        if !beats.running {
+            beats.running = true;
+            tokio::spawn(heartbeats(Arc::downgrade(&self.inner), every));
+        }
+    }
+
+    /// Publishes "this node has sent N events" — only once it has sent any.
     async fn publish_heartbeat(&self) -> Result<()> {
         let guard = self.inner.send.lock().await;
         if *guard == 0 {
@@ -249,8 +317,10 @@ impl Invalidator for RedisInvalidator {
         let seq = *last + 1;
         let stamped = event.clone().stamped(self.inner.node, seq, now_ms());
         let payload = self.inner.codec.encode_invalidation(&stamped)?;
-        // The number is spent even if sending fails: a subscriber may have received it.
+        // The number is spent even if sending fails: a subscriber may have received
+        // it, and the heartbeats that follow carry it.
         *last = seq;
+        self.event_sent();
         self.send(payload.to_vec()).await
     }
 
@@ -263,6 +333,31 @@ impl Invalidator for RedisInvalidator {
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(listen(self.clone(), pubsub, tx));
         Ok(Subscription::from_receiver(rx))
+    }
+}
+
+/// Publishes a heartbeat every `every` until the window after the node's last event
+/// has passed (then the task ends; the next event starts another) or the node is gone.
+async fn heartbeats(inner: Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        {
+            let mut beats = inner
+                .beats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The first heartbeat after an event always goes out, whatever the window.
+            let quiet_for = beats.last_event.map_or(Duration::MAX, |at| at.elapsed());
+            if quiet_for > inner.heartbeat_window.max(every) {
+                beats.running = false;
+                return;
+            }
+        }
+        let node = RedisInvalidator { inner };
+        if let Err(e) = node.publish_heartbeat().await {
+            tracing::debug!(error = %e, "heartbeat not published");
+        }
     }
 }
 
@@ -315,8 +410,7 @@ impl Sequences {
 
 /// Reads the subscription, turning messages into signals, until the `Subscription`
 /// is dropped. Every interval it PINGs the subscribed connection (a silent dead
-/// subscription is noticed without any traffic from others) and, if this node has
-/// published, sends a heartbeat with its event count. When the connection is lost or
+/// subscription is noticed without any traffic from others). When the connection is lost or
 /// falls silent it signals `Resync` at once, reconnects (rotating through the nodes it
 /// was given), and signals `Resync` again before any event received afterwards.
 async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sender<Signal>) {
@@ -348,11 +442,6 @@ async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sen
                 _ = ticker.tick() => {
                     if !answers_ping(&mut sink, reply_limit).await {
                         break ResyncReason::HeartbeatMissed;
-                    }
-                    if inv.inner.heartbeat.is_some() {
-                        if let Err(e) = inv.publish_heartbeat().await {
-                            tracing::debug!(error = %e, "heartbeat not published");
-                        }
                     }
                 }
             }

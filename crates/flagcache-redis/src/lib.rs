@@ -3,6 +3,7 @@
 
 mod connection;
 mod error;
+mod fleet;
 mod invalidator;
 mod layout;
 mod lock;
@@ -14,6 +15,7 @@ mod target;
 mod tls;
 mod tracking;
 
+pub use fleet::RedisFleet;
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
 pub use layout::KeyLayout;
 pub use lock::RedisLock;

@@ -6,6 +6,7 @@
 mod cache_down;
 mod foreign_writer;
 mod gate;
+mod idle_fleet;
 mod kill_switch;
 mod l1;
 mod l2;
@@ -28,6 +29,7 @@ use crate::source::Source;
 
 pub use cache_down::cache_down;
 pub use foreign_writer::foreign_writer;
+pub use idle_fleet::idle_fleet;
 pub use kill_switch::kill_switch;
 pub use l1::l1_hit;
 pub use l2_memcached::l2_hit_memcached;

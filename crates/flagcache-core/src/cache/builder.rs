@@ -42,6 +42,7 @@ pub struct FlagCacheBuilder<T> {
     coalescer: Option<Arc<dyn Coalescer>>,
     hook: Option<Hook>,
     tagger: Option<super::tags::Tagger<T>>,
+    fleet: Option<crate::fleet::Reporting>,
     cfg: Config,
 }
 
@@ -68,6 +69,7 @@ where
             coalescer: None,
             hook: None,
             tagger: None,
+            fleet: None,
             cfg: Config {
                 name: "flags".to_string(),
                 l1_enabled: true,
@@ -322,6 +324,58 @@ where
         self
     }
 
+    /// Reports this replica's presence to `registry`: its node id, name, last-seen
+    /// time, and the newest version it applied per key (from versioned invalidations,
+    /// its own `set`s included), written every 5 s
+    /// ([`fleet_report_interval`](Self::fleet_report_interval)) and within 50 ms of
+    /// applying a versioned invalidation; the record lives three periods and is
+    /// removed when the cache is dropped. A verifier (`flagcache verify`) reads the
+    /// records to tell whether every live replica applied a version. Off by default:
+    /// a cache without it writes nothing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flagcache_core::Result<()> {
+    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// use flagcache_core::fleet::FleetRegistry;
+    /// use flagcache_memory::{MemoryFleet, MemoryInvalidator, MemoryStore};
+    ///
+    /// let fleet = MemoryFleet::new();
+    /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
+    /// let cache = FlagCache::<bool>::builder(MemoryStore::new(), loader)
+    ///     .invalidator(MemoryInvalidator::new())
+    ///     .report_to_fleet(fleet.clone())
+    ///     .build()
+    ///     .await?;
+    /// let key = FlagKey::new("kill-switch")?;
+    /// cache.set(&key, false, Version::new(8)).await?;
+    /// # tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    /// let me = fleet.nodes().await?.into_iter().find(|n| n.node == cache.node_id());
+    /// assert_eq!(me.map(|n| n.applied["kill-switch"].version), Some(8));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn report_to_fleet(mut self, registry: impl crate::fleet::FleetRegistry + 'static) -> Self {
+        let every = self.fleet.as_ref().map(|f| f.every);
+        let mut reporting = crate::fleet::Reporting::new(Arc::new(registry));
+        if let Some(every) = every {
+            reporting.every = every;
+        }
+        self.fleet = Some(reporting);
+        self
+    }
+
+    /// How often the fleet report is written (default 5 s; it lives three periods).
+    /// Call it after [`report_to_fleet`](Self::report_to_fleet); without it, it does
+    /// nothing.
+    #[must_use]
+    pub fn fleet_report_interval(mut self, every: Duration) -> Self {
+        if let Some(f) = &mut self.fleet {
+            f.every = every.max(Duration::from_millis(10));
+        }
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let c = &self.cfg;
         let bad = |what: &'static str| Err(Error::InvalidArgument(what.into()));
@@ -380,6 +434,10 @@ where
             .as_ref()
             .map_or_else(NodeId::random, |i| i.node_id());
         let cfg = self.cfg;
+        let subscribed = self.invalidator.is_some();
+        let fleet = self
+            .fleet
+            .map(|reporting| crate::fleet::Reporter::start(reporting, node, &cfg.name, subscribed));
         let keep_fences_for = cfg.l2_timeout
             + cfg.loader_timeout
             + cfg.l2_ttl.mul_f64(1.0 + cfg.jitter)
@@ -416,6 +474,7 @@ where
             tags: self.tagger.map(super::tags::Tags::new),
             plain_hits: self.hook.is_none() && cfg.l1_enabled && cfg.xfetch_beta == 0.0,
             hook: self.hook,
+            fleet,
             node,
             _shutdown: subscription.as_ref().map(|_| shutdown_tx),
             cfg,

@@ -133,6 +133,9 @@ where
             }
             _ => self.drop_all_local(),
         }
+        if let (Some(fleet), Target::Key(key), Some(v)) = (&self.fleet, &ev.target, ev.version) {
+            fleet.applied(key, v, ev.sent_at_ms);
+        }
         // Counted once applied, so an observer of the counter sees the effect.
         if ev.sent_at_ms > 0 {
             let lag_ms = now_ms().saturating_sub(ev.sent_at_ms);

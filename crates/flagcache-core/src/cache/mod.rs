@@ -237,6 +237,8 @@ struct Inner<T> {
     /// entry (see [`Inner::fresh_hit`]).
     plain_hits: bool,
     node: NodeId,
+    /// Fleet presence, when reported ([`FlagCacheBuilder::report_to_fleet`]).
+    fleet: Option<Arc<crate::fleet::Reporter>>,
     l1: quick_cache::sync::Cache<FlagKey, L1Entry<T>>,
     /// Which keys have a background refresh running.
     refreshing: Refreshing,
