@@ -27,6 +27,8 @@ use flagcache_testkit::{CountingSource, MemcachedServer, RedisServer};
 struct Config {
     enabled: bool,
     percent: u8,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rules: Vec<String>,
 }
 
 const CHANNEL: &str = "flag_updates_v1";
@@ -147,7 +149,11 @@ fn key(s: &str) -> FlagKey {
 }
 
 fn config(enabled: bool, percent: u8) -> Config {
-    Config { enabled, percent }
+    Config {
+        enabled,
+        percent,
+        rules: Vec::new(),
+    }
 }
 
 /// A source that must not be asked: every value comes from what Python wrote.
@@ -256,7 +262,42 @@ async fn python_writes_and_publishes_the_replica_serves_it() {
     })
     .await;
     assert_eq!(second.value.as_deref(), Some(&config(true, 25)));
+
+    // gzip'd JSON (`compression: gzip` services), then a version given as a string.
+    write(
+        3,
+        r#"{"enabled": true, "percent": 50}"#,
+        &["--gzip", "--channel", CHANNEL],
+    )
+    .await;
+    let third = eventually(&cache, &k, "after Python's gzip'd entry", |l| {
+        l.version == Some(Version::new(3))
+    })
+    .await;
+    assert_eq!(third.value.as_deref(), Some(&config(true, 50)));
+    write(
+        4,
+        r#"{"enabled": true, "percent": 75}"#,
+        &["--gzip", "--string-version", "--channel", CHANNEL],
+    )
+    .await;
+    let fourth = eventually(&cache, &k, "after a string version", |l| {
+        l.version == Some(Version::new(4))
+    })
+    .await;
+    assert_eq!(fourth.value.as_deref(), Some(&config(true, 75)));
     assert_eq!(source.calls(), 0, "every value came from what Python wrote");
+
+    // The gzip'd entry guards against an older write on the server, as a plain one does.
+    assert_eq!(
+        cache
+            .set(&k, config(false, 0), Version::new(2))
+            .await
+            .unwrap(),
+        flagcache::PutOutcome::Superseded {
+            current: Version::new(4)
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,6 +332,33 @@ async fn the_replica_writes_and_python_reads_it() {
         heard[0].contains(r#""flagKey": "checkout.payments.express-pay""#)
             && heard[0].contains(r#""version": 7"#),
         "{heard:?}"
+    );
+
+    // A replica that gzips documents over 512 bytes: Python reads them too.
+    let (gzipping, _) = redis_replica(&server, JsonCodec::new().compress_above(512), &source).await;
+    let wide = key("checkout.payments.wide");
+    let rules = vec!["country in [US, CA]".to_string(); 40];
+    let big = Config {
+        rules: rules.clone(),
+        ..config(true, 99)
+    };
+    gzipping.set(&wide, big, Version::new(8)).await.unwrap();
+    let read = py
+        .run(
+            "redis_client.py",
+            &["read", "--url", &url, "--key", &store.redis_key(&wide)],
+        )
+        .await;
+    let rules = rules
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert_eq!(
+        read,
+        format!(
+            r#"{{"flagConfig": {{"enabled": true, "percent": 99, "rules": [{rules}]}}, "gzip": true, "version": 8}}"#
+        )
     );
 }
 
