@@ -3,6 +3,7 @@
 
 mod connection;
 mod error;
+mod foreign;
 mod invalidator;
 mod lock;
 mod raw;
@@ -12,6 +13,7 @@ mod store;
 mod target;
 mod tls;
 
+pub use foreign::ForeignMessages;
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
 pub use lock::RedisLock;
 pub use store::{RedisStore, RedisStoreBuilder};

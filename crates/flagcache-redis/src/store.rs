@@ -118,9 +118,10 @@ struct Inner {
 ///   it compares versions on the server and writes with `PX` only when the key is
 ///   absent, older, or fails the checks the script makes (magic, format, flags, length;
 ///   in the JSON layout, that it parses with a numeric version) — atomic per key, one
-///   round trip. When it answers Superseded, the client reads the stored bytes once; if
-///   a reader would reject them (a checksum mismatch, say), it deletes exactly those
-///   bytes and runs the script once more. Unreadable entries never guard.
+///   round trip. When it answers Superseded, or that the key holds gzip'd JSON (which
+///   Lua cannot read), the client reads the stored bytes; if a reader would reject them
+///   (a checksum mismatch, say) or they are older, it deletes exactly those bytes and
+///   runs the script again. Unreadable entries never guard; gzip'd JSON entries do.
 /// - `get_checked` is one script too; `get_each` (the batched read) is one `MGET` (split per node by the
 ///   cluster client, answers back in request order).
 ///

@@ -272,6 +272,20 @@ pub(super) mod json_event {
             .map_err(|e| Error::codec("JSON serialization failed", e))
     }
 
+    /// The members that make a JSON object an invalidation, whatever their values.
+    #[derive(serde::Deserialize)]
+    struct Claim {
+        #[serde(rename = "flagKey")]
+        flag_key: Option<serde::de::IgnoredAny>,
+        tag: Option<serde::de::IgnoredAny>,
+        all: Option<serde::de::IgnoredAny>,
+    }
+
+    pub(in crate::codec) fn claims(bytes: &[u8]) -> bool {
+        serde_json::from_slice::<Claim>(bytes)
+            .is_ok_and(|c| c.flag_key.is_some() || c.tag.is_some() || c.all.is_some())
+    }
+
     pub(in crate::codec) fn decode(bytes: &[u8]) -> Result<Invalidation> {
         let w: Wire = serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(format!("JSON invalidation event: {e}")))?;

@@ -173,6 +173,28 @@ impl Codec {
         }
     }
 
+    /// Whether `bytes` present themselves as an invalidation event of this layout,
+    /// whether or not they decode: in the envelope layout, they begin with the event
+    /// magic; in the JSON layout, they are a JSON object with a `flagKey`, `tag` or
+    /// `all` member. A subscriber on a shared channel uses it to tell another
+    /// publisher's message (`product:123:updated`) from an invalidation it failed to
+    /// read.
+    ///
+    /// ```
+    /// use flagcache_core::{Codec, JsonCodec};
+    ///
+    /// let json = Codec::from(JsonCodec::new());
+    /// assert!(json.claims_invalidation(br#"{"flagKey": "not a key"}"#));
+    /// assert!(!json.claims_invalidation(b"product:123:updated"));
+    /// assert!(!json.claims_invalidation(br#"{"order": 7}"#));
+    /// ```
+    pub fn claims_invalidation(&self, bytes: &[u8]) -> bool {
+        match self {
+            Codec::Envelope(_) => bytes.starts_with(&EVENT_MAGIC),
+            Codec::Json(_) => json::json_event::claims(bytes),
+        }
+    }
+
     /// Reads an invalidation event from the wire.
     ///
     /// # Errors
