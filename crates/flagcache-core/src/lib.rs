@@ -25,7 +25,7 @@ pub use coalesce::{
     BoxFuture, Coalesced, Coalescer, Lease, LoadOutcome, LocalCoalescer, ReleaseLease, Turn,
 };
 pub use codec::{
-    Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, HEADER_LEN,
+    Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, GZIP_MAGIC, HEADER_LEN,
     JSON_MAX_VERSION, MAGIC, VERSION_OFFSET,
 };
 pub use error::{Error, Result, Source};

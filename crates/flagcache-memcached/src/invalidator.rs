@@ -16,6 +16,9 @@
 //! server lists differ while a server is added still share one log), under
 //! `<namespace>!inv:…`, which no flag key can produce. Propagation is bounded by the
 //! poll interval plus a round trip.
+//!
+//! The byte layout is a published, stable format that services in other languages
+//! append to: "The invalidation log format" in the crate docs is its specification.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

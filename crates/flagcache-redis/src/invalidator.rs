@@ -15,8 +15,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::connection::{answers_ping, Connection};
+use crate::foreign::{ForeignFilter, ForeignMessages};
 use crate::target::{connection_methods, Target};
-use crate::BACKEND;
 
 const HEARTBEAT_MAGIC: [u8; 3] = [0xF1, 0xA8, 0x01];
 
@@ -76,6 +76,7 @@ pub struct RedisInvalidatorBuilder {
     heartbeat: Option<Duration>,
     heartbeat_set: bool,
     heartbeat_window: Duration,
+    foreign: ForeignMessages,
 }
 
 impl Default for RedisInvalidatorBuilder {
@@ -87,6 +88,7 @@ impl Default for RedisInvalidatorBuilder {
             heartbeat: Some(Duration::from_secs(1)),
             heartbeat_set: false,
             heartbeat_window: DEFAULT_HEARTBEAT_WINDOW,
+            foreign: ForeignMessages::default(),
         }
     }
 }
@@ -150,6 +152,14 @@ impl RedisInvalidatorBuilder {
         self
     }
 
+    /// What subscribers do with messages on the channel that are not invalidations
+    /// (default [`ForeignMessages::Resync`]; see [`ForeignMessages`] for which to pick).
+    #[must_use]
+    pub fn foreign_messages(mut self, policy: ForeignMessages) -> Self {
+        self.foreign = policy;
+        self
+    }
+
     /// Connects, authenticates and PINGs the publishing connection, and subscribes to
     /// the channel once (then lets go), so a channel the ACL user may not use is found
     /// now.
@@ -175,6 +185,7 @@ impl RedisInvalidatorBuilder {
                 node: NodeId::random(),
                 send: Mutex::new(0),
                 beats: std::sync::Mutex::default(),
+                foreign: ForeignFilter::new(self.foreign),
             }),
         })
     }
@@ -202,6 +213,8 @@ struct Inner {
     send: Mutex<u64>,
     /// The heartbeat window's state (a plain lock: never held across an await).
     beats: std::sync::Mutex<Beats>,
+    /// What subscriptions do with foreign messages, and how many they ignored.
+    foreign: ForeignFilter,
 }
 
 /// An [`Invalidator`] over Redis pub/sub.
@@ -264,8 +277,16 @@ impl RedisInvalidator {
                 node: NodeId::random(),
                 send: Mutex::new(0),
                 beats: std::sync::Mutex::default(),
+                foreign: ForeignFilter::new(self.inner.foreign.policy()),
             }),
         }
+    }
+
+    /// How many foreign messages this node's subscriptions ignored under
+    /// [`ForeignMessages::Ignore`] (also counted as
+    /// `flagcache_foreign_messages_ignored_total{backend="redis"}`).
+    pub fn foreign_messages_ignored(&self) -> u64 {
+        self.inner.foreign.ignored()
     }
 
     async fn send(&self, payload: Vec<u8>) -> Result<()> {
@@ -433,7 +454,7 @@ async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sen
                 _ = tx.closed() => return,
                 msg = stream.next() => {
                     let Some(msg) = msg else { break ResyncReason::Reconnected };
-                    for signal in decode(&codec, &mut seqs, msg.get_payload_bytes()) {
+                    for signal in decode(&codec, &inv.inner.foreign, &mut seqs, msg.get_payload_bytes()) {
                         if tx.send(signal).await.is_err() {
                             return;
                         }
@@ -481,7 +502,12 @@ async fn listen(inv: RedisInvalidator, pubsub: redis::aio::PubSub, tx: mpsc::Sen
     }
 }
 
-fn decode(codec: &Codec, seqs: &mut Sequences, bytes: &[u8]) -> Vec<Signal> {
+fn decode(
+    codec: &Codec,
+    foreign: &ForeignFilter,
+    seqs: &mut Sequences,
+    bytes: &[u8],
+) -> Vec<Signal> {
     if let Some(hb) = decode_heartbeat(bytes) {
         return seqs
             .note(hb.origin, hb.seq, true)
@@ -498,10 +524,7 @@ fn decode(codec: &Codec, seqs: &mut Sequences, bytes: &[u8]) -> Vec<Signal> {
             out.push(Signal::Invalidated(ev));
             out
         }
-        Err(e) => {
-            tracing::warn!(error = %e, backend = BACKEND, "undecodable invalidation message");
-            vec![Signal::Resync(ResyncReason::Undecodable)]
-        }
+        Err(e) => foreign.undecodable(codec, bytes, &e).into_iter().collect(),
     }
 }
 

@@ -4,6 +4,7 @@
 mod connection;
 mod error;
 mod fleet;
+mod foreign;
 mod invalidator;
 mod layout;
 mod lock;
@@ -16,6 +17,7 @@ mod tls;
 mod tracking;
 
 pub use fleet::RedisFleet;
+pub use foreign::ForeignMessages;
 pub use invalidator::{RedisInvalidator, RedisInvalidatorBuilder};
 pub use layout::KeyLayout;
 pub use lock::RedisLock;

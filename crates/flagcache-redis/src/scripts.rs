@@ -5,30 +5,41 @@
 //! compared byte by byte (not with Lua's `<` on strings, which goes through the
 //! server's collation locale). In the JSON layout they are read with `cjson` and
 //! compared as numbers, which is exact because that layout keeps versions below 2^53.
+//! A gzip'd JSON entry cannot be read by a script (Redis' Lua has no zlib): the
+//! scripts hand it to the client to judge, never treat it as unreadable.
 
-use flagcache_core::{FLAG_GZIP, FORMAT, HEADER_LEN, MAGIC, VERSION_OFFSET};
+use flagcache_core::{FLAG_GZIP, FORMAT, GZIP_MAGIC, HEADER_LEN, MAGIC, VERSION_OFFSET};
 use redis::Script;
 
 /// Shared Lua: `version_of(stored)` returns the stored version (8-byte string in the
-/// envelope layout, a number in the JSON layout) or `nil` for bytes that fail a check
-/// the script can make cheaply; `cmp(a, b)` compares two versions (1, 0 or -1).
+/// envelope layout, a number in the JSON layout), `'gzip'` for a gzip'd JSON entry
+/// (which the script cannot read), or `nil` for bytes that fail a check the script
+/// can make cheaply; `cmp(a, b)` compares two versions (1, 0 or -1).
 ///
 /// The checks are the reader's, but for those that need the payload decoded: in the
 /// envelope layout the magic, the format byte, the flags and the length against the
 /// header's; in the JSON layout, that `cjson` decodes it, `flagConfig` is present and
-/// the version is an integral number in range. The payload's checksum, its
-/// decompression and, in the JSON layout, fields the script does not read are checked
-/// by the client (see `RedisStore::put`).
+/// the version is an integral number in range or a string of its canonical decimal
+/// digits (`JsonCodec`'s rule). The payload's checksum, its decompression and, in the
+/// JSON layout, fields the script does not read are checked by the client (see
+/// `RedisStore::put`).
 fn prelude() -> String {
     let [m0, m1] = MAGIC;
+    let [g0, g1] = GZIP_MAGIC;
     format!(
         r#"
 local layout = ARGV[1]
 local function version_of(v)
   if layout == 'json' then
+    local z1, z2 = string.byte(v, 1, 2)
+    if z1 == {g0} and z2 == {g1} then return 'gzip' end
     local ok, doc = pcall(cjson.decode, v)
     if ok and type(doc) == 'table' and doc['flagConfig'] ~= nil then
       local n = doc['version']
+      -- A string of canonical decimal digits, at most 16 of them, names its number.
+      if type(n) == 'string' and #n <= 16 and (n == '0' or string.find(n, '^[1-9]%d*$')) then
+        n = tonumber(n)
+      end
       -- The same versions the Rust decoder accepts: integral, 0 <= n < 2^53.
       if type(n) == 'number' and n >= 0 and n == math.floor(n) and n <= 9007199254740991 then
         return n
@@ -65,9 +76,10 @@ end
 /// `put`: KEYS[1] the entry, and for a fill's write KEYS[2] its fence; ARGV = layout,
 /// new bytes, new version, ttl ms, and for a fill the fence it read ('' for none).
 /// Returns `{2}` when the fence is not the one the fill read (nothing changed), `{1}`
-/// when written; `{0, current}` when the stored version is equal or higher (nothing
-/// changed). Absent entries, and entries that fail `version_of`'s checks, are
-/// overwritten.
+/// when written; `{0, current}` when the stored version is equal or higher, and `{3}`
+/// when the key holds gzip'd JSON, whose version the script cannot read (nothing
+/// changed in either case). Absent entries, and entries that fail `version_of`'s
+/// checks, are overwritten.
 pub(crate) fn put() -> Script {
     let prelude = prelude();
     Script::new(&format!(
@@ -79,6 +91,7 @@ end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local cv = version_of(cur)
+  if cv == 'gzip' then return {{3}} end
   if cv and cmp(cv, ARGV[3]) >= 0 then
     return {{0, cv}}
   end
@@ -91,7 +104,8 @@ return {{1}}
 
 /// `get_checked`: KEYS[1] the entry; ARGV = layout, expected version.
 /// Returns nil (miss), `{1, bytes}` (hit: the stored version equals the expected one),
-/// `{0, current}` (stale: any other version), or `{2}` (unreadable bytes).
+/// `{0, current}` (stale: any other version), `{2}` (unreadable bytes), or
+/// `{3, bytes}` (gzip'd JSON, for the client to compare).
 pub(crate) fn get_checked() -> Script {
     let prelude = prelude();
     Script::new(&format!(
@@ -100,6 +114,7 @@ local cur = redis.call('GET', KEYS[1])
 if not cur then return nil end
 local cv = version_of(cur)
 if not cv then return {{2}} end
+if cv == 'gzip' then return {{3, cur}} end
 if cmp(cv, ARGV[2]) == 0 then return {{1, cur}} end
 return {{0, cv}}
 "

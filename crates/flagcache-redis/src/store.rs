@@ -146,9 +146,10 @@ struct Inner {
 ///   it compares versions on the server and writes with `PX` only when the key is
 ///   absent, older, or fails the checks the script makes (magic, format, flags, length;
 ///   in the JSON layout, that it parses with a numeric version) — atomic per key, one
-///   round trip. When it answers Superseded, the client reads the stored bytes once; if
-///   a reader would reject them (a checksum mismatch, say), it deletes exactly those
-///   bytes and runs the script once more. Unreadable entries never guard.
+///   round trip. When it answers Superseded, or that the key holds gzip'd JSON (which
+///   Lua cannot read), the client reads the stored bytes; if a reader would reject them
+///   (a checksum mismatch, say) or they are older, it deletes exactly those bytes and
+///   runs the script again. Unreadable entries never guard; gzip'd JSON entries do.
 /// - `get_checked` is one script too; `get_each` (the batched read) is one `MGET` (split per node by the
 ///   cluster client, answers back in request order).
 ///
@@ -285,8 +286,9 @@ impl RedisStore {
     }
 
     /// One run of the `put` script: writes `bytes` unless the key holds `version` or
-    /// higher in an entry that passes the script's checks — or, for a fill's write
-    /// (`fence` given), unless the key's fence is no longer the one the fill read.
+    /// higher in an entry that passes the script's checks, or gzip'd JSON (which the
+    /// script cannot read: [`Scripted::Opaque`]) — or, for a fill's write (`fence`
+    /// given), unless the key's fence is no longer the one the fill read.
     async fn put_script(
         &self,
         key: &FlagKey,
@@ -294,7 +296,7 @@ impl RedisStore {
         version: Version,
         ttl_ms: u64,
         fence: Option<&(String, FillToken)>,
-    ) -> Result<PutOutcome> {
+    ) -> Result<Scripted> {
         let reply = self
             .run_script("put", &self.inner.put, key, |inv| {
                 inv.arg(bytes).arg(self.version_arg(version)).arg(ttl_ms);
@@ -303,61 +305,77 @@ impl RedisStore {
                 }
             })
             .await?;
+        let done = |o| Ok(Scripted::Done(o));
         match reply {
             Value::Array(items) => match items.as_slice() {
-                [Value::Int(1)] => Ok(PutOutcome::Stored),
-                [Value::Int(2)] => Ok(PutOutcome::Fenced),
-                [Value::Int(0), v] => Ok(PutOutcome::Superseded {
+                [Value::Int(1)] => done(PutOutcome::Stored),
+                [Value::Int(2)] => done(PutOutcome::Fenced),
+                [Value::Int(0), v] => done(PutOutcome::Superseded {
                     current: self.version_from(v)?,
                 }),
+                [Value::Int(3)] => Ok(Scripted::Opaque),
                 other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
             },
             other => Err(Error::corrupt(format!("unexpected put reply {other:?}"))),
         }
     }
 
-    /// What `put` answers when the script found `current` (equal or higher) at the key.
-    /// The script cannot tell every unreadable entry (the checksum, decompression and
-    /// the JSON fields it does not read are the client's to check), so the client reads
-    /// the stored bytes once: when a reader would reject them, it deletes exactly those
-    /// bytes (a write that landed since is kept) and runs the script once more. A
-    /// readable entry at `version` or higher is the answer; one that is gone or lower
-    /// now is written over by that second run too.
+    /// What `put` answers when the script found an equal or higher version at the key,
+    /// or gzip'd JSON it cannot read. The script cannot tell every unreadable entry (the
+    /// checksum, decompression and the JSON fields it does not read are the client's to
+    /// check), nor read a gzip'd JSON entry's version, so the client reads the stored
+    /// bytes: a readable entry at `version` or higher is the answer; bytes a reader
+    /// would reject, or an older entry, are deleted — exactly those bytes, so a write
+    /// that landed since is kept — and the script runs again. A few rounds at most: a
+    /// key rewritten with gzip'd JSON faster than that is a transient error.
     async fn put_over_unreadable(
         &self,
         key: &FlagKey,
         bytes: &[u8],
         version: Version,
         ttl_ms: u64,
-        current: Version,
         fence: Option<&(String, FillToken)>,
     ) -> Result<PutOutcome> {
-        let held: Option<Vec<u8>> = self
-            .inner
-            .connection
-            .query("put", redis::cmd("GET").arg(self.key_arg(key)))
-            .await
-            .map_err(|e| e.with_key(key))?;
-        if let Some(held) = held {
-            match self.inner.codec.decode_entry(Bytes::from(held.clone())) {
-                Ok(e) if e.version >= version => {
-                    return Ok(PutOutcome::Superseded { current: e.version })
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(%key, %current, error = %e, "put over an unreadable entry");
-                    let mut inv = self.inner.delete_if_same.prepare_invoke();
-                    inv.key(self.redis_key(key)).arg(held);
-                    let _: Value = self
-                        .inner
-                        .connection
-                        .script("put", inv)
-                        .await
-                        .map_err(|e| e.with_key(key))?;
+        for _ in 0..3 {
+            let held: Option<Vec<u8>> = self
+                .inner
+                .connection
+                .query("put", redis::cmd("GET").arg(self.key_arg(key)))
+                .await
+                .map_err(|e| e.with_key(key))?;
+            if let Some(held) = held {
+                match self.inner.codec.decode_entry(Bytes::from(held.clone())) {
+                    Ok(e) if e.version >= version => {
+                        return Ok(PutOutcome::Superseded { current: e.version })
+                    }
+                    found => {
+                        if let Err(e) = found {
+                            tracing::debug!(%key, error = %e, "put over an unreadable entry");
+                        }
+                        let mut inv = self.inner.delete_if_same.prepare_invoke();
+                        inv.key(self.redis_key(key)).arg(held);
+                        let _: Value = self
+                            .inner
+                            .connection
+                            .script("put", inv)
+                            .await
+                            .map_err(|e| e.with_key(key))?;
+                    }
                 }
             }
+            if let Scripted::Done(outcome) =
+                self.put_script(key, bytes, version, ttl_ms, fence).await?
+            {
+                return Ok(outcome);
+            }
         }
-        self.put_script(key, bytes, version, ttl_ms, fence).await
+        Err(Error::backend(
+            BACKEND,
+            "put",
+            true,
+            std::io::Error::other("the key kept being rewritten with gzip'd JSON"),
+        )
+        .with_key(key))
     }
 
     /// [`FlagStore::put`] and [`FlagStore::put_fill`]: the `put` script, and when it
@@ -388,11 +406,11 @@ impl RedisStore {
             .put_script(key, &bytes, entry.version, ttl, fence)
             .await?
         {
-            PutOutcome::Superseded { current } => {
-                self.put_over_unreadable(key, &bytes, entry.version, ttl, current, fence)
+            Scripted::Done(PutOutcome::Superseded { .. }) | Scripted::Opaque => {
+                self.put_over_unreadable(key, &bytes, entry.version, ttl, fence)
                     .await
             }
-            outcome => Ok(outcome),
+            Scripted::Done(outcome) => Ok(outcome),
         }
     }
 
@@ -490,6 +508,14 @@ impl FlagStore for RedisStore {
                 }),
                 [Value::Int(2)] => {
                     Err(Error::corrupt("stored bytes are not an entry").with_key(key))
+                }
+                [Value::Int(3), Value::BulkString(b)] => {
+                    let e = self.decode(key, b.clone())?;
+                    Ok(if e.version == expected {
+                        Checked::Hit(e)
+                    } else {
+                        Checked::Stale { current: e.version }
+                    })
                 }
                 other => Err(Error::corrupt(format!(
                     "unexpected get_checked reply {other:?}"
@@ -610,6 +636,15 @@ impl FlagStore for RedisStore {
             .map_err(|e| e.with_key(key))?;
         Ok(())
     }
+}
+
+/// What one run of the `put` script answers.
+enum Scripted {
+    /// The outcome, as the script decided it.
+    Done(PutOutcome),
+    /// The key holds gzip'd JSON, whose version the script cannot read: nothing
+    /// changed, and the client judges.
+    Opaque,
 }
 
 /// A flag's Redis key (see [`RedisStore::redis_key`]) as one command argument.

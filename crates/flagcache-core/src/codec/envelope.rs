@@ -1,11 +1,9 @@
 //! [`EnvelopeCodec`]: the binary layout — a fixed 28-byte header (version at a fixed
 //! offset, CRC-32 of the payload), then the value in MessagePack, gzip'd above a threshold.
 
-use std::io::{Read, Write};
-
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{FLAG_GZIP, FORMAT, HEADER_LEN, MAGIC, VERSION_OFFSET};
+use super::{gzip, FLAG_GZIP, FORMAT, HEADER_LEN, MAGIC, VERSION_OFFSET};
 use crate::{Entry, Error, Result, Version};
 
 /// The binary envelope layout: a [`HEADER_LEN`]-byte header (the version big-endian at
@@ -81,19 +79,7 @@ impl EnvelopeCodec {
     #[inline]
     pub(super) fn encode(&self, entry: &Entry) -> Result<Bytes> {
         let raw = &entry.payload[..];
-        let gz = if raw.len() > self.compress_above {
-            let mut enc = flate2::write::GzEncoder::new(
-                Vec::with_capacity(raw.len() / 2),
-                flate2::Compression::new(self.level),
-            );
-            enc.write_all(raw)
-                .and_then(|()| enc.finish())
-                .map(Some)
-                .map_err(|e| Error::codec("gzip failed", e))?
-                .filter(|z| z.len() < raw.len())
-        } else {
-            None
-        };
+        let gz = gzip::compress(raw, self.compress_above, self.level)?;
         let (flags, body) = match &gz {
             Some(z) => (FLAG_GZIP, &z[..]),
             None => (0, raw),
@@ -168,7 +154,7 @@ impl EnvelopeCodec {
             return Err(Error::corrupt("payload checksum mismatch"));
         }
         let payload = if header.flags & FLAG_GZIP != 0 {
-            self.gunzip(&body)?
+            gzip::decompress(&body, self.max_decompressed)?
         } else {
             body
         };
@@ -177,21 +163,5 @@ impl EnvelopeCodec {
             stamp_ms: header.stamp_ms,
             payload,
         })
-    }
-
-    fn gunzip(&self, body: &[u8]) -> Result<Bytes> {
-        let cap = self.max_decompressed;
-        let limit = u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1);
-        let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(cap));
-        flate2::read::GzDecoder::new(body)
-            .take(limit)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::corrupt(format!("gzip payload: {e}")))?;
-        if out.len() > cap {
-            return Err(Error::corrupt(format!(
-                "payload decompresses to more than the {cap}-byte cap"
-            )));
-        }
-        Ok(out.into())
     }
 }

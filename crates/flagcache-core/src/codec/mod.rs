@@ -21,8 +21,10 @@
 //!   compare two versions as 8-byte strings, with no u64 → double precision loss.
 //!
 //! - [`JsonCodec`]: the interop layout `{"flagConfig": …, "version": N}` used by existing
-//!   services, with invalidation messages `{"flagKey": "…", "version": N}`. Versions must
-//!   stay below 2^53 (JavaScript numbers).
+//!   services, read plain or gzip'd (and written gzip'd above an opt-in threshold), with
+//!   invalidation messages `{"flagKey": "…", "version": N}`. Versions must stay below
+//!   2^53 (JavaScript numbers); a version may also be given as a string of its digits
+//!   (see [`JsonCodec`] for the exact rule).
 //!
 //! Decoding treats its input as untrusted: any byte string decodes or returns
 //! [`Error::Corrupt`] — it never panics, and decompression stops at a cap so that a gzip
@@ -35,9 +37,11 @@ use serde::Serialize;
 use crate::{Entry, Error, Invalidation, Result, Version};
 
 mod envelope;
+mod gzip;
 mod json;
 
 pub use envelope::EnvelopeCodec;
+pub use gzip::GZIP_MAGIC;
 pub use json::JsonCodec;
 
 /// The envelope's magic bytes.
@@ -166,6 +170,28 @@ impl Codec {
                 Ok(out.into())
             }
             Codec::Json(_) => json::json_event::encode(event),
+        }
+    }
+
+    /// Whether `bytes` present themselves as an invalidation event of this layout,
+    /// whether or not they decode: in the envelope layout, they begin with the event
+    /// magic; in the JSON layout, they are a JSON object with a `flagKey`, `tag` or
+    /// `all` member. A subscriber on a shared channel uses it to tell another
+    /// publisher's message (`product:123:updated`) from an invalidation it failed to
+    /// read.
+    ///
+    /// ```
+    /// use flagcache_core::{Codec, JsonCodec};
+    ///
+    /// let json = Codec::from(JsonCodec::new());
+    /// assert!(json.claims_invalidation(br#"{"flagKey": "not a key"}"#));
+    /// assert!(!json.claims_invalidation(b"product:123:updated"));
+    /// assert!(!json.claims_invalidation(br#"{"order": 7}"#));
+    /// ```
+    pub fn claims_invalidation(&self, bytes: &[u8]) -> bool {
+        match self {
+            Codec::Envelope(_) => bytes.starts_with(&EVENT_MAGIC),
+            Codec::Json(_) => json::json_event::claims(bytes),
         }
     }
 
@@ -421,8 +447,8 @@ mod tests {
         }
 
         #[test]
-        fn json_round_trip(cfg in config(), version in 0u64..=JSON_MAX_VERSION, stamp: u64) {
-            let codec = Codec::from(JsonCodec::new());
+        fn json_round_trip(cfg in config(), version in 0u64..=JSON_MAX_VERSION, stamp: u64, threshold in prop::option::of(0usize..4096)) {
+            let codec = Codec::from(JsonCodec::new().compress_above(threshold.unwrap_or(usize::MAX)));
             let payload = codec.encode_value(&cfg).unwrap();
             let entry = Entry { version: Version(version), stamp_ms: stamp, payload };
             let back = codec.decode_entry(codec.encode_entry(&entry).unwrap()).unwrap();
@@ -447,6 +473,15 @@ mod tests {
                 let _ = codec.decode_invalidation(&bytes);
                 let _ = codec.decode_value::<FlagConfig>(&bytes);
             }
+        }
+
+        #[test]
+        fn arbitrary_bytes_behind_the_gzip_magic_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut b = GZIP_MAGIC.to_vec();
+            b.extend_from_slice(&body);
+            let codec = Codec::from(JsonCodec::new());
+            let _ = codec.decode_entry(Bytes::from(b.clone()));
+            let _ = codec.peek_version(&b);
         }
 
         #[test]

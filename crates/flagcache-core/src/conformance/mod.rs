@@ -1,6 +1,7 @@
 //! The conformance suite: one `pub async fn` per guarantee of the [`FlagStore`],
 //! [`Invalidator`](crate::Invalidator) and [`Coalescer`](crate::Coalescer) contracts.
-//! The store's properties are here, but for the one on unreadable entries; that one,
+//! The store's properties are here, but for those on unreadable and foreign JSON
+//! entries; those,
 //! the invalidator's and the coalescer's are in their own files. Every adapter's tests
 //! call all of them against a real backend; a custom adapter that passes them can back
 //! a `FlagCache`.
@@ -23,11 +24,13 @@
 
 mod coalescer;
 mod fences;
+mod foreign_json;
 mod invalidator;
 mod unreadable;
 
 pub use coalescer::{abandoned_lease_frees_the_key, one_load_per_burst};
 pub use fences::fences_refuse_older_fills;
+pub use foreign_json::foreign_json_entries_guard;
 pub use invalidator::{invalidation_reaches_every_subscriber, resync_after_gap};
 pub use unreadable::unreadable_entries_never_guard;
 
@@ -108,6 +111,7 @@ pub async fn run_store_suite(store: Arc<dyn FlagStore>, raw: &dyn RawAccess) {
     large_values(s).await;
     corrupt_bytes_are_a_miss_not_a_panic(s, raw).await;
     unreadable_entries_never_guard(s, raw).await;
+    foreign_json_entries_guard(s, raw).await;
     ttl_expires(s).await;
 }
 

@@ -16,8 +16,16 @@ fn layout_unreadable_entries(store: &dyn FlagStore) -> Vec<(&'static str, Bytes)
     if let Codec::Json(_) = store.codec() {
         return [
             (
-                "a version that is a string",
-                &br#"{"flagConfig": "x", "version": "1000000"}"#[..],
+                "a version string with a leading zero",
+                &br#"{"flagConfig": "x", "version": "01000000"}"#[..],
+            ),
+            (
+                "a version string that is not digits",
+                br#"{"flagConfig": "x", "version": "v1000000"}"#,
+            ),
+            (
+                "a version string with a fraction",
+                br#"{"flagConfig": "x", "version": "1000000.0"}"#,
             ),
             ("no flagConfig", br#"{"version": 1000000}"#),
             (
@@ -34,6 +42,13 @@ fn layout_unreadable_entries(store: &dyn FlagStore) -> Vec<(&'static str, Bytes)
                 br#"{"flagConfig": "x", "version": 1000000, "stampMs": -1}"#,
             ),
             ("binary bytes", b"\xf1\xa6\x01\x00"),
+            ("the gzip magic before bytes that are not gzip", b"\x1f\x8b\x08\x00garbage"),
+            // A whole gzip stream of the text `1000000`: it
+            // decompresses, to a document that is not an entry.
+            (
+                "gzip'd text that is not an entry",
+                b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\x33\x34\x00\x03\x00\xdd\xd5\xfc\x1b\x07\x00\x00\x00",
+            ),
         ]
         .into_iter()
         .map(|(what, bytes)| (what, Bytes::from_static(bytes)))
