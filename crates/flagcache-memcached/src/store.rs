@@ -16,10 +16,12 @@ use flagcache_core::{
 
 use crate::builder::MemcachedStoreBuilder;
 use crate::chunks::ChunkedWrite;
-use crate::meta::{self, Meta, Route, WireKey};
+use crate::meta::{self, Meta, WireKey};
 use crate::pool::Pool;
 use crate::recache::StaleReads;
 use crate::BACKEND;
+
+mod leases;
 
 /// A store's settings, resolved at build.
 pub(crate) struct Settings {
@@ -242,31 +244,6 @@ impl MemcachedStore {
         }
     }
 
-    /// The key of the fence beside `entry` (see [`FlagStore::fence`]):
-    /// `<namespace>!fence:<entry's wire key>`, or a digest of it when that is too long
-    /// for memcached; always plain ASCII. It lives on the entry's server: commands on it
-    /// are routed by the entry's key.
-    pub(crate) fn fence_wire(&self, entry: &WireKey) -> WireKey {
-        let internal = self.internal_prefix();
-        let text = format!("{internal}fence:{}", entry.text);
-        if text.len() <= 250 && text.bytes().all(|b| b.is_ascii_graphic()) {
-            return WireKey::plain(text);
-        }
-        let raw = entry.text.as_bytes();
-        WireKey::plain(format!(
-            "{internal}fence#{:016x}{:016x}",
-            crate::ring::hash(raw),
-            crate::ring::hash(&[raw, b"\x00fence"].concat()),
-        ))
-    }
-
-    /// The fence beside `entry` now, read on the entry's server.
-    async fn fence_now(&self, entry: &WireKey) -> Result<FillToken> {
-        let fence = self.fence_wire(entry);
-        let held = self.inner.meta.raw_get(Route::Key(entry), &fence).await?;
-        Ok(held.map_or(FillToken::NONE, |t| FillToken::from_text(&t)))
-    }
-
     /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
     /// encoding), answering each key as `get` would: its entry, its miss (a stale
     /// entry included), or its own error — and with `fences`, each key's fence, read
@@ -430,11 +407,9 @@ impl FlagStore for MemcachedStore {
         self.read_each("get", keys, true).await
     }
 
-    /// Memcached cannot compare two items in one step, so the fence is compared
-    /// before and after the version-guarded write: a fence already changed refuses it
-    /// outright; one that changed while it was written (the fence goes in before the
-    /// entry is dropped, so a write the second look misses is dropped with the entry)
-    /// has the write taken back — deleted only if the key still holds it, by its CAS.
+    /// Memcached cannot compare two items in one step: the fence is compared before
+    /// and after the version-guarded write, and a write the first look missed a new
+    /// fence for is taken back (deleted by its CAS, only if the key still holds it).
     async fn put_fill(
         &self,
         key: &FlagKey,
@@ -442,65 +417,19 @@ impl FlagStore for MemcachedStore {
         ttl: Duration,
         token: FillToken,
     ) -> Result<PutOutcome> {
-        let wire = self.wire_key(key)?;
-        let changed = |now: FillToken| now.is_some() && now != token;
-        if changed(self.fence_now(&wire).await.map_err(|e| e.with_key(key))?) {
-            return Ok(PutOutcome::Fenced);
-        }
-        let outcome = self.put(key, entry, ttl).await?;
-        if outcome != PutOutcome::Stored
-            || !changed(self.fence_now(&wire).await.map_err(|e| e.with_key(key))?)
-        {
-            return Ok(outcome);
-        }
-        let held = self
-            .inner
-            .meta
-            .get("put", &wire)
-            .await
-            .map_err(|e| e.with_key(key))?;
-        if let Some(held) = held {
-            let ours = held
-                .data
-                .as_deref()
-                .and_then(|d| self.inner.codec.peek_version(d).ok())
-                == Some(entry.version);
-            if let (true, Some(cas)) = (ours, held.cas) {
-                self.inner
-                    .meta
-                    .delete_with("put", &wire, vec![format!("C{cas}")])
-                    .await
-                    .map_err(|e| e.with_key(key))?;
-            }
-        }
-        Ok(PutOutcome::Fenced)
+        self.put_fill_checked(key, entry, ttl, token).await
     }
 
     /// The new fence first (`ms`, on the entry's server), then the entry dropped
     /// (`md`) — or with `keep_stale`, marked stale for that long (`md … I T…`), so that
-    /// `MemcachedRecache` serves it while one process refreshes it. That order is what
-    /// [`put_fill`](FlagStore::put_fill)'s second look relies on.
+    /// `MemcachedRecache` serves it while one process refreshes it.
     async fn fence(
         &self,
         key: &FlagKey,
         ttl: Duration,
         keep_stale: Option<Duration>,
     ) -> Result<()> {
-        let wire = self.wire_key(key)?;
-        let fence = self.fence_wire(&wire);
-        let token = FillToken::random().to_text().into_bytes();
-        self.inner
-            .meta
-            .raw_set(Route::Key(&wire), &fence, token, meta::exptime(ttl)?)
-            .await
-            .map_err(|e| e.with_key(key))?;
-        match keep_stale {
-            Some(grace) => self
-                .invalidate_in_place(&wire, Some(meta::exptime(grace)?))
-                .await
-                .map_err(|e| e.with_key(key)),
-            None => self.delete(key).await,
-        }
+        self.lay_fence(key, ttl, keep_stale).await
     }
 
     /// The server that holds `key`: reads of one server's keys share a pipeline.

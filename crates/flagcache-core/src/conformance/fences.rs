@@ -1,7 +1,8 @@
 //! The conformance property of leases: a versionless invalidation
 //! ([`FlagStore::fence`]) refuses the L2 write of every fill that read the key before
 //! it ([`FlagStore::put_fill`] answers [`PutOutcome::Fenced`]), while fills that read
-//! after it, and versioned writes, go through.
+//! after it, and versioned writes, go through; and a fence that keeps the value stale
+//! reads as a miss until a `put` revalidates it.
 
 use std::time::Duration;
 
@@ -197,4 +198,54 @@ pub async fn fences_refuse_older_fills(store: &dyn FlagStore) {
     for k in [&key, &other, &unfenced, &expiring] {
         store.delete(k).await.unwrap();
     }
+}
+
+/// A key fenced with its value kept stale reads as a miss (single and batch reads); a
+/// `put` of the same version revalidates it, and a newer one replaces it.
+pub async fn stale_fence_reads_as_a_miss(store: &dyn FlagStore) {
+    let key = fresh_key("stale");
+    let five = entry(store, 5, "five");
+    store.put(&key, &five, TTL).await.unwrap();
+    store
+        .fence(&key, Duration::from_secs(30), Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "fence (keep stale): the stale entry is still read as fresh"
+    );
+    assert_eq!(
+        store.get_many(std::slice::from_ref(&key)).await.unwrap(),
+        vec![None],
+        "fence (keep stale): a batch read returns the stale entry"
+    );
+    // Stored where the entry was deleted, Superseded where it was kept: either way the
+    // source's confirmation makes it readable again.
+    store.put(&key, &five, TTL).await.unwrap();
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        Some(five),
+        "fence (keep stale): a put of the same version did not revalidate it"
+    );
+    store
+        .fence(&key, Duration::from_secs(30), Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let six = entry(store, 6, "six");
+    assert_eq!(
+        store.put(&key, &six, TTL).await.unwrap(),
+        PutOutcome::Stored,
+        "fence (keep stale): a newer version was refused"
+    );
+    assert_eq!(store.get(&key).await.unwrap(), Some(six));
+    store
+        .fence(
+            &fresh_key("stale-absent"),
+            Duration::from_secs(30),
+            Some(Duration::from_secs(30)),
+        )
+        .await
+        .expect("fence: an absent key is not an error");
+    store.delete(&key).await.unwrap();
 }

@@ -29,7 +29,7 @@ mod invalidator;
 mod unreadable;
 
 pub use coalescer::{abandoned_lease_frees_the_key, one_load_per_burst};
-pub use fences::fences_refuse_older_fills;
+pub use fences::{fences_refuse_older_fills, stale_fence_reads_as_a_miss};
 pub use foreign_json::foreign_json_entries_guard;
 pub use invalidator::{invalidation_reaches_every_subscriber, resync_after_gap};
 pub use unreadable::unreadable_entries_never_guard;
@@ -387,56 +387,6 @@ pub async fn delete_removes(store: &dyn FlagStore) {
         .delete(&key)
         .await
         .expect("delete: twice is not an error");
-}
-
-/// A key fenced with its value kept stale reads as a miss (single and batch reads); a
-/// `put` of the same version revalidates it, and a newer one replaces it.
-pub async fn stale_fence_reads_as_a_miss(store: &dyn FlagStore) {
-    let key = fresh_key("stale");
-    let five = entry(store, 5, "five");
-    store.put(&key, &five, TTL).await.unwrap();
-    store
-        .fence(&key, Duration::from_secs(30), Some(Duration::from_secs(30)))
-        .await
-        .unwrap();
-    assert_eq!(
-        store.get(&key).await.unwrap(),
-        None,
-        "fence (keep stale): the stale entry is still read as fresh"
-    );
-    assert_eq!(
-        store.get_many(std::slice::from_ref(&key)).await.unwrap(),
-        vec![None],
-        "fence (keep stale): a batch read returns the stale entry"
-    );
-    // Stored where the entry was deleted, Superseded where it was kept: either way the
-    // source's confirmation makes it readable again.
-    store.put(&key, &five, TTL).await.unwrap();
-    assert_eq!(
-        store.get(&key).await.unwrap(),
-        Some(five),
-        "fence (keep stale): a put of the same version did not revalidate it"
-    );
-    store
-        .fence(&key, Duration::from_secs(30), Some(Duration::from_secs(30)))
-        .await
-        .unwrap();
-    let six = entry(store, 6, "six");
-    assert_eq!(
-        store.put(&key, &six, TTL).await.unwrap(),
-        PutOutcome::Stored,
-        "fence (keep stale): a newer version was refused"
-    );
-    assert_eq!(store.get(&key).await.unwrap(), Some(six));
-    store
-        .fence(
-            &fresh_key("stale-absent"),
-            Duration::from_secs(30),
-            Some(Duration::from_secs(30)),
-        )
-        .await
-        .expect("fence: an absent key is not an error");
-    store.delete(&key).await.unwrap();
 }
 
 /// Invalid keys cannot be built; the longest and the oddest valid keys round trip and
