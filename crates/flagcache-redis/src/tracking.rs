@@ -120,7 +120,6 @@ impl RedisTrackingInvalidatorBuilder {
         let connection = Connection::open(self.target, &[]).await?;
         let inner = Inner {
             connection,
-            prefix: layout.prefix().to_string(),
             layout,
             codec: self.codec,
             ping_every: self.ping_every,
@@ -130,7 +129,7 @@ impl RedisTrackingInvalidatorBuilder {
                 .map_or_else(NodeId::random, |p| p.node_id()),
             alongside: self.alongside,
         };
-        drop(nodes::open(&inner.connection, &inner.prefix, 0).await?);
+        drop(nodes::open(&inner.connection, inner.layout.prefix(), 0).await?);
         Ok(RedisTrackingInvalidator {
             inner: Arc::new(inner),
         })
@@ -139,9 +138,8 @@ impl RedisTrackingInvalidatorBuilder {
 
 struct Inner {
     connection: Connection,
-    /// What the layout puts before a flag key (`<namespace>:{` by default): the
-    /// tracked prefix.
-    prefix: String,
+    /// Where the store's flags live: what it puts before a flag key
+    /// (`<namespace>:{` by default) is the tracked prefix.
     layout: KeyLayout,
     codec: Codec,
     ping_every: Duration,
@@ -275,7 +273,7 @@ impl fmt::Debug for RedisTrackingInvalidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTrackingInvalidator")
             .field("node", &self.inner.node)
-            .field("prefix", &self.inner.prefix)
+            .field("prefix", &self.inner.layout.prefix())
             .field("target", self.inner.connection.target())
             .field("alongside", &self.inner.alongside)
             .finish_non_exhaustive()
@@ -318,7 +316,7 @@ impl Invalidator for RedisTrackingInvalidator {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let generation = nodes::open(&self.inner.connection, &self.inner.prefix, 0).await?;
+        let generation = nodes::open(&self.inner.connection, self.inner.layout.prefix(), 0).await?;
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(listen(self.inner.clone(), generation, tx));
         let pushes = Subscription::from_receiver(rx);
@@ -345,7 +343,7 @@ async fn listen(inner: Arc<Inner>, generation: Generation, tx: mpsc::Sender<Sign
         let Some(reason) = watch(&inner, &mut tracked, &tx).await else {
             return;
         };
-        tracing::warn!(%reason, prefix = %inner.prefix, "tracking connection lost; reconnecting");
+        tracing::warn!(%reason, prefix = %inner.layout.prefix(), "tracking connection lost; reconnecting");
         if tx.send(Signal::Resync(reason.clone())).await.is_err() {
             return;
         }
@@ -360,7 +358,7 @@ async fn listen(inner: Arc<Inner>, generation: Generation, tx: mpsc::Sender<Sign
                 _ = tx.closed() => return,
                 r = tokio::time::timeout(
                     inner.connection.target().call_limit() * 2,
-                    nodes::open(&inner.connection, &inner.prefix, attempt),
+                    nodes::open(&inner.connection, inner.layout.prefix(), attempt),
                 ) => r,
             };
             match opened {
