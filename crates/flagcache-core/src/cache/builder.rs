@@ -443,14 +443,19 @@ where
             + cfg.l2_ttl.mul_f64(1.0 + cfg.jitter)
             + Duration::from_secs(1);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let clock = super::clock::Clock::new();
         let inner = Arc::new(Inner {
-            l1: quick_cache::sync::Cache::new(cfg.l1_capacity.max(1)),
-            clock: super::l1::clock(),
+            l1: super::l1map::L1Map::new(cfg.l1_capacity),
+            plain_hits: self.hook.is_none()
+                && cfg.l1_enabled
+                && cfg.xfetch_beta == 0.0
+                && clock.coarse(),
+            clock,
             refreshing: super::revalidate::Refreshing::new(),
             own_echoes: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
-            health: super::health::HealthRecord::new(super::l1::clock().now()),
+            health: super::health::HealthRecord::new(quanta::Clock::new().now()),
             fences: Fences::new(keep_fences_for),
             // The runtime building the cache also runs the background refreshes that
             // synchronous readers (`get_cached`, `block_on(get)`) start.
@@ -472,7 +477,6 @@ where
             expected: self.expected,
             coalescer: self.coalescer,
             tags: self.tagger.map(super::tags::Tags::new),
-            plain_hits: self.hook.is_none() && cfg.l1_enabled && cfg.xfetch_beta == 0.0,
             hook: self.hook,
             fleet,
             node,

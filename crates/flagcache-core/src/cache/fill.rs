@@ -65,8 +65,8 @@ where
                 // Never fall back to a value invalidated while the fetch ran.
                 let usable = fallback.filter(|(fb, seen)| {
                     e.is_transient()
-                        && self.clock.now().saturating_duration_since(fb.filled_at)
-                            <= self.cfg.max_staleness
+                        && self.clock.ticks().saturating_sub(fb.filled_at)
+                            <= u64::try_from(self.cfg.max_staleness.as_nanos()).unwrap_or(u64::MAX)
                         && self.fences.lock().admits(
                             key,
                             *seen,

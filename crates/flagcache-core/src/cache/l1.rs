@@ -2,48 +2,42 @@
 //! behind the version fences, and dropped.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::clock::{Clock, Tick};
 use super::fence::FenceTicket;
+use super::l1map;
 use super::stats::Ev;
 use super::{CacheStatus, Inner, StaleReason};
 use crate::{Entry, FlagKey, Result, Version};
-
-/// The clock L1 deadlines are read with: one calibrated TSC clock per process (a
-/// monotonic OS clock where no stable TSC exists), cloned into each cache. Reading it
-/// costs a few nanoseconds, where `std::time::Instant::now` costs tens on common
-/// virtual machines — and calling it through a held `Clock` skips the global clock's
-/// lookup, which is most of `quanta::Instant::now`'s cost.
-pub(crate) fn clock() -> quanta::Clock {
-    static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
-    CLOCK.get_or_init(quanta::Clock::new).clone()
-}
 
 /// One L1 entry, stored inline in the L1 map: an L1 hit copies it out, which bumps one
 /// reference count (the value's) and copies nothing else — no allocation, no decoding.
 /// The value moves out of the copy to the caller.
 ///
-/// Deadlines are read with [`clock`].
+/// Times are [`Tick`]s of the cache's [`Clock`]. A fresh hit reads a 16-byte summary
+/// of it instead (see [`l1map`]).
 pub(crate) struct L1Entry<T> {
     /// `None`: the source said the flag does not exist (a negative entry).
     pub value: Option<Arc<T>>,
     pub version: Version,
-    pub filled_at: quanta::Instant,
     /// Served as fresh until then.
-    pub fresh_until: quanta::Instant,
+    pub fresh_until: Tick,
+    pub filled_at: Tick,
     /// Served while one background refresh runs until then (stale-while-revalidate).
-    pub stale_until: quanta::Instant,
+    pub stale_until: Tick,
     /// Served as a fail-safe answer, without retrying L2 and the loader, until then
     /// (set when a fill failed and this entry was served instead).
-    pub retry_after: quanta::Instant,
-    /// The resync epoch it was filled in: older entries are unverified.
-    pub epoch: u64,
-    /// How long the fill took (XFetch's delta).
-    pub cost: Duration,
+    pub retry_after: Tick,
+    /// The resync epoch it was filled in (its low 32 bits): older entries are
+    /// unverified. Compared for equality only, so wrapping is harmless.
+    pub epoch: u32,
+    /// How long the fill took (XFetch's delta), in microseconds, saturating.
+    pub cost_us: u32,
 }
 
 impl<T> Clone for L1Entry<T> {
@@ -56,7 +50,7 @@ impl<T> Clone for L1Entry<T> {
             stale_until: self.stale_until,
             retry_after: self.retry_after,
             epoch: self.epoch,
-            cost: self.cost,
+            cost_us: self.cost_us,
         }
     }
 }
@@ -65,6 +59,12 @@ impl<T> Inner<T>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
+    /// The resync epoch, as L1 entries record it (its low 32 bits).
+    #[inline(always)]
+    pub(super) fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::SeqCst) as u32
+    }
+
     /// The common case of [`Self::lookup_l1`] alone, for inlining: a fresh L1 entry,
     /// no evaluation hook and no early refresh due. `None` means "ask
     /// [`Self::lookup_l1`]", not "absent".
@@ -73,9 +73,8 @@ where
         if !self.plain_hits || self.deaf.load(Ordering::Relaxed) {
             return None;
         }
-        let slot = self.l1.get(key)?;
-        if slot.epoch != self.epoch.load(Ordering::Relaxed) || self.clock.now() >= slot.fresh_until
-        {
+        let slot = self.l1.hot(key)?;
+        if !l1map::fresh(slot.stamp, self.clock.recent_ms(), self.epoch()) {
             return None;
         }
         self.tel.bump(Ev::HitL1);
@@ -95,8 +94,8 @@ where
         let mut fallback = None;
         if self.cfg.l1_enabled && !self.deaf.load(Ordering::Relaxed) {
             if let Some(slot) = self.l1.get(key) {
-                if slot.epoch == self.epoch.load(Ordering::Relaxed) {
-                    let now = self.clock.now();
+                if slot.epoch == self.epoch() {
+                    let now = self.clock.ticks();
                     if now < slot.fresh_until {
                         if self.cfg.xfetch_beta > 0.0 && self.xfetch_due(&slot, now) {
                             self.refresh_in_background(key);
@@ -120,7 +119,7 @@ where
         match fallback {
             // A fail-safe answer given moments ago: serve it again rather than retry
             // L2 and the loader on every read while they are down.
-            Some((slot, _)) if self.clock.now() < slot.retry_after => {
+            Some((slot, _)) if self.clock.ticks() < slot.retry_after => {
                 self.tel.bump(Ev::StaleFailSafe);
                 Ok(answer(slot, CacheStatus::Stale(StaleReason::FailSafe)))
             }
@@ -143,8 +142,8 @@ where
             .is_some_and(|cur| cur.filled_at == served.filled_at && cur.version == served.version);
         if same && fences.admits(key, seen, version) {
             let mut throttled = served.clone();
-            throttled.retry_after = self.clock.now() + self.cfg.fail_safe_throttle;
-            self.l1.insert(key.clone(), throttled);
+            throttled.retry_after = Clock::after(self.clock.ticks(), self.cfg.fail_safe_throttle);
+            self.l1.insert(key, throttled);
         }
     }
 
@@ -154,21 +153,22 @@ where
         version: Version,
         cost: Duration,
     ) -> L1Entry<T> {
-        let now = self.clock.now();
+        let now = self.clock.ticks();
         let (fresh, stale) = if value.is_some() {
             (self.cfg.jittered(self.cfg.fresh_for), self.cfg.stale_for)
         } else {
             (self.cfg.negative_ttl, Duration::ZERO)
         };
+        let fresh_until = Clock::after(now, fresh);
         L1Entry {
             value,
             version,
             filled_at: now,
-            fresh_until: now + fresh,
-            stale_until: now + fresh + stale,
+            fresh_until,
+            stale_until: Clock::after(fresh_until, stale),
             retry_after: now,
-            epoch: self.epoch.load(Ordering::SeqCst),
-            cost,
+            epoch: self.epoch(),
+            cost_us: u32::try_from(cost.as_micros()).unwrap_or(u32::MAX),
         }
     }
 
@@ -187,14 +187,14 @@ where
             return false;
         }
         if slot.value.is_some() {
-            let epoch = self.epoch.load(Ordering::SeqCst);
+            let epoch = self.epoch();
             if let Some(cur) = self.l1.peek(key) {
                 if cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version {
                     return false;
                 }
             }
         }
-        self.l1.insert(key.clone(), slot.clone());
+        self.l1.insert(key, slot.clone());
         self.index_tags(key, slot.value.as_deref());
         true
     }
@@ -219,9 +219,9 @@ where
             self.clock.now().saturating_duration_since(began),
         );
         if stale {
-            let now = self.clock.now();
+            let now = self.clock.ticks();
             slot.fresh_until = now;
-            slot.stale_until = now + self.cfg.stale_for.max(Duration::from_secs(1));
+            slot.stale_until = Clock::after(now, self.cfg.stale_for.max(Duration::from_secs(1)));
         }
         self.install(key, &slot, start);
         Ok(slot)
@@ -248,13 +248,13 @@ where
         if !self.cfg.l1_enabled {
             return;
         }
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let epoch = self.epoch();
         let newer_held = self.l1.peek(key).is_some_and(|cur| {
             cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version
         });
         if !newer_held {
             self.index_tags(key, slot.value.as_deref());
-            self.l1.insert(key.clone(), slot);
+            self.l1.insert(key, slot);
         }
     }
 

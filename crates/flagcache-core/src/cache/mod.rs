@@ -15,11 +15,13 @@ mod backoff;
 mod batch;
 mod breaker;
 mod builder;
+mod clock;
 mod events;
 mod fence;
 mod fill;
 mod health;
 mod l1;
+mod l1map;
 mod l2;
 mod loader;
 mod revalidate;
@@ -230,21 +232,21 @@ struct Inner<T> {
     /// Tag bookkeeping, when the cache has a tagger.
     tags: Option<tags::Tags<T>>,
     hook: Option<Hook>,
-    /// L1 on, no evaluation hook, no early refresh: a fresh hit needs nothing but the
-    /// entry (see [`Inner::fresh_hit`]).
+    /// L1 on, no evaluation hook, no early refresh, a coarse clock: a fresh hit needs
+    /// nothing but the entry and one load of the time (see [`Inner::fresh_hit`]).
     plain_hits: bool,
     node: NodeId,
     /// Fleet presence, when reported ([`FlagCacheBuilder::report_to_fleet`]).
     fleet: Option<Arc<crate::fleet::Reporter>>,
-    l1: quick_cache::sync::Cache<FlagKey, L1Entry<T>>,
+    l1: l1map::L1Map<T>,
     /// Which keys have a background refresh running.
     refreshing: Refreshing,
     /// Versionless key invalidations this cache published and already applied, whose
     /// echo from the invalidator is still to come: the echo must not fence the fills
     /// that began after the invalidation itself. Key → (echoes due, when).
     own_echoes: std::sync::Mutex<std::collections::HashMap<FlagKey, (u32, Instant)>>,
-    /// The clock of L1 deadlines (see [`l1::clock`]).
-    clock: quanta::Clock,
+    /// The clock of L1 deadlines (see [`clock`]).
+    clock: clock::Clock,
     /// Bumped by every `Resync`: entries of an older epoch are unverified.
     epoch: AtomicU64,
     /// Set while the invalidation subscription is down: L1 then serves nothing as

@@ -96,12 +96,9 @@ where
 
     /// XFetch (Vattani et al.): refresh early with a probability that rises as expiry
     /// nears, scaled by how long a fill takes.
-    pub(super) fn xfetch_due(&self, slot: &L1Entry<T>, now: quanta::Instant) -> bool {
-        let remaining = slot
-            .fresh_until
-            .saturating_duration_since(now)
-            .as_secs_f64();
-        let delta = slot.cost.as_secs_f64().max(0.001);
+    pub(super) fn xfetch_due(&self, slot: &L1Entry<T>, now: super::clock::Tick) -> bool {
+        let remaining = slot.fresh_until.saturating_sub(now) as f64 / 1e9;
+        let delta = (f64::from(slot.cost_us) / 1e6).max(0.001);
         let u = fastrand::f64().max(f64::MIN_POSITIVE);
         delta * self.cfg.xfetch_beta * -u.ln() >= remaining
     }

@@ -1,7 +1,6 @@
 //! Warming: pre-loading keys before they are needed (a rollout step, a deploy) — one
 //! batched L2 read, then the loader for what L2 lacks.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -37,15 +36,15 @@ where
     pub(super) async fn warm(self: &Arc<Self>, keys: &[FlagKey]) -> WarmReport {
         use futures_util::StreamExt;
         let mut report = WarmReport::default();
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let now = self.clock.now();
+        let epoch = self.epoch();
+        let now = self.clock.ticks();
         let cold: Vec<FlagKey> = keys
             .iter()
             .filter(|k| {
                 let fresh = self.cfg.l1_enabled
                     && self
                         .l1
-                        .peek(*k)
+                        .peek(k)
                         .is_some_and(|s| s.epoch == epoch && now < s.fresh_until);
                 if fresh {
                     report.already_fresh += 1;

@@ -1,0 +1,164 @@
+//! The clock of L1 deadlines: a precise reading (a calibrated TSC read) and a coarse one
+//! (one atomic load of a time a background thread advances every millisecond), both as
+//! [`Tick`]s on one time base.
+//!
+//! A fresh L1 hit compares the entry's deadline with the coarse reading: a plain load
+//! instead of a TSC read, which costs from a few to tens of nanoseconds depending on the
+//! CPU and the hypervisor. TTLs are seconds; a deadline read up to a millisecond late
+//! (more while the machine is saturated and the ticking thread waits for a core) changes
+//! nothing a user can see. Everything else — installing entries, stale and fail-safe
+//! answers, XFetch — reads the precise clock.
+//!
+//! One ticking thread serves every cache of the process. It runs while at least one
+//! cache lives and stops within a tick of the last one being dropped. Where the thread
+//! cannot be started, [`Clock::coarse`] is `false` and readers use the precise clock.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Nanoseconds since the process's clock origin.
+pub(crate) type Tick = u64;
+
+/// How often the coarse time advances.
+const TICK: Duration = Duration::from_millis(1);
+
+/// The coarse time: the precise time at the ticking thread's last tick, in
+/// milliseconds since the origin.
+static RECENT_MS: AtomicU64 = AtomicU64::new(0);
+/// Live caches (holders of a [`Clock`]).
+static USERS: AtomicUsize = AtomicUsize::new(0);
+/// Whether a ticking thread runs (or is about to).
+static TICKING: AtomicBool = AtomicBool::new(false);
+
+/// The process's calibrated clock and its origin, shared by every [`Clock`].
+fn base() -> &'static (quanta::Clock, quanta::Instant) {
+    static BASE: OnceLock<(quanta::Clock, quanta::Instant)> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let clock = quanta::Clock::new();
+        let origin = clock.now();
+        (clock, origin)
+    })
+}
+
+fn precise_ticks() -> Tick {
+    let (clock, origin) = base();
+    // u64 nanoseconds last 584 years.
+    clock.now().saturating_duration_since(*origin).as_nanos() as Tick
+}
+
+/// A cache's handle on the clock: while it lives, the coarse time advances.
+pub(crate) struct Clock {
+    clock: quanta::Clock,
+    coarse: bool,
+}
+
+impl Clock {
+    /// Joins the clock's users, starting the ticking thread if none runs.
+    pub fn new() -> Clock {
+        let clock = base().0.clone();
+        USERS.fetch_add(1, Ordering::SeqCst);
+        let coarse = start_ticking();
+        Clock { clock, coarse }
+    }
+
+    /// Whether [`Clock::recent`] advances; when `false`, it must not be read.
+    #[inline(always)]
+    pub fn coarse(&self) -> bool {
+        self.coarse
+    }
+
+    /// The precise time as a [`quanta::Instant`], for durations.
+    #[inline]
+    pub fn now(&self) -> quanta::Instant {
+        self.clock.now()
+    }
+
+    /// The precise time as a [`Tick`], for deadlines.
+    #[inline]
+    pub fn ticks(&self) -> Tick {
+        precise_ticks()
+    }
+
+    /// The coarse time in milliseconds since the origin: at most one tick behind the
+    /// precise time while the ticking thread gets a core. Meaningful only when
+    /// [`Clock::coarse`].
+    #[inline(always)]
+    pub fn recent_ms(&self) -> u64 {
+        RECENT_MS.load(Ordering::Relaxed)
+    }
+
+    /// `now + d` as a deadline, saturating.
+    #[inline]
+    pub fn after(now: Tick, d: Duration) -> Tick {
+        now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+impl Drop for Clock {
+    fn drop(&mut self) {
+        USERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Starts the ticking thread unless one runs; whether the coarse time advances.
+fn start_ticking() -> bool {
+    if TICKING.swap(true, Ordering::SeqCst) {
+        return true;
+    }
+    RECENT_MS.store(precise_ticks() / 1_000_000, Ordering::Relaxed);
+    let spawned = std::thread::Builder::new()
+        .name("flagcache-clock".into())
+        .spawn(tick);
+    match spawned {
+        Ok(_) => true,
+        Err(e) => {
+            TICKING.store(false, Ordering::SeqCst);
+            tracing::warn!(error = %e, "flagcache: no clock thread; L1 hits read the precise clock");
+            false
+        }
+    }
+}
+
+/// The ticking thread: advances [`RECENT_MS`] while any cache lives.
+fn tick() {
+    loop {
+        RECENT_MS.store(precise_ticks() / 1_000_000, Ordering::Relaxed);
+        std::thread::sleep(TICK);
+        if USERS.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
+        TICKING.store(false, Ordering::SeqCst);
+        // A cache built between the check and the store found `TICKING` still set and
+        // started no thread: go on ticking for it.
+        if USERS.load(Ordering::SeqCst) == 0 || TICKING.swap(true, Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coarse_time_follows_the_precise_time() {
+        let clock = Clock::new();
+        assert!(clock.coarse(), "the ticking thread starts");
+        let before = clock.ticks() / 1_000_000;
+        std::thread::sleep(Duration::from_millis(50));
+        let recent = clock.recent_ms();
+        let after = clock.ticks() / 1_000_000;
+        assert!(
+            recent > before,
+            "the coarse time advanced: {recent} ≤ {before}"
+        );
+        assert!(recent <= after);
+    }
+
+    #[test]
+    fn deadlines_saturate() {
+        assert_eq!(Clock::after(u64::MAX - 1, Duration::from_secs(1)), u64::MAX);
+        assert_eq!(Clock::after(5, Duration::from_nanos(7)), 12);
+    }
+}
