@@ -32,6 +32,8 @@ async fn doctor(url: &str) -> (i32, Value) {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
+        // Shown when a test fails.
+        eprintln!("{doc}");
         (out.status.code().unwrap(), doc)
     })
     .await

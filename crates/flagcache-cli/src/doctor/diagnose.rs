@@ -13,9 +13,12 @@ use super::sample::Sample;
 /// catch the articles' failure modes.
 #[derive(Debug, Clone)]
 pub struct Thresholds {
-    /// Misses per second at and above which misses are a stampede… (far above the
-    /// polling of memcached's invalidation log: 10 reads a second per replica)
+    /// Misses per second at and above which misses are a stampede…
     pub stampede_misses_per_sec: f64,
+    /// …plus this many per live replica where replicas poll an invalidation log in
+    /// the server (memcached: a read every 100 ms by default, which misses while no
+    /// event was ever published)…
+    pub poll_misses_per_node: f64,
     /// …when at least this share of the interval's reads missed.
     pub stampede_miss_ratio: f64,
     /// memcached: the share of CAS writes lost to another writer that is contention
@@ -33,6 +36,7 @@ impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
             stampede_misses_per_sec: 200.0,
+            poll_misses_per_node: 20.0,
             stampede_miss_ratio: 0.5,
             cas_badval_ratio: 0.05,
             cas_badval_min: 10,
@@ -155,7 +159,13 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
         delta(a.hits, b.hits) + delta(a.misses, b.misses),
     )
     .unwrap_or(0.0);
-    if r.misses_per_sec >= t.stampede_misses_per_sec && miss_ratio >= t.stampede_miss_ratio {
+    let polling = if b.polled_log {
+        t.poll_misses_per_node * a.live_nodes.max(b.live_nodes) as f64
+    } else {
+        0.0
+    };
+    let stampede_at = t.stampede_misses_per_sec + polling;
+    if r.misses_per_sec >= stampede_at && miss_ratio >= t.stampede_miss_ratio {
         let before = ratio(a.misses, a.hits + a.misses).map_or(0.0, |x| round(x, 3));
         found.push(Finding {
             kind: "stampede",
@@ -177,6 +187,7 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
                 "miss_ratio": round(miss_ratio, 3),
                 "miss_ratio_before": before,
                 "sets_per_sec": r.sets_per_sec,
+                "threshold_misses_per_sec": stampede_at,
             })),
             action: STAMPEDE,
         });
@@ -419,6 +430,18 @@ mod tests {
         at.misses += 200;
         at.hits += 200;
         assert_eq!(kinds(&a, &at, 0), ["stampede"]);
+    }
+
+    #[test]
+    fn a_polled_log_raises_the_bar_by_its_pollers() {
+        let mut a = memcached();
+        a.polled_log = true;
+        a.live_nodes = 10;
+        let mut b = a.clone();
+        b.misses += 399; // 10 idle pollers: 200 + 10 × 20 misses/s expected at most
+        assert!(kinds(&a, &b, 0).is_empty());
+        b.misses += 1;
+        assert_eq!(kinds(&a, &b, 0), ["stampede"]);
     }
 
     #[test]

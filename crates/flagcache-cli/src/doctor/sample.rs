@@ -59,6 +59,10 @@ pub struct Sample {
     pub live_nodes: usize,
     /// Of those, the ones with an invalidator (that should be subscribed).
     pub subscribed_nodes: usize,
+    /// Whether replicas poll an invalidation log kept in the server (memcached): their
+    /// polls are reads, and miss while no event was ever published.
+    #[serde(skip)]
+    pub polled_log: bool,
 }
 
 /// `INFO`'s `name:value` lines, section headers and blank lines skipped.
@@ -126,6 +130,7 @@ pub fn from_memcached_stats<'a>(
     servers: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
 ) -> Sample {
     let mut s = Sample {
+        polled_log: true,
         cas_hits: Some(0),
         cas_badval: Some(0),
         cas_misses: Some(0),
