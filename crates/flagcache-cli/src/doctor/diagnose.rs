@@ -10,7 +10,7 @@ use super::sample::Sample;
 
 /// Where each finding starts. The defaults are far from what a healthy flag cache
 /// shows (flags are read from L1, written a few times a minute) and close enough to
-/// catch the articles' failure modes.
+/// catch the failure modes runbooks describe.
 #[derive(Debug, Clone)]
 pub struct Thresholds {
     /// Misses per second at and above which misses are a stampede…
@@ -22,7 +22,7 @@ pub struct Thresholds {
     /// …when at least this share of the interval's reads missed.
     pub stampede_miss_ratio: f64,
     /// memcached: the share of CAS writes lost to another writer that is contention
-    /// (the articles: above 5 % of writes)…
+    /// (the usual runbook rule: above 5 % of writes)…
     pub cas_badval_ratio: f64,
     /// …when at least this many were lost in the interval.
     pub cas_badval_min: u64,
