@@ -125,6 +125,42 @@ async fn a_storm_of_misses_on_memcached_is_a_stampede() {
     storm_of_misses_is_a_stampede(&memcached_url(&server)).await;
 }
 
+/// Versioned writes of one key, each newer than the last, in 20 tasks.
+fn versioned_writer(
+    store: Arc<dyn flagcache::FlagStore>,
+) -> impl Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+       + Send
+       + Sync
+       + 'static {
+    let version = Arc::new(AtomicU64::new(1));
+    move |_| {
+        let (store, version) = (store.clone(), version.clone());
+        Box::pin(async move {
+            let key = FlagKey::new("rollout").unwrap();
+            let v = Version::new(version.fetch_add(1, Ordering::Relaxed));
+            let entry = Entry::new(v, &b"{\"enabled\":true}"[..]);
+            store
+                .put(&key, &entry, Duration::from_secs(60))
+                .await
+                .unwrap();
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_write_storm_is_contention() {
+    let server = RedisServer::start().unwrap();
+    let store = flagcache::connect(&server.url()).await.unwrap().store();
+    let (code, doc) = during_doctor(&server.url(), 20, versioned_writer(store)).await;
+    assert_eq!(code, 1, "{doc}");
+    assert_eq!(kinds(&doc), ["cas_contention"], "{doc}");
+    let f = finding(&doc, "cas_contention");
+    assert!(
+        f["figures"]["script_calls_per_sec"].as_f64().unwrap() >= 200.0,
+        "{f}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_cas_writers_on_one_key_are_contention() {
     let server = MemcachedServer::start().unwrap();
@@ -185,6 +221,86 @@ async fn writes_into_a_tiny_memcached_are_evictions() {
     let f = finding(&doc, "evictions");
     assert!(f["figures"]["evictions"].as_u64().unwrap() >= 1, "{f}");
     assert_eq!(f["figures"]["max_memory"], 2 * 1024 * 1024, "{f}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_into_a_tiny_redis_are_evictions() {
+    let server = Arc::new(
+        RedisServer::builder()
+            .arg("maxmemory", "3mb")
+            .arg("maxmemory-policy", "allkeys-lru")
+            .start()
+            .unwrap(),
+    );
+    let url = server.url();
+    let value = "x".repeat(100_000);
+    let n = Arc::new(AtomicU64::new(0));
+    let (code, doc) = during_doctor(&url, 1, move |_| {
+        let (server, value, n) = (server.clone(), value.clone(), n.clone());
+        async move {
+            let key = format!("filler-{}", n.fetch_add(1, Ordering::Relaxed));
+            tokio::task::spawn_blocking(move || server.command(&["SET", &key, &value]).unwrap())
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    assert_eq!(code, 1, "{doc}");
+    let f = finding(&doc, "evictions");
+    assert!(f["figures"]["evictions"].as_u64().unwrap() >= 1, "{f}");
+    assert_eq!(f["figures"]["max_memory"], 3 * 1024 * 1024, "{f}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_redis_is_memory_pressure() {
+    let server = RedisServer::start().unwrap();
+    let info = server.command(&["INFO", "memory"]).unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The limit just above what is in use; nothing is written, nothing evicted.
+    let limit = (used * 21 / 20).to_string();
+    server
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .unwrap();
+    server
+        .command(&["CONFIG", "SET", "maxmemory", &limit])
+        .unwrap();
+    let (code, doc) = doctor(&server.url()).await;
+    assert_eq!(code, 1, "{doc}");
+    assert_eq!(kinds(&doc), ["memory_pressure"], "{doc}");
+    let f = finding(&doc, "memory_pressure");
+    assert!(f["figures"]["memory_fill"].as_f64().unwrap() >= 0.9, "{f}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_memcached_log_is_a_broken_backplane() {
+    let server = Arc::new(MemcachedServer::start().unwrap());
+    let url = format!("{}?poll_interval=50ms", memcached_url(&server));
+    let backend = flagcache::connect(&url).await.unwrap();
+    let writer = replicas(&backend, 1).await.pop().unwrap();
+    // Events go into the log, then the log is lost (flush_all): every subscriber,
+    // the doctor's included, must resync.
+    let (code, doc) = during_doctor(&url, 1, move |_| {
+        let (server, writer) = (server.clone(), writer.clone());
+        async move {
+            let key = FlagKey::new("checkout").unwrap();
+            writer.invalidate(&key).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::task::spawn_blocking(move || server.request("flush_all\r\n").unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(code, 1, "{doc}");
+    let f = finding(&doc, "broken_backplane");
+    assert!(f["figures"]["resyncs"].as_u64().unwrap() >= 1, "{f}");
 }
 
 /// Caches that report their presence and listen to the invalidation channel.

@@ -163,6 +163,15 @@ pub fn from_memcached_stats<'a>(
     s
 }
 
+/// A refusal to ask (a Redis Cluster) is a usage error; anything else, the server
+/// could not be asked.
+fn failed(e: flagcache::Error) -> Failure {
+    match e {
+        flagcache::Error::InvalidArgument(_) => Failure::usage(e.to_string()),
+        e => Failure::connect(e),
+    }
+}
+
 /// Takes one sample of `backend`'s server(s) and fleet presence. `own_subscriptions`
 /// is how many subscriptions to the channel the doctor itself holds now (not counted).
 ///
@@ -171,18 +180,15 @@ pub fn from_memcached_stats<'a>(
 /// backend failure when the server cannot be asked.
 pub async fn take(backend: &Backend, own_subscriptions: u64) -> Result<Sample, Failure> {
     let mut sample = if let Some(store) = backend.as_redis() {
-        let info = store.server_info().await.map_err(Failure::connect)?;
+        let info = store.server_info().await.map_err(failed)?;
         let mut sample = from_redis_info(&info);
         if let Some(channel) = backend.as_redis_invalidator().map(|i| i.channel()) {
-            let n = store
-                .channel_subscribers(channel)
-                .await
-                .map_err(Failure::connect)?;
+            let n = store.channel_subscribers(channel).await.map_err(failed)?;
             sample.subscribers = Some(n.saturating_sub(own_subscriptions));
         }
         sample
     } else if let Some(store) = backend.as_memcached() {
-        let stats = store.server_stats().await.map_err(Failure::connect)?;
+        let stats = store.server_stats().await.map_err(failed)?;
         from_memcached_stats(stats.iter().map(|(_, s)| s))
     } else {
         return Err(Failure::usage(format!(
