@@ -13,6 +13,18 @@ impl MemcachedStore {
     /// `get_misses`, `cas_badval`, `evictions`, `bytes`, `limit_maxbytes`, …), as the
     /// server wrote them.
     ///
+    /// ```no_run
+    /// # async fn f() -> flagcache_core::Result<()> {
+    /// let store = flagcache_memcached::MemcachedStore::builder()
+    ///     .servers(["127.0.0.1:11211", "127.0.0.1:11212"])
+    ///     .build()
+    ///     .await?;
+    /// for (server, stats) in store.server_stats().await? {
+    ///     println!("{server}: {:?} CAS writes lost", stats.get("cas_badval"));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// `Error::Backend` or `Error::Timeout` when a server cannot be asked.
     pub async fn server_stats(&self) -> Result<Vec<(String, BTreeMap<String, String>)>> {

@@ -11,6 +11,14 @@ impl RedisStore {
     /// memory, …) as the server wrote it, `name:value` lines under `# Section`
     /// headers. Through Sentinel, the primary's.
     ///
+    /// ```no_run
+    /// # async fn f() -> flagcache_core::Result<()> {
+    /// let store = flagcache_redis::RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let info = store.server_info().await?;
+    /// let misses = info.lines().find_map(|l| l.strip_prefix("keyspace_misses:"));
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// `Error::InvalidArgument` on a Redis Cluster connection (each node describes only
     /// itself: ask each node by its `redis://` URL); `Error::Backend` or
@@ -25,6 +33,16 @@ impl RedisStore {
     /// How many connections are subscribed to `channel` (`PUBSUB NUMSUB`): on the
     /// invalidation channel, one per listening replica. Through Sentinel, the
     /// primary's count.
+    ///
+    /// ```no_run
+    /// # async fn f() -> flagcache_core::Result<()> {
+    /// use flagcache_redis::{RedisInvalidator, RedisStore};
+    ///
+    /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let bus = RedisInvalidator::connect("redis://127.0.0.1:6379").await?;
+    /// let listening = store.channel_subscribers(bus.channel()).await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As for [`server_info`](RedisStore::server_info).
