@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use flagcache::fleet::NodeReport;
 use flagcache::{Entry, FlagCache, FlagKey, NodeId, Version};
-use flagcache_testkit::{MemcachedServer, RedisServer};
+use flagcache_testkit::{MemcachedServer, RedisCluster, RedisServer};
 use serde_json::Value;
 
 /// Runs `flagcache doctor --interval 1s --json` off the runtime's workers: its exit
@@ -458,4 +458,28 @@ async fn doctor_prints_a_table_and_refuses_memory() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_is_a_usage_error_naming_the_way_out() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let hosts: Vec<String> = cluster
+        .urls()
+        .iter()
+        .map(|u| u.trim_start_matches("redis://").to_string())
+        .collect();
+    let url = format!("redis+cluster://{}", hosts.join(","));
+    let (code, doc) = doctor(&url).await;
+    assert_eq!(
+        (code, &doc["error"]["kind"]),
+        (2, &Value::from("usage")),
+        "{doc}"
+    );
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("each node"),
+        "{doc}"
+    );
 }
