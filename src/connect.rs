@@ -292,6 +292,16 @@ impl Backend {
         }
     }
 
+    /// The Redis invalidator (its channel, say), when the URL named a Redis backend.
+    #[cfg(feature = "redis")]
+    pub fn as_redis_invalidator(&self) -> Option<&crate::redis::RedisInvalidator> {
+        #[allow(unreachable_patterns)]
+        match self.kind {
+            Kind::Redis { ref bus, .. } => Some(bus),
+            _ => None,
+        }
+    }
+
     /// The memcached store, when the URL named `memcached://`.
     #[cfg(feature = "memcached")]
     pub fn as_memcached(&self) -> Option<&crate::memcached::MemcachedStore> {

@@ -1,6 +1,7 @@
 //! The `flagcache` command: its arguments, connecting to the backend the URL names, and
 //! the exit code each outcome gets.
 
+mod doctor;
 mod inspect;
 mod report;
 mod verify;
@@ -18,8 +19,8 @@ use report::{Failure, Report};
 /// watch the invalidation channel, and verify that every replica applied a version.
 ///
 /// Exit codes: 0 ok; 1 a finding (a key absent or unreadable, a write superseded, a
-/// resync seen while watching, a replica that did not apply a version in time); 2 a
-/// usage or connection error.
+/// resync seen while watching, a replica that did not apply a version in time, a
+/// problem the doctor found); 2 a usage or connection error.
 #[derive(Debug, Parser)]
 #[command(
     name = "flagcache",
@@ -28,7 +29,8 @@ use report::{Failure, Report};
     long_about = None,
     after_help = "Exit codes: 0 ok; 1 a finding (a key absent or unreadable, a write \
                   superseded, a resync seen while watching, a replica that did not apply \
-                  a version in time); 2 a usage or connection error."
+                  a version in time, a problem the doctor found); 2 a usage or \
+                  connection error."
 )]
 struct Cli {
     /// The backend URL (see the help text).
@@ -118,6 +120,17 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         within: Duration,
     },
+    /// Samples the server twice, INTERVAL apart (Redis INFO and the subscribers of the
+    /// invalidation channel; memcached stats on every server), listening to the
+    /// invalidation channel in between, and tells apart a stampede, CAS contention,
+    /// evictions or memory pressure, a broken backplane (fewer subscribers than live
+    /// replicas, resyncs) and a flushed script cache, each with the figures that prove
+    /// it and an action. Exit 1 with findings, 0 when healthy.
+    Doctor {
+        /// Time between the two samples (`5s`, `500ms`, `1m`).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        interval: Duration,
+    },
 }
 
 /// `250ms`, `5s`, `2m`: a whole number and a unit.
@@ -167,6 +180,7 @@ async fn run(cli: Cli) -> Result<Report, Failure> {
             version,
             within,
         } => verify::run(&backend, &key, version, within, json).await,
+        Command::Doctor { interval } => doctor::run(&backend, interval).await,
     }
 }
 

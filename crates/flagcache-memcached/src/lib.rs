@@ -10,6 +10,7 @@ mod pool;
 mod raw;
 mod recache;
 mod ring;
+mod server_stats;
 mod store;
 
 pub use builder::MemcachedStoreBuilder;

@@ -312,6 +312,21 @@ impl Meta {
         refusal_is_fine(self.md(Route::Key(wire), operation, wire, flags).await)
     }
 
+    /// `stats` on the `server`-th server: its statistics, by memcached's names.
+    pub(crate) async fn stats(
+        &self,
+        server: usize,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let pool = self
+            .pools
+            .get(server)
+            .ok_or_else(|| Error::InvalidArgument("no such memcached server".into()))?;
+        self.run(pool, "stats", |c| {
+            Box::pin(async move { Ok(c.stats().await?.into_iter().collect()) })
+        })
+        .await
+    }
+
     /// `mg <key> v` on `route`'s server.
     pub(crate) async fn raw_get(&self, route: Route<'_>, key: &WireKey) -> Result<Option<Vec<u8>>> {
         self.mg(route, "raw get", key, vec!["v".into()])

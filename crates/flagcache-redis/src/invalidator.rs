@@ -282,6 +282,11 @@ impl RedisInvalidator {
         }
     }
 
+    /// The pub/sub channel it publishes and subscribes on.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
     /// How many foreign messages this node's subscriptions ignored under
     /// [`ForeignMessages::Ignore`] (also counted as
     /// `flagcache_foreign_messages_ignored_total{backend="redis"}`).

@@ -11,6 +11,7 @@ mod lock;
 mod raw;
 mod scripts;
 mod sentinel;
+mod server_stats;
 mod store;
 mod target;
 mod tls;

@@ -1,0 +1,63 @@
+//! What the server says about itself, against a real Redis: `INFO all` holds the
+//! figures a diagnosis reads, `PUBSUB NUMSUB` counts one subscriber per listening node,
+//! and a Redis Cluster is refused (each node describes only itself).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use flagcache_core::{Error, FlagKey, FlagStore, Invalidator};
+use flagcache_redis::{RedisInvalidator, RedisStore};
+use flagcache_testkit::{RedisCluster, RedisServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_and_subscribers_of_one_server() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    store.get(&FlagKey::new("absent").unwrap()).await.unwrap();
+    let info = store.server_info().await.unwrap();
+    for figure in [
+        "keyspace_misses:",
+        "evicted_keys:",
+        "maxmemory:",
+        "connected_clients:",
+        "cmdstat_get:calls=",
+        "# Commandstats",
+        "# Keyspace",
+    ] {
+        assert!(info.contains(figure), "{figure} not in INFO all");
+    }
+
+    let bus = RedisInvalidator::builder()
+        .url(server.url())
+        .channel("doctor_test")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(bus.channel(), "doctor_test");
+    assert_eq!(store.channel_subscribers("doctor_test").await.unwrap(), 0);
+    let (a, b) = (
+        bus.subscribe().await.unwrap(),
+        bus.peer().subscribe().await.unwrap(),
+    );
+    assert_eq!(store.channel_subscribers("doctor_test").await.unwrap(), 2);
+    assert_eq!(store.channel_subscribers("other").await.unwrap(), 0);
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_is_refused() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .build()
+        .await
+        .unwrap();
+    let e = store.server_info().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("each node")),
+        "{e}"
+    );
+    assert!(matches!(
+        store.channel_subscribers("flag_updates").await,
+        Err(Error::InvalidArgument(_))
+    ));
+}
