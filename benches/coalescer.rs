@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use flagcache::{FlagKey, LocalCoalescer, Result};
+use flagcache::{coalesce::LocalCoalescer, FlagKey, Result};
 use futures_util::future::join_all;
 
 async fn fetch(value: Arc<String>) -> Result<Arc<String>> {

@@ -16,7 +16,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flagcache::{Codec, Entry, EnvelopeCodec, Version};
+use flagcache::{
+    codec::{Codec, EnvelopeCodec},
+    store::Entry,
+    Version,
+};
 
 /// Rules of a flag, as a control plane would serve them: repetitive, like real JSON.
 fn payload(len: usize) -> Bytes {

@@ -14,10 +14,13 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use flagcache::bytes::Bytes;
+use flagcache::store::bytes::Bytes;
 use flagcache::{
-    async_trait, ttl_millis, Capabilities, Codec, Entry, FillRead, FillToken, FlagKey, FlagStore,
-    FlagStoreExt, PutOutcome, Result, Version,
+    codec::Codec,
+    store::{
+        async_trait, ttl_millis, Capabilities, Entry, FillRead, FillToken, FlagStore, FlagStoreExt,
+    },
+    FlagKey, PutOutcome, Result, Version,
 };
 
 /// Stored bytes and fences, each with its deadline, per key.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
 use flagcache::{
-    CacheStatus, Error, FlagCache, FlagKey, FlagStoreExt, PutOutcome, Result, Version,
+    store::FlagStoreExt, CacheStatus, Error, FlagCache, FlagKey, PutOutcome, Result, Version,
 };
 
 /// A flag's configuration, as the control plane serves it.

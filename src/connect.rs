@@ -9,8 +9,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::coalesce::Coalescer;
 use crate::fleet::FleetRegistry;
-use crate::{Coalescer, Error, FlagCacheBuilder, FlagStore, Invalidator, Loader, Result};
+use crate::store::{FlagStore, Invalidator};
+use crate::{Error, FlagCacheBuilder, Loader, Result};
 use url::{Parsed, Scheme};
 
 /// The environment variable [`Backend::from_env`] reads.
@@ -315,11 +317,11 @@ impl Backend {
 
 /// The store's and the messages' layout.
 #[allow(dead_code)] // without a backend feature
-fn codec(json: bool) -> crate::Codec {
+fn codec(json: bool) -> crate::codec::Codec {
     if json {
-        crate::JsonCodec::default().into()
+        crate::codec::JsonCodec::default().into()
     } else {
-        crate::Codec::default()
+        crate::codec::Codec::default()
     }
 }
 

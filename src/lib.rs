@@ -6,8 +6,8 @@
 #[doc(inline)]
 pub use flagcache_core::{
     BreakerState, CacheStatus, Error, Evaluation, FlagCache, FlagCacheBuilder, FlagKey, Get,
-    GroupBreaker, Health, Hook, Loader, Lookup, NodeId, PutOutcome, Result, Source,
-    StaleReason, Stats, SubscriptionHealth, Version, VersionSource, WarmReport,
+    GroupBreaker, Health, Hook, Loader, Lookup, NodeId, PutOutcome, Result, Source, StaleReason,
+    Stats, SubscriptionHealth, Version, VersionSource, WarmReport,
 };
 
 #[cfg(feature = "conformance")]
@@ -35,8 +35,8 @@ pub mod store {
 pub mod codec {
     #[doc(inline)]
     pub use flagcache_core::{
-        Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, GZIP_MAGIC,
-        HEADER_LEN, JSON_MAX_VERSION, MAGIC, VERSION_OFFSET,
+        Codec, EnvelopeCodec, JsonCodec, DEFAULT_CODEC, FLAG_GZIP, FORMAT, GZIP_MAGIC, HEADER_LEN,
+        JSON_MAX_VERSION, MAGIC, VERSION_OFFSET,
     };
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use flagcache::layer::Op;
 use flagcache::memory::MemoryStore;
-use flagcache::{FlagCache, FlagStoreExt, Version};
+use flagcache::{store::FlagStoreExt, FlagCache, Version};
 use flagcache_testkit::CountingSource;
 
 use common::*;

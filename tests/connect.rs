@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use flagcache::{connect, Backend, CacheStatus, FlagCache, FlagKey, FlagStoreExt, Version};
+use flagcache::{connect, store::FlagStoreExt, Backend, CacheStatus, FlagCache, FlagKey, Version};
 use flagcache_testkit::{MemcachedServer, RedisCluster, RedisSentinel, RedisServer};
 
 fn key() -> FlagKey {

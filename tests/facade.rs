@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
-use flagcache::{FlagKey, FlagStore, FlagStoreExt, Invalidator, Loader, LocalCoalescer, Version};
+use flagcache::{
+    coalesce::LocalCoalescer,
+    store::{FlagStore, FlagStoreExt, Invalidator},
+    FlagKey, Loader, Version,
+};
 use flagcache_testkit::CountingSource;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,11 +46,11 @@ async fn a_store_an_invalidator_and_a_coalescer_through_the_facade() {
         Some((42, Version::new(1)))
     );
 
-    bus.publish(&flagcache::Invalidation::key(key.clone()))
+    bus.publish(&flagcache::store::Invalidation::key(key.clone()))
         .await
         .unwrap();
     assert!(matches!(
         sub.recv().await,
-        Some(flagcache::Signal::Invalidated(ev)) if ev.origin == bus.node_id()
+        Some(flagcache::store::Signal::Invalidated(ev)) if ev.origin == bus.node_id()
     ));
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use flagcache::layer::FaultControl;
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
 use flagcache::{
-    async_trait, CacheStatus, Checked, FlagCache, FlagKey, FlagStore, Invalidation, Invalidator,
-    Lookup, Result, Version, VersionSource,
+    store::{async_trait, Checked, FlagStore, Invalidation, Invalidator},
+    CacheStatus, FlagCache, FlagKey, Lookup, Result, Version, VersionSource,
 };
 use flagcache_testkit::CountingSource;
 use tokio::task::JoinHandle;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use flagcache::memcached::{MemcachedInvalidator, MemcachedStore};
 use flagcache::redis::{RedisInvalidator, RedisStore};
-use flagcache::{CacheStatus, FlagCache, FlagKey, JsonCodec, Lookup, Version};
+use flagcache::{codec::JsonCodec, CacheStatus, FlagCache, FlagKey, Lookup, Version};
 use flagcache_testkit::{CountingSource, MemcachedServer, RedisServer};
 
 /// The flag config both languages read and write.
@@ -364,7 +364,7 @@ async fn the_replica_writes_and_python_reads_it() {
 
 async fn memcached_replica(
     server: &MemcachedServer,
-    codec: impl Into<flagcache::Codec>,
+    codec: impl Into<flagcache::codec::Codec>,
     source: &CountingSource<Config>,
 ) -> FlagCache<Config> {
     let store = MemcachedStore::builder()
@@ -477,7 +477,7 @@ async fn python_appends_envelope_events_to_the_memcached_log() {
     let server = MemcachedServer::start().unwrap();
     let addr = server.addr().to_string();
     let source = unused_source();
-    let cache = memcached_replica(&server, flagcache::Codec::default(), &source).await;
+    let cache = memcached_replica(&server, flagcache::codec::Codec::default(), &source).await;
     let k = key("kill-switch");
     cache.get(&k).await.unwrap();
     assert_eq!(source.calls(), 1);

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
 use flagcache::{
-    async_trait, CacheStatus, FlagCache, FlagStore, Invalidation, Invalidator, PutOutcome, Result,
-    Version,
+    store::{async_trait, FlagStore, Invalidation, Invalidator},
+    CacheStatus, FlagCache, PutOutcome, Result, Version,
 };
 use flagcache_testkit::CountingSource;
 
@@ -191,7 +191,7 @@ impl Invalidator for Closable {
     async fn publish(&self, event: &Invalidation) -> Result<()> {
         self.bus.publish(event).await
     }
-    async fn subscribe(&self) -> Result<flagcache::Subscription> {
+    async fn subscribe(&self) -> Result<flagcache::store::Subscription> {
         use futures_util::StreamExt;
         self.subscribes.fetch_add(1, Ordering::SeqCst);
         let mut rx = self.close.subscribe();
@@ -200,7 +200,7 @@ impl Invalidator for Closable {
         let closed = async move {
             let _ = rx.changed().await;
         };
-        Ok(flagcache::Subscription::from_stream(
+        Ok(flagcache::store::Subscription::from_stream(
             inner.take_until(Box::pin(closed)),
         ))
     }

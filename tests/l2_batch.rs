@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use flagcache::layer::{FaultControl, FaultyStore, Op};
 use flagcache::memory::MemoryStore;
 use flagcache::{
-    async_trait, CacheStatus, Entry, FlagCache, FlagKey, FlagStore, FlagStoreExt, PutOutcome,
-    Result, Version,
+    store::{async_trait, Entry, FlagStore, FlagStoreExt},
+    CacheStatus, FlagCache, FlagKey, PutOutcome, Result, Version,
 };
 use flagcache_testkit::CountingSource;
 
@@ -23,7 +23,7 @@ struct SharedStore(FaultyStore<MemoryStore>);
 
 #[async_trait]
 impl FlagStore for SharedStore {
-    fn capabilities(&self) -> flagcache::Capabilities {
+    fn capabilities(&self) -> flagcache::store::Capabilities {
         self.0.capabilities()
     }
     fn read_group(&self, _key: &FlagKey) -> Option<u64> {

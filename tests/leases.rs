@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use flagcache::memory::MemoryStore;
-use flagcache::{FlagCache, FlagCacheBuilder, FlagStore, Version};
+use flagcache::{store::FlagStore, FlagCache, FlagCacheBuilder, Version};
 use flagcache_testkit::CountingSource;
 
 use common::*;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use flagcache::layer::{FaultyStore, Op};
 use flagcache::memory::MemoryStore;
 use flagcache::{
-    async_trait, CacheStatus, Capabilities, Entry, Error, FlagCache, FlagKey, FlagStore,
-    PutOutcome, Result,
+    store::{async_trait, Capabilities, Entry, FlagStore},
+    CacheStatus, Error, FlagCache, FlagKey, PutOutcome, Result,
 };
 use flagcache_testkit::CountingSource;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use flagcache::layer::Op;
 use flagcache::memory::MemoryStore;
-use flagcache::{CacheStatus, Error, FlagCache, FlagStoreExt, Version};
+use flagcache::{store::FlagStoreExt, CacheStatus, Error, FlagCache, Version};
 use flagcache_testkit::{Answer, CountingSource};
 
 use common::*;
@@ -117,7 +117,7 @@ async fn corrupt_l2_bytes_are_counted_deleted_and_reloaded() {
     let k = key("k");
     mem.write_raw(
         &k,
-        flagcache::bytes::Bytes::from_static(b"\xf1\xa6garbage"),
+        flagcache::store::bytes::Bytes::from_static(b"\xf1\xa6garbage"),
         Duration::from_secs(60),
     )
     .unwrap();

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use flagcache::layer::Op;
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
 use flagcache::{
-    FlagCache, FlagStore, FlagStoreExt, Invalidation, Invalidator, PutOutcome, Version,
+    store::{FlagStore, FlagStoreExt, Invalidation, Invalidator},
+    FlagCache, PutOutcome, Version,
 };
 use flagcache_testkit::CountingSource;
 

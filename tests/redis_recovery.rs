@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use flagcache::redis::RedisStore;
-use flagcache::{CacheStatus, FlagCache, FlagStoreExt, PutOutcome, Version};
+use flagcache::{store::FlagStoreExt, CacheStatus, FlagCache, PutOutcome, Version};
 use flagcache_testkit::{CountingSource, RedisServer};
 
 use common::*;

@@ -7,7 +7,7 @@ mod common;
 
 use flagcache::layer::Op;
 use flagcache::memory::MemoryStore;
-use flagcache::{CacheStatus, Error, FlagCache, FlagStoreExt, Version};
+use flagcache::{store::FlagStoreExt, CacheStatus, Error, FlagCache, Version};
 use flagcache_testkit::{Answer, CountingSource};
 
 use common::*;

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
 use flagcache::{
-    CacheStatus, FlagCache, FlagCacheBuilder, FlagKey, FlagStore, Invalidator, Version,
+    store::{FlagStore, Invalidator},
+    CacheStatus, FlagCache, FlagCacheBuilder, FlagKey, Version,
 };
 use flagcache_testkit::CountingSource;
 

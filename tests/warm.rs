@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flagcache::layer::Op;
 use flagcache::memory::MemoryStore;
-use flagcache::{CacheStatus, FlagCache, FlagKey, FlagStoreExt, Version};
+use flagcache::{store::FlagStoreExt, CacheStatus, FlagCache, FlagKey, Version};
 use flagcache_testkit::CountingSource;
 
 use common::*;

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use flagcache::memory::MemoryStore;
 use flagcache::{
-    async_trait, CacheStatus, Codec, Entry, FlagCache, FlagKey, FlagStore, FlagStoreExt,
-    PutOutcome, Result, Version,
+    codec::Codec,
+    store::{async_trait, Entry, FlagStore, FlagStoreExt},
+    CacheStatus, FlagCache, FlagKey, PutOutcome, Result, Version,
 };
 use flagcache_testkit::CountingSource;
 
@@ -24,7 +25,7 @@ struct TtlRecorder {
 
 #[async_trait]
 impl FlagStore for TtlRecorder {
-    fn capabilities(&self) -> flagcache::Capabilities {
+    fn capabilities(&self) -> flagcache::store::Capabilities {
         self.inner.capabilities()
     }
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
@@ -123,7 +124,7 @@ async fn a_superseded_set_reports_it_and_leaves_l1_alone() {
 #[tokio::test]
 async fn a_json_layout_store_gets_json_values() {
     let mem = MemoryStore::builder()
-        .codec(flagcache::JsonCodec::new())
+        .codec(flagcache::codec::JsonCodec::new())
         .build();
     let src = CountingSource::new(7);
     let cache = FlagCache::builder(mem.clone(), src.clone())

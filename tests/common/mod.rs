@@ -12,8 +12,8 @@ use std::time::Duration;
 use flagcache::layer::{FaultControl, FaultyStore};
 use flagcache::memory::{MemoryInvalidator, MemoryStore};
 use flagcache::{
-    async_trait, Capabilities, Entry, Error, FlagCache, FlagCacheBuilder, FlagKey, FlagStore,
-    FlagStoreExt, Lookup, PutOutcome, Result, Version,
+    store::{async_trait, Capabilities, Entry, FlagStore, FlagStoreExt},
+    Error, FlagCache, FlagCacheBuilder, FlagKey, Lookup, PutOutcome, Result, Version,
 };
 use flagcache_testkit::CountingSource;
 use tokio::task::JoinHandle;

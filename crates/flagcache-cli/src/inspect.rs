@@ -1,7 +1,10 @@
 //! `flagcache inspect KEY…`: what L2 holds for each key, read as stored and described
 //! as a reader would judge it.
 
-use flagcache::{Backend, EntryReport, FlagKey, RawEntry};
+use flagcache::{
+    store::{EntryReport, RawEntry},
+    Backend, FlagKey,
+};
 use serde_json::{json, Value};
 
 use crate::report::{human, table, Failure, Report};

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use flagcache::fleet::{NodeReport, Verdict};
-use flagcache::{now_ms, Backend, FlagKey, Version};
+use flagcache::{store::now_ms, Backend, FlagKey, Version};
 use serde_json::{json, Value};
 
 use crate::report::{human, table, Failure, Report};

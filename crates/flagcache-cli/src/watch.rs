@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use flagcache::{now_ms, Backend, Invalidation, Signal, Target};
+use flagcache::{
+    store::{now_ms, Invalidation, Signal, Target},
+    Backend,
+};
 use serde_json::{json, Value};
 
 use crate::report::{human, Failure, Report};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flagcache::fleet::NodeReport;
-use flagcache::{Entry, FlagCache, FlagKey, NodeId, Version};
+use flagcache::{store::Entry, FlagCache, FlagKey, NodeId, Version};
 use flagcache_testkit::{MemcachedServer, RedisCluster, RedisServer};
 use serde_json::Value;
 
@@ -127,7 +127,7 @@ async fn a_storm_of_misses_on_memcached_is_a_stampede() {
 
 /// Versioned writes of one key, each newer than the last, in 20 tasks.
 fn versioned_writer(
-    store: Arc<dyn flagcache::FlagStore>,
+    store: Arc<dyn flagcache::store::FlagStore>,
 ) -> impl Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
        + Send
        + Sync

@@ -27,12 +27,13 @@ pub enum Target {
 /// `sent_at_ms` when it sends the event; what a subscriber receives carries them.
 ///
 /// ```
-/// use flagcache_core::{FlagKey, Invalidation, Target, Version};
+/// use flagcache::{FlagKey, Version};
+/// use flagcache::store::{Invalidation, Target};
 ///
 /// let ev = Invalidation::key(FlagKey::new("kill-switch")?).with_version(Version::new(42));
 /// assert!(matches!(ev.target, Target::Key(_)));
 /// assert_eq!(ev.version, Some(Version::new(42)));
-/// # Ok::<(), flagcache_core::Error>(())
+/// # Ok::<(), flagcache::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]

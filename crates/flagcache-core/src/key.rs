@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// protocol such as memcached's. Cloning is cheap (the text is shared).
 ///
 /// ```
-/// use flagcache_core::{Error, FlagKey};
+/// use flagcache::{Error, FlagKey};
 ///
 /// let key = FlagKey::new("checkout.new-flow")?;
 /// assert_eq!(key.as_str(), "checkout.new-flow");

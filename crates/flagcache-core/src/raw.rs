@@ -49,7 +49,9 @@ impl RawEntry {
     /// would refuse is reported with the reason.
     ///
     /// ```
-    /// use flagcache_core::{Codec, Entry, RawEntry, Version};
+    /// use flagcache::codec::Codec;
+    /// use flagcache::store::{Entry, RawEntry};
+    /// use flagcache::Version;
     ///
     /// let codec = Codec::default();
     /// let bytes = codec.encode_entry(&Entry::new(Version::new(7), codec.encode_value(&true)?))?;
@@ -57,7 +59,7 @@ impl RawEntry {
     /// assert_eq!((report.version, report.problem), (Some(Version::new(7)), None));
     /// let report = RawEntry::new("garbage".into()).describe(&codec);
     /// assert!(report.problem.is_some());
-    /// # Ok::<(), flagcache_core::Error>(())
+    /// # Ok::<(), flagcache::Error>(())
     /// ```
     pub fn describe(&self, codec: &Codec) -> EntryReport {
         let layout = match codec {

@@ -350,9 +350,10 @@ forward_impls!(Arc<T>, Box<T>, &T);
 ///
 /// ```
 /// use std::time::Duration;
-/// use flagcache_core::{FlagKey, FlagStore, FlagStoreExt, PutOutcome, Version};
+/// use flagcache::{FlagKey, PutOutcome, Version};
+/// use flagcache::store::{FlagStore, FlagStoreExt};
 ///
-/// async fn publish_rollout(store: &dyn FlagStore) -> flagcache_core::Result<()> {
+/// async fn publish_rollout(store: &dyn FlagStore) -> flagcache::Result<()> {
 ///     let key = FlagKey::new("checkout")?;
 ///     let ttl = Duration::from_secs(60);
 ///     store.put_value(&key, &true, Version::new(2), ttl).await?;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 /// guard will refuse every write after the rollback until the old entries expire.
 ///
 /// ```
-/// use flagcache_core::Version;
+/// use flagcache::Version;
 ///
 /// assert!(Version::new(7) > Version::new(6));
 /// // Epoch 2, counter 1 sorts after epoch 1, counter 1_000_000.
@@ -226,7 +226,7 @@ pub struct FillRead {
 /// Build it with `..Default::default()` so that new fields do not break adapters:
 ///
 /// ```
-/// use flagcache_core::Capabilities;
+/// use flagcache::store::Capabilities;
 /// let caps = Capabilities { max_value_size: Some(1 << 20), ..Default::default() };
 /// assert_eq!(caps.ttl_resolution, std::time::Duration::from_millis(1));
 /// ```

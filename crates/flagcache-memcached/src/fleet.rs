@@ -31,9 +31,9 @@ const CAS_ATTEMPTS: usize = 8;
 /// both ways.
 ///
 /// ```no_run
-/// # async fn f() -> flagcache_core::Result<()> {
-/// use flagcache_core::{FlagCache, FlagKey, Version};
-/// use flagcache_memcached::{MemcachedFleet, MemcachedInvalidator, MemcachedStore};
+/// # async fn f() -> flagcache::Result<()> {
+/// use flagcache::{FlagCache, FlagKey, Version};
+/// use flagcache::memcached::{MemcachedFleet, MemcachedInvalidator, MemcachedStore};
 ///
 /// let store = MemcachedStore::connect("127.0.0.1:11211").await?;
 /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };

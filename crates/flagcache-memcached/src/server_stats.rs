@@ -14,8 +14,8 @@ impl MemcachedStore {
     /// server wrote them.
     ///
     /// ```no_run
-    /// # async fn f() -> flagcache_core::Result<()> {
-    /// let store = flagcache_memcached::MemcachedStore::builder()
+    /// # async fn f() -> flagcache::Result<()> {
+    /// let store = flagcache::memcached::MemcachedStore::builder()
     ///     .servers(["127.0.0.1:11211", "127.0.0.1:11212"])
     ///     .build()
     ///     .await?;

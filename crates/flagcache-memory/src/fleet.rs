@@ -13,11 +13,11 @@ use flagcache_core::{async_trait, NodeId, Result};
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> flagcache_core::Result<()> {
+/// # async fn main() -> flagcache::Result<()> {
 /// use std::time::Duration;
-/// use flagcache_core::fleet::{FleetRegistry, NodeReport};
-/// use flagcache_core::NodeId;
-/// use flagcache_memory::MemoryFleet;
+/// use flagcache::fleet::{FleetRegistry, NodeReport};
+/// use flagcache::NodeId;
+/// use flagcache::memory::MemoryFleet;
 ///
 /// let fleet = MemoryFleet::new();
 /// fleet.record(&NodeReport::new(NodeId(1), "svc"), Duration::from_secs(15)).await?;

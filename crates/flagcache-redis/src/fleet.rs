@@ -35,9 +35,9 @@ return 1
 /// a `ZRANGE` and an `MGET`: O(N) both ways.
 ///
 /// ```no_run
-/// # async fn f() -> flagcache_core::Result<()> {
-/// use flagcache_core::{FlagCache, FlagKey, Version};
-/// use flagcache_redis::{RedisFleet, RedisInvalidator, RedisStore};
+/// # async fn f() -> flagcache::Result<()> {
+/// use flagcache::{FlagCache, FlagKey, Version};
+/// use flagcache::redis::{RedisFleet, RedisInvalidator, RedisStore};
 ///
 /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
 /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };

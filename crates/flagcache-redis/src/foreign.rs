@@ -37,9 +37,9 @@ use crate::BACKEND;
 /// A channel of its own for flag invalidations needs neither.
 ///
 /// ```no_run
-/// # async fn demo() -> flagcache_core::Result<()> {
-/// use flagcache_core::JsonCodec;
-/// use flagcache_redis::{ForeignMessages, RedisInvalidator};
+/// # async fn demo() -> flagcache::Result<()> {
+/// use flagcache::codec::JsonCodec;
+/// use flagcache::redis::{ForeignMessages, RedisInvalidator};
 ///
 /// let invalidator = RedisInvalidator::builder()
 ///     .url("redis://127.0.0.1:6379")

@@ -134,9 +134,9 @@ impl RedisInvalidatorBuilder {
     /// (N²). A window shorter than the period still sends one heartbeat.
     ///
     /// ```no_run
-    /// # async fn f() -> flagcache_core::Result<()> {
+    /// # async fn f() -> flagcache::Result<()> {
     /// use std::time::Duration;
-    /// use flagcache_redis::RedisInvalidator;
+    /// use flagcache::redis::RedisInvalidator;
     ///
     /// let bus = RedisInvalidator::builder()
     ///     .url("redis://127.0.0.1:6379")

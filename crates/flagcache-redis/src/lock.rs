@@ -74,9 +74,9 @@ impl LockKeys {
 /// panics or is dropped mid-load releases the lock as it unwinds.
 ///
 /// ```no_run
-/// # async fn demo(store: flagcache_redis::RedisStore) -> flagcache_core::Result<()> {
-/// use flagcache_core::{FlagCache, FlagKey, Version};
-/// use flagcache_redis::RedisLock;
+/// # async fn demo(store: flagcache::redis::RedisStore) -> flagcache::Result<()> {
+/// use flagcache::{FlagCache, FlagKey, Version};
+/// use flagcache::redis::RedisLock;
 ///
 /// let loader = |_k: FlagKey| async { Ok(Some((true, Version::new(1)))) };
 /// let cache = FlagCache::<bool>::builder(store.clone(), loader)

@@ -12,8 +12,8 @@ impl RedisStore {
     /// headers. Through Sentinel, the primary's.
     ///
     /// ```no_run
-    /// # async fn f() -> flagcache_core::Result<()> {
-    /// let store = flagcache_redis::RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// # async fn f() -> flagcache::Result<()> {
+    /// let store = flagcache::redis::RedisStore::connect("redis://127.0.0.1:6379").await?;
     /// let info = store.server_info().await?;
     /// let misses = info.lines().find_map(|l| l.strip_prefix("keyspace_misses:"));
     /// # Ok(()) }
@@ -35,8 +35,8 @@ impl RedisStore {
     /// primary's count.
     ///
     /// ```no_run
-    /// # async fn f() -> flagcache_core::Result<()> {
-    /// use flagcache_redis::{RedisInvalidator, RedisStore};
+    /// # async fn f() -> flagcache::Result<()> {
+    /// use flagcache::redis::{RedisInvalidator, RedisStore};
     ///
     /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
     /// let bus = RedisInvalidator::connect("redis://127.0.0.1:6379").await?;

@@ -63,8 +63,8 @@ impl RedisStoreBuilder {
     /// [`build`](Self::build).
     ///
     /// ```no_run
-    /// # async fn demo() -> flagcache_core::Result<()> {
-    /// use flagcache_redis::RedisStore;
+    /// # async fn demo() -> flagcache::Result<()> {
+    /// use flagcache::redis::RedisStore;
     /// // Share `flags:<flagKey>` with the services already there.
     /// let store = RedisStore::builder()
     ///     .url("redis://127.0.0.1:6379")

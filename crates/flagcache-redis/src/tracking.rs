@@ -251,8 +251,8 @@ impl Inner {
 /// reconnect: `Resync`). The servers must speak RESP3 (Redis 6+, Valkey).
 ///
 /// ```no_run
-/// # async fn demo() -> flagcache_core::Result<()> {
-/// use flagcache_redis::{RedisInvalidator, RedisStore, RedisTrackingInvalidator};
+/// # async fn demo() -> flagcache::Result<()> {
+/// use flagcache::redis::{RedisInvalidator, RedisStore, RedisTrackingInvalidator};
 ///
 /// let url = "redis://127.0.0.1:6379";
 /// let store = RedisStore::builder().url(url).build().await?;

@@ -8,7 +8,7 @@ mod sample;
 
 use std::time::{Duration, Instant};
 
-use flagcache::{Backend, Signal};
+use flagcache::{store::Signal, Backend};
 use serde_json::json;
 
 use crate::report::{human, table, Failure, Report};
@@ -16,7 +16,10 @@ use diagnose::{diagnose, rates, Finding, Thresholds};
 use sample::Sample;
 
 /// Listens to the invalidation channel until `deadline`: the resyncs seen.
-async fn count_resyncs(sub: &mut flagcache::Subscription, deadline: tokio::time::Instant) -> u64 {
+async fn count_resyncs(
+    sub: &mut flagcache::store::Subscription,
+    deadline: tokio::time::Instant,
+) -> u64 {
     let mut resyncs = 0;
     loop {
         tokio::select! {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use flagcache::{now_ms, Backend};
+use flagcache::{store::now_ms, Backend};
 use serde::Serialize;
 
 use crate::report::Failure;

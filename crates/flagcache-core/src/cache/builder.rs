@@ -246,8 +246,8 @@ where
     /// off.
     ///
     /// ```
-    /// # async fn f(store: flagcache_memory::MemoryStore) -> flagcache_core::Result<()> {
-    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # async fn f(store: flagcache::memory::MemoryStore) -> flagcache::Result<()> {
+    /// # use flagcache::{FlagCache, FlagKey, Version};
     /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
     /// let cache = FlagCache::<bool>::builder(store, loader)
     ///     .l2_batch_after(16) // more reads on their own before batching
@@ -278,9 +278,9 @@ where
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> flagcache_core::Result<()> {
-    /// # let store = flagcache_memory::MemoryStore::new();
-    /// use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # async fn main() -> flagcache::Result<()> {
+    /// # let store = flagcache::memory::MemoryStore::new();
+    /// use flagcache::{FlagCache, FlagKey, Version};
     ///
     /// #[derive(Clone, serde::Serialize, serde::Deserialize)]
     /// struct Flag { team: String, enabled: bool }
@@ -335,10 +335,10 @@ where
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> flagcache_core::Result<()> {
-    /// # use flagcache_core::{FlagCache, FlagKey, Version};
-    /// use flagcache_core::fleet::FleetRegistry;
-    /// use flagcache_memory::{MemoryFleet, MemoryInvalidator, MemoryStore};
+    /// # async fn main() -> flagcache::Result<()> {
+    /// # use flagcache::{FlagCache, FlagKey, Version};
+    /// use flagcache::fleet::FleetRegistry;
+    /// use flagcache::memory::{MemoryFleet, MemoryInvalidator, MemoryStore};
     ///
     /// let fleet = MemoryFleet::new();
     /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };

@@ -14,7 +14,7 @@ use crate::{FlagKey, Result, Version};
 /// `Fn(FlagKey) -> impl Future<Output = Result<Option<(T, Version)>>>` is a loader.
 ///
 /// ```
-/// use flagcache_core::{FlagKey, Loader, Result, Version};
+/// use flagcache::{FlagKey, Loader, Result, Version};
 ///
 /// async fn from_control_plane(key: FlagKey) -> Result<Option<(bool, Version)>> {
 ///     Ok(Some((key.as_str() == "beta", Version::new(1))))

@@ -273,9 +273,9 @@ struct Inner<T> {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> flagcache_core::Result<()> {
-/// use flagcache_core::{CacheStatus, FlagCache, FlagKey, Version};
-/// # let store = flagcache_memory::MemoryStore::new();
+/// # async fn main() -> flagcache::Result<()> {
+/// use flagcache::{CacheStatus, FlagCache, FlagKey, Version};
+/// # let store = flagcache::memory::MemoryStore::new();
 ///
 /// // The source of truth: here, a closure.
 /// let loader = |key: FlagKey| async move {
@@ -372,10 +372,10 @@ where
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> flagcache_core::Result<()> {
-    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # async fn main() -> flagcache::Result<()> {
+    /// # use flagcache::{FlagCache, FlagKey, Version};
     /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
-    /// # let cache = FlagCache::<bool>::builder(flagcache_memory::MemoryStore::new(), loader).build().await?;
+    /// # let cache = FlagCache::<bool>::builder(flagcache::memory::MemoryStore::new(), loader).build().await?;
     /// let key = FlagKey::new("checkout.new-flow")?;
     /// assert_eq!(cache.get_cached(&key), None); // not loaded yet
     /// cache.get(&key).await?;
@@ -461,11 +461,11 @@ where
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> flagcache_core::Result<()> {
+    /// # async fn main() -> flagcache::Result<()> {
     /// # use std::time::Duration;
-    /// # use flagcache_core::{FlagCache, FlagKey, Version};
+    /// # use flagcache::{FlagCache, FlagKey, Version};
     /// # let loader = |_: FlagKey| async { Ok(Some((true, Version::new(1)))) };
-    /// # let cache = FlagCache::<bool>::builder(flagcache_memory::MemoryStore::new(), loader).build().await?;
+    /// # let cache = FlagCache::<bool>::builder(flagcache::memory::MemoryStore::new(), loader).build().await?;
     /// // A readiness probe: ready while changes are being heard (kill switches reach
     /// // this replica). An open L2 breaker is reported, not a reason to leave traffic.
     /// fn ready(cache: &FlagCache<bool>) -> bool {

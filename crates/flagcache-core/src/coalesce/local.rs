@@ -97,10 +97,11 @@ impl<V> Inner<V> {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> flagcache_core::Result<()> {
+/// # async fn main() -> flagcache::Result<()> {
 /// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use std::sync::Arc;
-/// use flagcache_core::{FlagKey, LocalCoalescer};
+/// use flagcache::FlagKey;
+/// use flagcache::coalesce::LocalCoalescer;
 ///
 /// let coalescer = LocalCoalescer::<String>::new();
 /// let calls = Arc::new(AtomicUsize::new(0));

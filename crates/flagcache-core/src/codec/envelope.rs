@@ -10,7 +10,9 @@ use crate::{Entry, Error, Result, Version};
 /// [`VERSION_OFFSET`]), then the payload.
 ///
 /// ```
-/// use flagcache_core::{Codec, EnvelopeCodec, Entry, Version};
+/// use flagcache::codec::{Codec, EnvelopeCodec};
+/// use flagcache::store::Entry;
+/// use flagcache::Version;
 ///
 /// let codec = Codec::from(EnvelopeCodec::new().compress_above(512));
 /// let payload = codec.encode_value(&vec!["on"; 400])?;
@@ -18,7 +20,7 @@ use crate::{Entry, Error, Result, Version};
 /// assert!(stored.len() < payload.len()); // gzip'd: it was over 512 bytes
 /// let back = codec.decode_entry(stored)?;
 /// assert_eq!((back.version, back.payload), (Version::new(3), payload));
-/// # Ok::<(), flagcache_core::Error>(())
+/// # Ok::<(), flagcache::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeCodec {

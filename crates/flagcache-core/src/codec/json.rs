@@ -35,7 +35,9 @@ use crate::{Entry, Error, FlagKey, Invalidation, NodeId, Result, Target, Version
 /// smaller. Messages are always plain JSON.
 ///
 /// ```
-/// use flagcache_core::{Codec, Entry, JsonCodec, Version};
+/// use flagcache::codec::{Codec, JsonCodec};
+/// use flagcache::store::Entry;
+/// use flagcache::Version;
 ///
 /// let codec = Codec::from(JsonCodec::new());
 /// // Written by another service:
@@ -44,7 +46,7 @@ use crate::{Entry, Error, FlagKey, Invalidation, NodeId, Result, Target, Version
 /// assert_eq!(entry.version, Version::new(12));
 /// let value: serde_json::Value = codec.decode_value(&entry.payload)?;
 /// assert_eq!(value["enabled"], true);
-/// # Ok::<(), flagcache_core::Error>(())
+/// # Ok::<(), flagcache::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonCodec {
@@ -165,14 +167,16 @@ impl JsonCodec {
     /// deletes it (only if unchanged) when it is older, before writing.
     ///
     /// ```
-    /// use flagcache_core::{Codec, Entry, JsonCodec, Version, GZIP_MAGIC};
+    /// use flagcache::codec::{Codec, JsonCodec, GZIP_MAGIC};
+    /// use flagcache::store::Entry;
+    /// use flagcache::Version;
     ///
     /// let codec = Codec::from(JsonCodec::new().compress_above(512));
     /// let payload = codec.encode_value(&vec!["variant-a"; 100])?;
     /// let stored = codec.encode_entry(&Entry::new(Version::new(4), payload.clone()))?;
     /// assert_eq!(stored[..2], GZIP_MAGIC);
     /// assert_eq!(codec.decode_entry(stored)?.payload, payload);
-    /// # Ok::<(), flagcache_core::Error>(())
+    /// # Ok::<(), flagcache::Error>(())
     /// ```
     #[must_use]
     pub const fn compress_above(mut self, bytes: usize) -> Self {

@@ -181,7 +181,7 @@ impl Codec {
     /// read.
     ///
     /// ```
-    /// use flagcache_core::{Codec, JsonCodec};
+    /// use flagcache::codec::{Codec, JsonCodec};
     ///
     /// let json = Codec::from(JsonCodec::new());
     /// assert!(json.claims_invalidation(br#"{"flagKey": "not a key"}"#));

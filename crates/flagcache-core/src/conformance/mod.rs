@@ -11,9 +11,9 @@
 //! and in parallel with itself.
 //!
 //! ```no_run
-//! # async fn demo(store: std::sync::Arc<dyn flagcache_core::FlagStore>,
-//! #               raw: &dyn flagcache_core::conformance::RawAccess) {
-//! use flagcache_core::conformance;
+//! # async fn demo(store: std::sync::Arc<dyn flagcache::store::FlagStore>,
+//! #               raw: &dyn flagcache::conformance::RawAccess) {
+//! use flagcache::conformance;
 //! // All store properties in sequence…
 //! conformance::run_store_suite(store.clone(), raw).await;
 //! // …or one at a time, one test each:

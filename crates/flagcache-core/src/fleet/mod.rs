@@ -145,15 +145,15 @@ impl NodeReport {
     /// after it never held anything older.
     ///
     /// ```
-    /// use flagcache_core::fleet::{NodeReport, Verdict};
-    /// use flagcache_core::{FlagKey, NodeId, Version};
+    /// use flagcache::fleet::{NodeReport, Verdict};
+    /// use flagcache::{FlagKey, NodeId, Version};
     ///
     /// let key = FlagKey::new("checkout")?;
     /// let mut report = NodeReport::new(NodeId(7), "flags");
     /// assert_eq!(report.verdict(&key, Version::new(8), None), Verdict::Behind(None));
     /// report.note_applied(&key, Version::new(9), 1_000, Some(3));
     /// assert!(report.verdict(&key, Version::new(8), None).is_done());
-    /// # Ok::<(), flagcache_core::Error>(())
+    /// # Ok::<(), flagcache::Error>(())
     /// ```
     pub fn verdict(&self, key: &FlagKey, version: Version, written_at_ms: Option<u64>) -> Verdict {
         match self.applied.get(key.as_str()) {

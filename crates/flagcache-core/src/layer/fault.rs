@@ -123,15 +123,16 @@ impl FaultControl {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// use flagcache_core::layer::{FaultyStore, Op};
-/// use flagcache_core::{FlagKey, FlagStore};
+/// use flagcache::layer::{FaultyStore, Op};
+/// use flagcache::FlagKey;
+/// use flagcache::store::FlagStore;
 /// # struct Nothing;
-/// # #[flagcache_core::async_trait]
+/// # #[flagcache::store::async_trait]
 /// # impl FlagStore for Nothing {
-/// #     fn capabilities(&self) -> flagcache_core::Capabilities { Default::default() }
-/// #     async fn get(&self, _: &FlagKey) -> flagcache_core::Result<Option<flagcache_core::Entry>> { Ok(None) }
-/// #     async fn put(&self, _: &FlagKey, _: &flagcache_core::Entry, _: std::time::Duration) -> flagcache_core::Result<flagcache_core::PutOutcome> { Ok(flagcache_core::PutOutcome::Stored) }
-/// #     async fn delete(&self, _: &FlagKey) -> flagcache_core::Result<()> { Ok(()) }
+/// #     fn capabilities(&self) -> flagcache::store::Capabilities { Default::default() }
+/// #     async fn get(&self, _: &FlagKey) -> flagcache::Result<Option<flagcache::store::Entry>> { Ok(None) }
+/// #     async fn put(&self, _: &FlagKey, _: &flagcache::store::Entry, _: std::time::Duration) -> flagcache::Result<flagcache::PutOutcome> { Ok(flagcache::PutOutcome::Stored) }
+/// #     async fn delete(&self, _: &FlagKey) -> flagcache::Result<()> { Ok(()) }
 /// # }
 /// # let real_store = Nothing;
 /// let (store, faults) = FaultyStore::new(real_store);
