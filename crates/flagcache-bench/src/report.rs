@@ -1,11 +1,12 @@
 //! The results of a run: rows (one per scenario and contender), target checks, and
 //! their renderings — a table, JSON, an SVG chart and the block in `BENCHMARKS.md`.
 
+mod chart;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::stats::Summary;
@@ -172,62 +173,10 @@ impl Report {
         std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Latency distribution per scenario and contender: latency (log scale) against
-    /// the percentile, on a "nines" axis (50, 90, 99, 99.9…).
+    /// The latency chart (see [`chart`]): one panel per scenario, latency against the
+    /// percentile, ours and the baseline in the same two colours on every panel.
     pub fn write_svg(&self, path: &Path) -> Result<(), String> {
-        let nines = |p: f64| -> f64 { -(1.0 - (p / 100.0).min(0.99999)).log10() };
-        let series: Vec<(String, Vec<(f64, f64)>)> = self
-            .rows
-            .iter()
-            .filter(|r| r.latency.count > 0)
-            .map(|r| {
-                let points = r
-                    .latency
-                    .curve
-                    .iter()
-                    .map(|&(p, us)| (nines(p), us.max(0.01)))
-                    .collect();
-                (format!("{} / {}", r.scenario, r.contender), points)
-            })
-            .collect();
-        let max_us = series
-            .iter()
-            .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
-            .fold(1.0_f64, f64::max);
-        let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
-        let err = |e: &dyn std::fmt::Display| e.to_string();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("flagcache: latency by percentile", ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..nines(99.999), (0.01..max_us * 2.0).log_scale())
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("percentile")
-            .y_desc("latency (µs)")
-            .x_label_formatter(&|x| format!("{:.3}", 100.0 * (1.0 - 10f64.powf(-x))))
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (i, (name, points)) in series.into_iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| err(&e))?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font(("sans-serif", 11))
-            .draw()
-            .map_err(|e| err(&e))?;
-        root.present().map_err(|e| err(&e))
+        std::fs::write(path, chart::svg(self)).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Replaces the block between `<!-- bench:start -->` and `<!-- bench:end -->` in
