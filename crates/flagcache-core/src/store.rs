@@ -112,8 +112,11 @@ pub trait FlagStore: Send + Sync {
     async fn delete(&self, key: &FlagKey) -> Result<()>;
 
     /// The batched read of a fill: as [`get_each`](FlagStore::get_each), and with each
-    /// answer the key's fence, read in the same round trip. A fill hands the token to
-    /// [`put_fill`](FlagStore::put_fill), so that a fence laid meanwhile refuses its write.
+    /// answer the key's fence, read before the fill's load starts. A fill hands the
+    /// token to [`put_fill`](FlagStore::put_fill), so that a fence laid meanwhile
+    /// refuses its write. A store may leave the token of a key that hit as
+    /// [`FillToken::NONE`] (the Redis store does, to keep a hit one round trip): such a
+    /// token only makes a later write stricter, refused while any fence is up.
     ///
     /// The default reads no fence ([`FillToken::NONE`]): right only for a store with
     /// no [`fence`](FlagStore::fence) of its own, which the conformance suite refuses.

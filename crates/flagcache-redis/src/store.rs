@@ -407,49 +407,45 @@ impl FlagStore for RedisStore {
     /// The entries and their fences in one `MGET` (a key and its fence share a slot, so
     /// on a cluster — where reads are not batched — it is one node's command too).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
-        let fences: Vec<Option<String>> = keys.iter().map(|k| self.fence_key(k)).collect();
-        let mut cmd = redis::cmd("MGET");
-        for (k, f) in keys.iter().zip(&fences) {
-            cmd.arg(self.key_arg(k));
-            if let Some(f) = f {
-                cmd.arg(f);
+        let entries = self.get_each(keys).await;
+        // Only a fill that missed writes what it loads: the fences of the keys that
+        // missed are read next, before their loads start. A key that hit gets no
+        // token, which is safe: a write with no token is refused while any fence is
+        // up. A read of the fences that fails leaves those keys without a token too.
+        let missed: Vec<(usize, String)> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Ok(None)))
+            .filter_map(|(i, _)| self.fence_key(&keys[i]).map(|f| (i, f)))
+            .collect();
+        let mut tokens = vec![FillToken::NONE; keys.len()];
+        if !missed.is_empty() {
+            let mut cmd = redis::cmd("MGET");
+            for (_, fence) in &missed {
+                cmd.arg(fence);
+            }
+            let answer: Result<Vec<Option<Vec<u8>>>> =
+                self.inner.connection.query("get", &cmd).await;
+            match answer {
+                Ok(raw) if raw.len() == missed.len() => {
+                    for ((i, _), t) in missed.iter().zip(raw) {
+                        tokens[*i] = t.map_or(FillToken::NONE, |t| FillToken::from_text(&t));
+                    }
+                }
+                Ok(raw) => tracing::warn!(
+                    asked = missed.len(),
+                    answered = raw.len(),
+                    "flagcache: MGET of fences answered the wrong number of values"
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e, "flagcache: fences unread; fills write only where none is up")
+                }
             }
         }
-        let asked = keys.len() + fences.iter().flatten().count();
-        let answer: Result<Vec<Option<Vec<u8>>>> = self.inner.connection.query("get", &cmd).await;
-        let raw = match answer {
-            Ok(raw) if raw.len() == asked => raw,
-            Ok(raw) => {
-                let e = Error::backend(
-                    BACKEND,
-                    "get",
-                    true,
-                    std::io::Error::other(format!(
-                        "MGET of {asked} keys answered {} values",
-                        raw.len()
-                    )),
-                );
-                return keys.iter().map(|k| Err(e.clone().with_key(k))).collect();
-            }
-            Err(e) => return keys.iter().map(|k| Err(e.clone().with_key(k))).collect(),
-        };
-        let mut raw = raw.into_iter();
-        keys.iter()
-            .zip(&fences)
-            .map(|(k, f)| {
-                let entry = raw.next().flatten();
-                let token = match f {
-                    Some(_) => raw
-                        .next()
-                        .flatten()
-                        .map_or(FillToken::NONE, |t: Vec<u8>| FillToken::from_text(&t)),
-                    None => FillToken::NONE,
-                };
-                Ok(FillRead {
-                    entry: entry.map(|b| self.decode(k, b)).transpose()?,
-                    token,
-                })
-            })
+        entries
+            .into_iter()
+            .zip(tokens)
+            .map(|(entry, token)| entry.map(|entry| FillRead { entry, token }))
             .collect()
     }
 
