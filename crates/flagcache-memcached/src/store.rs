@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
 use bytes::Bytes;
 use flagcache_core::{
     Capabilities, Codec, Entry, Error, FillRead, FillToken, FlagKey, FlagStore, PutOutcome, Result,
@@ -246,14 +245,9 @@ impl MemcachedStore {
 
     /// Reads `keys` with one pipelined `mg … k` batch per server (and per key
     /// encoding), answering each key as `get` would: its entry, its miss (a stale
-    /// entry included), or its own error — and with `fences`, each key's fence, read
-    /// in the same pipeline.
-    async fn read_each(
-        &self,
-        operation: &'static str,
-        keys: &[FlagKey],
-        fences: bool,
-    ) -> Vec<Result<FillRead>> {
+    /// entry included), or its own error. Tokens are left empty: see
+    /// `get_each_for_fill`.
+    async fn read_each(&self, operation: &'static str, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
         let mut out: Vec<Result<FillRead>> = Vec::with_capacity(keys.len());
         let mut wires: Vec<Option<WireKey>> = Vec::with_capacity(keys.len());
         for k in keys {
@@ -283,7 +277,7 @@ impl MemcachedStore {
                 .iter()
                 .filter_map(|&i| wires[i].as_ref().map(|w| (i, w)))
                 .collect();
-            self.read_server(operation, keys, group, base64, fences)
+            self.read_server(operation, keys, group, base64)
         });
         for answers in futures_util::future::join_all(reads).await {
             for (i, answer) in answers {
@@ -301,33 +295,13 @@ impl MemcachedStore {
         keys: &[FlagKey],
         group: Vec<(usize, &WireKey)>,
         base64: bool,
-        fences: bool,
     ) -> Vec<(usize, Result<FillRead>)> {
         let Some(&(first, route)) = group.first() else {
             return Vec::new();
         };
         // Each key asked once: a stale key asked twice would win its recache token on
         // the first answer and lose it to the second.
-        // With fences, each key's fence rides in the same pipeline: a fence key is
-        // plain ASCII, sent base64 too in a base64 batch (the `b` flag names the same
-        // item), and lives on the entry's server.
-        let fence_keys: Vec<String> = if fences {
-            group
-                .iter()
-                .map(|(_, w)| {
-                    let text = self.fence_wire(w).text;
-                    if base64 {
-                        base64::engine::general_purpose::STANDARD.encode(text)
-                    } else {
-                        text
-                    }
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
         let mut batch: Vec<String> = group.iter().map(|(_, w)| w.text.clone()).collect();
-        batch.extend(fence_keys.iter().cloned());
         batch.sort_unstable();
         batch.dedup();
         let found = match self
@@ -359,15 +333,12 @@ impl MemcachedStore {
             by_key.insert(k, Bytes::from(v.data.unwrap_or_default()));
         }
         let mut answers = Vec::with_capacity(group.len());
-        for (n, (i, w)) in group.into_iter().enumerate() {
+        for (i, w) in group {
             let entry = match by_key.get(w.text.as_bytes()) {
                 Some(data) => self.entry_from(&keys[i], w, data.clone()).await,
                 None => Ok(None),
             };
-            let token = fence_keys
-                .get(n)
-                .and_then(|f| by_key.get(f.as_bytes()))
-                .map_or(FillToken::NONE, |t| FillToken::from_text(t));
+            let token = FillToken::NONE;
             answers.push((i, entry.map(|entry| FillRead { entry, token })));
         }
         answers
@@ -396,15 +367,32 @@ impl FlagStore for MemcachedStore {
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
-        self.read_each("get", keys, false)
+        self.read_each("get", keys)
             .await
             .into_iter()
             .map(|r| r.map(|read| read.entry))
             .collect()
     }
 
+    /// The entries first; then, for the keys that missed (absent, or stale: a fill
+    /// will write them), their fences, before their loads start. A key that hit gets
+    /// no token, which only makes a write stricter (refused while any fence is up).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
-        self.read_each("get", keys, true).await
+        let mut reads = self.read_each("get", keys).await;
+        let missed: Vec<usize> = reads
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Ok(FillRead { entry: None, .. })))
+            .map(|(i, _)| i)
+            .collect();
+        if !missed.is_empty() {
+            for (i, token) in self.fence_tokens(keys, &missed).await {
+                if let Some(Ok(read)) = reads.get_mut(i) {
+                    read.token = token;
+                }
+            }
+        }
+        reads
     }
 
     /// Memcached cannot compare two items in one step: the fence is compared before

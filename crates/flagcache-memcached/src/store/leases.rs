@@ -28,6 +28,57 @@ impl MemcachedStore {
         ))
     }
 
+    /// The fences of `keys[i]` for each `i` in `which` (keys a fill missed), read in
+    /// one pipeline per server. A key whose fence cannot be read gets none: its write
+    /// is then refused while any fence is up.
+    pub(crate) async fn fence_tokens(
+        &self,
+        keys: &[FlagKey],
+        which: &[usize],
+    ) -> Vec<(usize, FillToken)> {
+        let mut groups: std::collections::BTreeMap<usize, Vec<(usize, WireKey, String)>> =
+            std::collections::BTreeMap::new();
+        for &i in which {
+            let Some(Ok(wire)) = keys.get(i).map(|k| self.wire_key(k)) else {
+                continue;
+            };
+            let fence = self.fence_wire(&wire).text;
+            let server = self.inner.meta.server_for(&wire);
+            groups.entry(server).or_default().push((i, wire, fence));
+        }
+        let reads = groups.into_values().map(|group| async move {
+            let Some((_, route, _)) = group.first() else {
+                return Vec::new();
+            };
+            let batch = group.iter().map(|(_, _, f)| f.clone()).collect();
+            let found = match self.inner.meta.get_multi("get", route, batch, false).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!(error = %e, "fences unread: those fills write only where none is up");
+                    return Vec::new();
+                }
+            };
+            let by_key: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
+                .into_iter()
+                .filter_map(|mut v| Some((v.key.take()?, v.data.unwrap_or_default())))
+                .collect();
+            group
+                .iter()
+                .map(|(i, _, f)| {
+                    let token = by_key
+                        .get(f.as_bytes())
+                        .map_or(FillToken::NONE, |t| FillToken::from_text(t));
+                    (*i, token)
+                })
+                .collect::<Vec<_>>()
+        });
+        futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The fence beside `entry` now, read on the entry's server.
     async fn fence_now(&self, entry: &WireKey) -> Result<FillToken> {
         let fence = self.fence_wire(entry);
