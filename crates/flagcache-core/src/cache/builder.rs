@@ -444,6 +444,7 @@ where
             + Duration::from_secs(1);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let clock = super::clock::Clock::new();
+        let started = clock.now();
         let inner = Arc::new(Inner {
             l1: super::l1map::L1Map::new(cfg.l1_capacity),
             plain_hits: self.hook.is_none()
@@ -455,7 +456,7 @@ where
             own_echoes: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             deaf: AtomicBool::new(false),
-            health: super::health::HealthRecord::new(quanta::Clock::new().now()),
+            health: super::health::HealthRecord::new(started),
             fences: Fences::new(keep_fences_for),
             // The runtime building the cache also runs the background refreshes that
             // synchronous readers (`get_cached`, `block_on(get)`) start.

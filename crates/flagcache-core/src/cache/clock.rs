@@ -13,7 +13,7 @@
 //! cache lives and stops within a tick of the last one being dropped. Where the thread
 //! cannot be started, [`Clock::coarse`] is `false` and readers use the precise clock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -28,8 +28,12 @@ const TICK: Duration = Duration::from_millis(1);
 static RECENT_MS: AtomicU64 = AtomicU64::new(0);
 /// Live caches (holders of a [`Clock`]).
 static USERS: AtomicUsize = AtomicUsize::new(0);
-/// Whether a ticking thread runs (or is about to).
-static TICKING: AtomicBool = AtomicBool::new(false);
+/// The ticking thread's state: [`STOPPED`], [`STARTING`] (being spawned) or
+/// [`RUNNING`].
+static STATE: AtomicU8 = AtomicU8::new(STOPPED);
+const STOPPED: u8 = 0;
+const STARTING: u8 = 1;
+const RUNNING: u8 = 2;
 
 /// The process's calibrated clock and its origin, shared by every [`Clock`].
 fn base() -> &'static (quanta::Clock, quanta::Instant) {
@@ -101,19 +105,27 @@ impl Drop for Clock {
     }
 }
 
-/// Starts the ticking thread unless one runs; whether the coarse time advances.
+/// Starts the ticking thread unless one runs; whether the coarse time advances. A
+/// caller that finds the thread being started by another waits for the outcome.
 fn start_ticking() -> bool {
-    if TICKING.swap(true, Ordering::SeqCst) {
-        return true;
+    loop {
+        match STATE.compare_exchange(STOPPED, STARTING, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => break,
+            Err(RUNNING) => return true,
+            Err(_) => std::thread::yield_now(),
+        }
     }
     RECENT_MS.store(precise_ticks() / 1_000_000, Ordering::Relaxed);
     let spawned = std::thread::Builder::new()
         .name("flagcache-clock".into())
         .spawn(tick);
     match spawned {
-        Ok(_) => true,
+        Ok(_) => {
+            STATE.store(RUNNING, Ordering::SeqCst);
+            true
+        }
         Err(e) => {
-            TICKING.store(false, Ordering::SeqCst);
+            STATE.store(STOPPED, Ordering::SeqCst);
             tracing::warn!(error = %e, "flagcache: no clock thread; L1 hits read the precise clock");
             false
         }
@@ -128,10 +140,15 @@ fn tick() {
         if USERS.load(Ordering::SeqCst) > 0 {
             continue;
         }
-        TICKING.store(false, Ordering::SeqCst);
-        // A cache built between the check and the store found `TICKING` still set and
-        // started no thread: go on ticking for it.
-        if USERS.load(Ordering::SeqCst) == 0 || TICKING.swap(true, Ordering::SeqCst) {
+        STATE.store(STOPPED, Ordering::SeqCst);
+        // A cache built between the check and the store may have found the thread
+        // still running and started none: go on ticking for it — unless it started a
+        // thread of its own.
+        if USERS.load(Ordering::SeqCst) == 0
+            || STATE
+                .compare_exchange(STOPPED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
             return;
         }
     }

@@ -219,9 +219,12 @@ where
             self.clock.now().saturating_duration_since(began),
         );
         if stale {
-            let now = self.clock.ticks();
-            slot.fresh_until = now;
-            slot.stale_until = Clock::after(now, self.cfg.stale_for.max(Duration::from_secs(1)));
+            // Never fresh: the deadline is the fill's own time (see `L1Map::insert`).
+            slot.fresh_until = slot.filled_at;
+            slot.stale_until = Clock::after(
+                self.clock.ticks(),
+                self.cfg.stale_for.max(Duration::from_secs(1)),
+            );
         }
         self.install(key, &slot, start);
         Ok(slot)

@@ -9,9 +9,7 @@
 //!
 //! The two maps hold the same keys. Writers change both under the cache's fence lock,
 //! hot slot first. The hot map decides evictions (it sees the hits) and evicting a
-//! hot slot removes the whole entry; the whole-entry map is sized so that it does not
-//! evict on its own. A hot slot whose entry is missing is served while fresh and is
-//! otherwise a miss.
+//! hot slot removes the whole entry; the whole-entry map has no bound of its own.
 
 use std::sync::Arc;
 
@@ -59,7 +57,7 @@ pub(crate) fn fresh(stamp: u64, now_ms: u64, epoch: u32) -> bool {
     (stamp & EPOCH_MASK) == (u64::from(epoch) & EPOCH_MASK) && now_ms < stamp >> EPOCH_BITS
 }
 
-type Whole<T> = Cache<FlagKey, L1Entry<T>>;
+type Whole<T> = Cache<FlagKey, L1Entry<T>, UnitWeighter>;
 
 /// Removes a hot slot's whole entry when the hot map evicts the slot — or replaces it:
 /// the map reports both alike.
@@ -88,8 +86,16 @@ pub(crate) struct L1Map<T> {
 impl<T> L1Map<T> {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        // Twice the hot map's room: the hot map's evictions keep it below that.
-        let whole = Arc::new(Cache::new(capacity.saturating_mul(2)));
+        // Never full: it holds the keys the hot map holds, whose evictions remove
+        // them. (A bound of its own would evict per shard, by a recency it does not
+        // see, and take the hottest keys' stale and fail-safe answers with it.)
+        let whole = Arc::new(Cache::with(
+            capacity,
+            u64::MAX / 2,
+            UnitWeighter,
+            DefaultHashBuilder::default(),
+            quick_cache::sync::DefaultLifecycle::default(),
+        ));
         let hot = Cache::with(
             capacity,
             capacity as u64,
@@ -121,14 +127,26 @@ impl<T> L1Map<T> {
 
     /// Stores `entry` as `key`'s. Call under the fence lock.
     pub fn insert(&self, key: &FlagKey, entry: L1Entry<T>) {
+        // An entry never fresh (held as stale, or a negative entry with no TTL) gets a
+        // deadline of 0: the coarse clock's lag must not make it fresh for a tick.
+        let deadline = if entry.fresh_until <= entry.filled_at {
+            0
+        } else {
+            entry.fresh_until
+        };
         let hot = Hot {
             value: entry.value.clone(),
-            stamp: stamp(entry.fresh_until, entry.epoch),
+            stamp: stamp(deadline, entry.epoch),
         };
         // The hot map reports a replaced slot as evicted, which removes the whole
         // entry: so the hot slot goes first.
         self.hot.insert(key.clone(), hot);
         self.whole.insert(key.clone(), entry);
+        // A map too small to admit the slot reports it as evicted at once: then the
+        // whole entry must not stay either.
+        if self.hot.peek(key).is_none() {
+            self.whole.remove(key);
+        }
     }
 
     /// Removes `key` when its whole entry satisfies `drop`, or when only its hot slot
@@ -203,6 +221,23 @@ mod tests {
             }
         }
         assert_eq!(whole_only, 0, "whole entries outlived their hot slots");
+        let hot_only = (0..2_000)
+            .filter(|&i| map.hot(&key(i)).is_some() && map.peek(&key(i)).is_none())
+            .count();
+        assert_eq!(hot_only, 0, "the whole-entry map evicted on its own");
+    }
+
+    #[test]
+    fn an_entry_never_fresh_is_not_fresh_on_the_hot_path() {
+        let map = L1Map::new(100);
+        let mut held_stale = entry(1);
+        held_stale.filled_at = 5_000_000_000;
+        held_stale.fresh_until = held_stale.filled_at;
+        map.insert(&key(1), held_stale);
+        let hot = map.hot(&key(1)).unwrap();
+        // Even with the coarse clock a tick (or many) behind the fill.
+        assert!(!fresh(hot.stamp, 4_990, 0));
+        assert!(!fresh(hot.stamp, 0, 0));
     }
 
     #[test]
