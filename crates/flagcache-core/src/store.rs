@@ -133,6 +133,25 @@ pub trait FlagStore: Send + Sync {
             .collect()
     }
 
+    /// The key's fence now: the token for a fill that read an entry it then could not
+    /// serve (a version source, a tag or an announced version said it is outdated), and
+    /// will load and write instead. A store that leaves a hit's token
+    /// [`FillToken::NONE`] in [`get_each_for_fill`](FlagStore::get_each_for_fill)
+    /// implements it; the default asks `get_each_for_fill`.
+    ///
+    /// # Errors
+    /// A backend error or a timeout.
+    async fn fence_token(&self, key: &FlagKey) -> Result<FillToken> {
+        match self
+            .get_each_for_fill(std::slice::from_ref(key))
+            .await
+            .pop()
+        {
+            Some(read) => read.map(|r| r.token),
+            None => Ok(FillToken::NONE),
+        }
+    }
+
     /// The write of a fill (a value loaded after an L2 miss): as [`put`](FlagStore::put),
     /// and only while the key's fence is still `token`, the one the fill read with its
     /// miss; otherwise [`PutOutcome::Fenced`] and nothing changes. Atomic with the write
@@ -290,6 +309,14 @@ macro_rules! forward_impls {
                 Self: 'f,
             {
                 (**self).get_each_for_fill(keys)
+            }
+            fn fence_token<'s, 'k, 'f>(&'s self, key: &'k FlagKey) -> BoxFuture<'f, Result<FillToken>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).fence_token(key)
             }
             fn put_fill<'s, 'k, 'e, 'f>(
                 &'s self,

@@ -395,6 +395,11 @@ impl FlagStore for MemcachedStore {
         reads
     }
 
+    async fn fence_token(&self, key: &FlagKey) -> Result<FillToken> {
+        let wire = self.wire_key(key)?;
+        self.fence_now(&wire).await.map_err(|e| e.with_key(key))
+    }
+
     /// Memcached cannot compare two items in one step: the fence is compared before
     /// and after the version-guarded write, and a write the first look missed a new
     /// fence for is taken back (deleted by its CAS, only if the key still holds it).

@@ -449,6 +449,19 @@ impl FlagStore for RedisStore {
             .collect()
     }
 
+    async fn fence_token(&self, key: &FlagKey) -> Result<FillToken> {
+        let Some(fence) = self.fence_key(key) else {
+            return Ok(FillToken::NONE);
+        };
+        let held: Option<Vec<u8>> = self
+            .inner
+            .connection
+            .query("get", redis::cmd("GET").arg(fence))
+            .await
+            .map_err(|e| e.with_key(key))?;
+        Ok(held.map_or(FillToken::NONE, |t| FillToken::from_text(&t)))
+    }
+
     /// The `put` script with the fence compared in the same step.
     async fn put_fill(
         &self,

@@ -123,7 +123,10 @@ where
                     // writer usually stores before it publishes: read once more.
                     tracing::debug!(version = %e.version, announced = %m, "L2 older than announced; re-reading");
                     read = self.read_l2(key).await;
-                    read.entry = read.entry.filter(|e| e.version >= m);
+                    if read.entry.as_ref().is_some_and(|e| e.version < m) {
+                        read.entry = None;
+                        read.token = self.fence_token(key).await;
+                    }
                 }
             }
             let servable = match &read.entry {
@@ -139,6 +142,11 @@ where
                         let _ = Box::pin(self.delete_l2(key, Access::Read)).await;
                     }
                 }
+            }
+            if read.entry.is_some() && read.token == FillToken::NONE {
+                // An entry read but not served (a tag outdates it, or it did not
+                // decode): the load writes, so it needs the key's fence.
+                read.token = self.fence_token(key).await;
             }
             // Boxed: the loader's path is the rare one, and inline its state would
             // make every fill's future — moved into the coalescer on each L2 hit —

@@ -84,9 +84,23 @@ where
         }
     }
 
+    /// The key's fence now, for a fill whose L2 entry turned out unservable: a store
+    /// may have left a hit's token empty. Unreadable, it is [`FillToken::NONE`], which
+    /// only makes the write stricter (refused while any fence is up).
+    pub(super) async fn fence_token(&self, key: &FlagKey) -> FillToken {
+        self.l2_call("fence_token", Access::Read, Some(key), |_| {
+            self.store.fence_token(key)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::debug!(cache = %self.cfg.name, %key, error = %e, "fence unread");
+            FillToken::NONE
+        })
+    }
+
     /// The read itself: batched when the store gives read groups. With a version
-    /// source, an entry at another version than the source's is a miss — its fence
-    /// kept, so that the load it leads to may write.
+    /// source, an entry at another version than the source's is a miss — with the
+    /// key's fence, so that the load it leads to may write.
     pub(super) async fn read_l2_raw(&self, key: &FlagKey, group: Group) -> Result<FillRead> {
         let mut read = match &self.batcher {
             Some(b) => b.get(key, group).await?,
@@ -102,6 +116,7 @@ where
             Ok(Some(v)) if v != found => {
                 tracing::debug!(%key, expected = %v, current = %found, "version-stamped read: L2 is stale");
                 read.entry = None;
+                read.token = self.store.fence_token(key).await.unwrap_or(FillToken::NONE);
             }
             Ok(_) => {}
             Err(e) => {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::{entry, fresh_key, TTL};
-use crate::{FillRead, FlagKey, FlagStore, FlagStoreExt, PutOutcome};
+use crate::{FillRead, FillToken, FlagKey, FlagStore, FlagStoreExt, PutOutcome};
 
 /// How long the property's fences live: longer than the property takes.
 const FENCE_TTL: Duration = Duration::from_secs(30);
@@ -114,6 +114,33 @@ pub async fn fences_refuse_older_fills(store: &dyn FlagStore) {
         "fence: an older fill replaced a set"
     );
     assert_eq!(store.get(&key).await.unwrap(), Some(at(10)));
+
+    // A fill that read an entry it cannot serve (a tag or a version source outdates
+    // it) asks for the fence now: with that token its write goes in, without one it
+    // is refused while the fence is up.
+    let outdated = fresh_key("fence-outdated");
+    store.put(&outdated, &at(1), TTL).await.unwrap();
+    store.fence(&outdated, FENCE_TTL, None).await.unwrap();
+    store.put(&outdated, &at(2), TTL).await.unwrap();
+    let now = store.fence_token(&outdated).await.unwrap();
+    assert_ne!(
+        now,
+        FillToken::NONE,
+        "fence_token: no fence read while one is up"
+    );
+    assert_eq!(
+        store
+            .put_fill(&outdated, &at(4), TTL, FillToken::NONE)
+            .await
+            .unwrap(),
+        PutOutcome::Fenced,
+        "fence: a fill with no token wrote while a fence was up"
+    );
+    assert_eq!(
+        store.put_fill(&outdated, &at(3), TTL, now).await.unwrap(),
+        PutOutcome::Stored,
+        "fence_token: a fill with the fence read now was refused"
+    );
 
     // Kept stale: a miss to readers, and a fence all the same.
     let stale_read = read_for_fill(store, &key).await;

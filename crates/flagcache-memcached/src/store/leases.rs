@@ -80,7 +80,7 @@ impl MemcachedStore {
     }
 
     /// The fence beside `entry` now, read on the entry's server.
-    async fn fence_now(&self, entry: &WireKey) -> Result<FillToken> {
+    pub(super) async fn fence_now(&self, entry: &WireKey) -> Result<FillToken> {
         let fence = self.fence_wire(entry);
         let held = self.inner.meta.raw_get(Route::Key(entry), &fence).await?;
         Ok(held.map_or(FillToken::NONE, |t| FillToken::from_text(&t)))
