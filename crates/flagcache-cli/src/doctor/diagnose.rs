@@ -1,7 +1,8 @@
 //! The diagnosis: two samples of a server taken an interval apart, and what the
 //! invalidation channel showed in between, turned into findings — a stampede, CAS
-//! contention, evictions or memory pressure, a broken backplane, a flushed script
-//! cache — each with the figures that prove it and an action. Pure: no I/O.
+//! contention, evictions or memory pressure, missing subscribers or resyncs (a broken
+//! backplane), a flushed script cache, an unreachable server — each with the figures
+//! that prove it and an action. Pure: no I/O.
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -13,21 +14,24 @@ use super::sample::Sample;
 /// catch the failure modes runbooks describe.
 #[derive(Debug, Clone)]
 pub struct Thresholds {
-    /// Misses per second at and above which misses are a stampede…
-    pub stampede_misses_per_sec: f64,
+    /// Fills per second at and above which misses are a stampede: the bar in misses
+    /// per second is this times the misses one fill costs on the backend
+    /// ([`Sample::misses_per_fill`]: 5 on Redis, so 1000 misses/s; 1 on memcached)…
+    pub stampede_fills_per_sec: f64,
     /// …plus this many per live replica where replicas poll an invalidation log in
     /// the server (memcached: a read every 100 ms by default, which misses while no
     /// event was ever published)…
     pub poll_misses_per_node: f64,
-    /// …when at least this share of the interval's reads missed.
+    /// …when at least this share of the interval's reads missed (misses outnumber hits
+    /// nine to one: a cache that also serves from L2 is not stampeding).
     pub stampede_miss_ratio: f64,
     /// memcached: the share of CAS writes lost to another writer that is contention
     /// (the usual runbook rule: above 5 % of writes)…
     pub cas_badval_ratio: f64,
-    /// …when at least this many were lost in the interval.
+    /// …when at least this many were lost in the interval. (Redis has no such
+    /// counter: its version check runs in one script, which never retries, so its
+    /// write volume is a figure, not a finding.)
     pub cas_badval_min: u64,
-    /// Redis: versioned writes (script calls) per second that are writers competing.
-    pub script_calls_per_sec: f64,
     /// Memory in use over the limit at and above which memory is under pressure.
     pub memory_fill: f64,
 }
@@ -35,12 +39,11 @@ pub struct Thresholds {
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
-            stampede_misses_per_sec: 200.0,
+            stampede_fills_per_sec: 200.0,
             poll_misses_per_node: 20.0,
-            stampede_miss_ratio: 0.5,
+            stampede_miss_ratio: 0.9,
             cas_badval_ratio: 0.05,
             cas_badval_min: 10,
-            script_calls_per_sec: 200.0,
             memory_fill: 0.9,
         }
     }
@@ -65,7 +68,8 @@ pub struct Rates {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Finding {
     /// `stampede`, `cas_contention`, `evictions`, `memory_pressure`,
-    /// `broken_backplane` or `script_cache_flush`.
+    /// `missing_subscribers`, `resyncs`, `script_cache_flush` or `server_down`; each
+    /// kind has one shape of `figures`.
     pub kind: &'static str,
     /// The measured figures, in a sentence.
     pub summary: String,
@@ -83,8 +87,6 @@ const CAS_MEMCACHED: &str = "Write each flag from one writer (the source of trut
     feed) with versioned writes, and let readers fill a miss through the coalescer \
     (MemcachedRecache) instead of each writing it; or move the write path to Redis, whose \
     version check runs in one script without retries.";
-const CAS_REDIS: &str = "Write each flag from one writer with versioned writes, and fill a \
-    miss through the coalescer (RedisLock) so that one reader per key writes it.";
 const EVICTIONS: &str = "Give the cache memory: raise maxmemory (Redis) or -m (memcached), \
     or keep flags on an instance of their own; on a Redis shared with other data, a \
     volatile-* policy with TTLs on the other keys spares the flags. Each evicted flag is a \
@@ -102,6 +104,9 @@ const SCRIPTS: &str = "Find who flushes the script cache (SCRIPT FLUSH, a restar
     failover to a replica): each flush costs every connection a NOSCRIPT error and a \
     reload at its next write. Deny SCRIPT FLUSH to application users with an ACL \
     (-script|flush).";
+const SERVER_DOWN: &str = "Bring the servers back or take them out of the ring: their keys \
+    miss, and every read of them goes to the source, until they answer. The other \
+    findings' figures cover only the servers that answered.";
 
 /// `x` rounded to `places` decimals (figures read better, JSON stays short).
 fn round(x: f64, places: i32) -> f64 {
@@ -132,7 +137,7 @@ pub fn rates(a: &Sample, b: &Sample, secs: f64) -> Rates {
         misses_per_sec: per(misses),
         gets_per_sec: per(delta(a.gets, b.gets)),
         evictions_per_sec: per(delta(a.evictions, b.evictions)),
-        miss_ratio: ratio(misses, hits + misses).map(|r| round(r, 3)),
+        miss_ratio: ratio(misses, hits.saturating_add(misses)).map(|r| round(r, 3)),
         cas_hits_per_sec: delta_opt(a.cas_hits, b.cas_hits).map(per),
         cas_badval_per_sec: delta_opt(a.cas_badval, b.cas_badval).map(per),
         script_calls_per_sec: delta_opt(a.script_calls, b.script_calls).map(per),
@@ -156,7 +161,7 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
 
     let miss_ratio = ratio(
         delta(a.misses, b.misses),
-        delta(a.hits, b.hits) + delta(a.misses, b.misses),
+        delta(a.hits, b.hits).saturating_add(delta(a.misses, b.misses)),
     )
     .unwrap_or(0.0);
     let polling = if b.polled_log {
@@ -164,9 +169,10 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
     } else {
         0.0
     };
-    let stampede_at = t.stampede_misses_per_sec + polling;
+    let per_fill = b.misses_per_fill.max(1);
+    let stampede_at = t.stampede_fills_per_sec * per_fill as f64 + polling;
     if r.misses_per_sec >= stampede_at && miss_ratio >= t.stampede_miss_ratio {
-        let before = ratio(a.misses, a.hits + a.misses).map_or(0.0, |x| round(x, 3));
+        let before = ratio(a.misses, a.hits.saturating_add(a.misses)).map_or(0.0, |x| round(x, 3));
         found.push(Finding {
             kind: "stampede",
             summary: format!(
@@ -188,6 +194,7 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
                 "miss_ratio_before": before,
                 "sets_per_sec": r.sets_per_sec,
                 "threshold_misses_per_sec": stampede_at,
+                "misses_per_fill": per_fill,
             })),
             action: STAMPEDE,
         });
@@ -197,14 +204,15 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
         delta_opt(a.cas_badval, b.cas_badval),
         delta_opt(a.cas_hits, b.cas_hits),
     ) {
-        let share = ratio(badval, badval + hits).unwrap_or(0.0);
+        let writes = badval.saturating_add(hits);
+        let share = ratio(badval, writes).unwrap_or(0.0);
         if badval >= t.cas_badval_min && share >= t.cas_badval_ratio {
             found.push(Finding {
                 kind: "cas_contention",
                 summary: format!(
                     "{badval} of {} CAS writes in {secs}s lost to another writer ({:.0}%, \
                      {} cas_badval/s): writers race on the same keys",
-                    badval + hits,
+                    writes,
                     share * 100.0,
                     r.cas_badval_per_sec.unwrap_or(0.0),
                 ),
@@ -218,25 +226,6 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
             });
         }
     }
-    if let Some(calls) = r.script_calls_per_sec {
-        if calls >= t.script_calls_per_sec {
-            let failed = delta_opt(a.script_failed, b.script_failed).unwrap_or(0);
-            found.push(Finding {
-                kind: "cas_contention",
-                summary: format!(
-                    "{calls} versioned writes (EVALSHA/EVAL) per second, {failed} failed in \
-                     {secs}s: writers compete for the keys (flags change a few times a \
-                     minute)"
-                ),
-                figures: figures(json!({
-                    "script_calls_per_sec": calls,
-                    "script_failed": failed,
-                })),
-                action: CAS_REDIS,
-            });
-        }
-    }
-
     let evicted = delta(a.evictions, b.evictions);
     let fill = ratio(b.used_memory, b.max_memory);
     let memory = json!({
@@ -284,7 +273,7 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
     if let Some(subs) = subscribers {
         if subs < nodes as u64 {
             found.push(Finding {
-                kind: "broken_backplane",
+                kind: "missing_subscribers",
                 summary: format!(
                     "{subs} connections subscribe to the invalidation channel but {nodes} \
                      live replicas have an invalidator: {} hear no invalidations and serve \
@@ -303,7 +292,7 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
     }
     if resyncs > 0 {
         found.push(Finding {
-            kind: "broken_backplane",
+            kind: "resyncs",
             summary: format!(
                 "{resyncs} resyncs in {secs}s on the invalidation channel: events were lost \
                  (a heartbeat showed a sequence gap, a subscription reconnected, or the log \
@@ -338,6 +327,29 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
             action: SCRIPTS,
         });
     }
+
+    let mut down: Vec<&String> = a.unreachable.iter().chain(&b.unreachable).collect();
+    down.sort();
+    down.dedup();
+    if !down.is_empty() {
+        let servers = a.servers.max(b.servers);
+        found.push(Finding {
+            kind: "server_down",
+            summary: format!(
+                "{} of {servers} servers did not answer: {}",
+                down.len(),
+                down.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            figures: figures(json!({
+                "unreachable": down,
+                "servers": servers,
+            })),
+            action: SERVER_DOWN,
+        });
+    }
     found
 }
 
@@ -348,6 +360,7 @@ mod tests {
     fn redis() -> Sample {
         Sample {
             servers: 1,
+            misses_per_fill: 5,
             hits: 1000,
             misses: 10,
             gets: 1010,
@@ -369,6 +382,7 @@ mod tests {
     fn memcached() -> Sample {
         Sample {
             servers: 2,
+            misses_per_fill: 1,
             hits: 500,
             misses: 5,
             cas_hits: Some(100),
@@ -420,16 +434,39 @@ mod tests {
     fn misses_below_the_rate_or_the_ratio_are_not() {
         let a = redis();
         let mut few = a.clone();
-        few.misses += 199; // 199/s, all reads missing
+        few.misses += 999; // 999/s, all reads missing: under 200 fills/s × 5
         assert!(kinds(&a, &few, 0).is_empty());
-        let mut mostly_hits = a.clone();
-        mostly_hits.misses += 1000;
-        mostly_hits.hits += 1001; // under half miss
-        assert!(kinds(&a, &mostly_hits, 0).is_empty());
+        let mut many_hits = a.clone();
+        many_hits.misses += 1000;
+        many_hits.hits += 112; // under 90 % miss
+        assert!(kinds(&a, &many_hits, 0).is_empty());
         let mut at = a.clone();
-        at.misses += 200;
-        at.hits += 200;
+        at.misses += 1000;
+        at.hits += 111;
         assert_eq!(kinds(&a, &at, 0), ["stampede"]);
+    }
+
+    #[test]
+    fn ordinary_fills_on_redis_are_not_a_stampede() {
+        // Each fill of an absent key misses five times (entry, fence, lock script,
+        // put script's fence and entry): 40 and 150 fills/s.
+        let a = redis();
+        for fills in [40, 150] {
+            let mut b = a.clone();
+            b.misses += fills * 5;
+            assert!(kinds(&a, &b, 0).is_empty(), "{fills} fills/s");
+        }
+        // A busy cache whose misses do not outnumber its hits by far: 1500 misses/s
+        // against 400 hits/s.
+        let mut busy = a.clone();
+        busy.misses += 1500;
+        busy.hits += 400;
+        assert!(kinds(&a, &busy, 0).is_empty());
+        // On memcached a miss is a fill's only one: the bar stays at 200/s.
+        let m = memcached();
+        let mut storm = m.clone();
+        storm.misses += 200;
+        assert_eq!(kinds(&m, &storm, 0), ["stampede"]);
     }
 
     #[test]
@@ -474,13 +511,15 @@ mod tests {
     }
 
     #[test]
-    fn a_redis_write_storm_is_contention() {
+    fn a_redis_write_storm_is_a_figure_not_a_finding() {
+        // Redis scripts never retry: many versioned writes are volume, not contention.
         let a = redis();
         let mut b = a.clone();
-        b.script_calls = Some(50 + 199);
-        assert!(kinds(&a, &b, 0).is_empty());
-        b.script_calls = Some(50 + 200);
-        assert_eq!(kinds(&a, &b, 0), ["cas_contention"]);
+        b.script_calls = Some(50 + 5000);
+        b.script_failed = Some(3);
+        let found = diagnose(&a, &b, 1.0, 0, &Thresholds::default());
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(rates(&a, &b, 1.0).script_calls_per_sec, Some(5000.0));
     }
 
     #[test]
@@ -514,7 +553,7 @@ mod tests {
         a2.subscribers = Some(2);
         let found = diagnose(&a2, &b, 1.0, 0, &Thresholds::default());
         assert_eq!(found.len(), 1);
-        assert_eq!(found[0].kind, "broken_backplane");
+        assert_eq!(found[0].kind, "missing_subscribers");
         assert_eq!(found[0].figures["missing"], 1);
         // More subscribers than nodes (a watcher, replicas without presence): fine.
         let mut more = a.clone();
@@ -528,8 +567,68 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(
             (found[0].kind, &found[0].figures["resyncs"]),
-            ("broken_backplane", &json!(2))
+            ("resyncs", &json!(2))
         );
+    }
+
+    #[test]
+    fn each_kind_has_one_shape_of_figures() {
+        let a = Sample {
+            subscribers: Some(1),
+            ..redis()
+        };
+        let found = diagnose(&a, &a, 1.0, 1, &Thresholds::default());
+        let shape = |kind: &str| {
+            let f = found.iter().find(|f| f.kind == kind).unwrap();
+            f.figures.keys().cloned().collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shape("missing_subscribers"),
+            ["live_nodes", "missing", "subscribed_nodes", "subscribers"]
+        );
+        assert_eq!(shape("resyncs"), ["resyncs"]);
+    }
+
+    #[test]
+    fn an_unreachable_server_is_named() {
+        let a = memcached();
+        let mut b = a.clone();
+        b.unreachable = vec!["tcp://10.0.0.2:11211".into()];
+        let found = diagnose(&a, &b, 1.0, 0, &Thresholds::default());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].kind, "server_down");
+        assert_eq!(
+            found[0].figures["unreachable"],
+            json!(["tcp://10.0.0.2:11211"])
+        );
+        assert!(
+            found[0].summary.contains("1 of 2 servers"),
+            "{}",
+            found[0].summary
+        );
+    }
+
+    #[test]
+    fn counters_at_the_limit_do_not_overflow() {
+        let mut a = memcached();
+        a.hits = u64::MAX;
+        a.misses = u64::MAX;
+        a.cas_badval = Some(0);
+        a.cas_hits = Some(0);
+        let mut b = a.clone();
+        b.cas_badval = Some(u64::MAX);
+        b.cas_hits = Some(u64::MAX);
+        let mut before = a.clone();
+        before.hits = 0;
+        before.misses = 0;
+        let found = diagnose(&before, &a, 1.0, 0, &Thresholds::default());
+        assert!(
+            found.iter().all(|f| f.kind != "cas_contention"),
+            "{found:?}"
+        );
+        assert!(rates(&before, &a, 1.0).miss_ratio.is_some());
+        let found = diagnose(&a, &b, 1.0, 0, &Thresholds::default());
+        assert_eq!(found[0].kind, "cas_contention");
     }
 
     #[test]
