@@ -8,10 +8,11 @@ use flagcache_core::Result;
 use crate::MemcachedStore;
 
 impl MemcachedStore {
-    /// `stats` on every server of the ring, in the order they were given: each
-    /// server's address and its statistics by memcached's names (`get_hits`,
+    /// `stats` on every server of the ring at once, in the order they were given: each
+    /// server's address and either its statistics by memcached's names (`get_hits`,
     /// `get_misses`, `cas_badval`, `evictions`, `bytes`, `limit_maxbytes`, …), as the
-    /// server wrote them.
+    /// server wrote them, or why it could not be asked. A server that is down costs
+    /// one timeout, and the others still answer.
     ///
     /// ```no_run
     /// # async fn f() -> flagcache::Result<()> {
@@ -19,19 +20,24 @@ impl MemcachedStore {
     ///     .servers(["127.0.0.1:11211", "127.0.0.1:11212"])
     ///     .build()
     ///     .await?;
-    /// for (server, stats) in store.server_stats().await? {
-    ///     println!("{server}: {:?} CAS writes lost", stats.get("cas_badval"));
+    /// for (server, stats) in store.server_stats().await {
+    ///     match stats {
+    ///         Ok(stats) => println!("{server}: {:?} CAS writes lost", stats.get("cas_badval")),
+    ///         Err(e) => println!("{server}: unreachable ({e})"),
+    ///     }
     /// }
     /// # Ok(()) }
     /// ```
     ///
     /// # Errors
-    /// `Error::Backend` or `Error::Timeout` when a server cannot be asked.
-    pub async fn server_stats(&self) -> Result<Vec<(String, BTreeMap<String, String>)>> {
-        let mut all = Vec::new();
-        for (i, pool) in self.meta().pools().iter().enumerate() {
-            all.push((pool.url().to_string(), self.meta().stats(i).await?));
-        }
-        Ok(all)
+    /// Per server: `Error::Backend` or `Error::Timeout` when it cannot be asked.
+    pub async fn server_stats(&self) -> Vec<(String, Result<BTreeMap<String, String>>)> {
+        let asks = self
+            .meta()
+            .pools()
+            .iter()
+            .enumerate()
+            .map(|(i, pool)| async move { (pool.url().to_string(), self.meta().stats(i).await) });
+        futures_util::future::join_all(asks).await
     }
 }

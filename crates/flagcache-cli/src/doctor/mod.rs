@@ -1,38 +1,76 @@
 //! `flagcache doctor`: samples the server twice an interval apart while listening to
 //! the invalidation channel, and reports what the figures show — a stampede, CAS
 //! contention, evictions or memory pressure, a broken backplane, a flushed script
-//! cache — or that the deployment is healthy.
+//! cache, an unreachable server — or that the deployment is healthy.
 
 mod diagnose;
 mod sample;
 
 use std::time::{Duration, Instant};
 
-use flagcache::{store::Signal, Backend};
+use flagcache::{
+    store::{ResyncReason, Signal},
+    Backend,
+};
 use serde_json::json;
 
 use crate::report::{human, table, Failure, Report};
 use diagnose::{diagnose, rates, Finding, Thresholds};
 use sample::Sample;
 
-/// Listens to the invalidation channel until `deadline`: the resyncs seen.
-async fn count_resyncs(
-    sub: &mut flagcache::store::Subscription,
-    deadline: tokio::time::Instant,
-) -> u64 {
-    let mut resyncs = 0;
+/// What the doctor's own subscription showed while it listened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Heard {
+    /// The resyncs seen.
+    resyncs: u64,
+    /// Whether the subscription is on the channel at the end.
+    subscribed: bool,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard {
+            resyncs: 0,
+            subscribed: true,
+        }
+    }
+
+    /// Takes in one signal. A lost connection is signalled twice, with the same
+    /// reason: when it is lost and when it is back.
+    fn note(&mut self, signal: &Signal) {
+        if let Signal::Resync(reason) = signal {
+            self.resyncs += 1;
+            match reason {
+                ResyncReason::Reconnected | ResyncReason::HeartbeatMissed => {
+                    self.subscribed = !self.subscribed;
+                }
+                ResyncReason::Closed => self.subscribed = false,
+                _ => {}
+            }
+        }
+    }
+
+    /// The subscription ended: that too loses events.
+    fn ended(&mut self) {
+        self.resyncs += 1;
+        self.subscribed = false;
+    }
+}
+
+/// Listens to the invalidation channel until `deadline`.
+async fn listen(sub: &mut flagcache::store::Subscription, deadline: tokio::time::Instant) -> Heard {
+    let mut heard = Heard::new();
     loop {
         tokio::select! {
             s = sub.recv() => match s {
-                Some(Signal::Resync(_)) => resyncs += 1,
-                Some(_) => {}
+                Some(signal) => heard.note(&signal),
                 None => {
-                    // The subscription ended: that too loses events.
+                    heard.ended();
                     tokio::time::sleep_until(deadline).await;
-                    return resyncs + 1;
+                    return heard;
                 }
             },
-            () = tokio::time::sleep_until(deadline) => return resyncs,
+            () = tokio::time::sleep_until(deadline) => return heard,
         }
     }
 }
@@ -116,13 +154,15 @@ pub async fn run(backend: &Backend, interval: Duration) -> Result<Report, Failur
         .subscribe()
         .await
         .map_err(Failure::connect)?;
-    // The doctor's own subscription is on the channel during the second sample.
-    let own = u64::from(backend.as_redis().is_some());
     eprintln!(
         "doctor: listening to the invalidation channel for {}",
         human(interval)
     );
-    let resyncs = count_resyncs(&mut sub, tokio::time::Instant::now() + interval).await;
+    let heard = listen(&mut sub, tokio::time::Instant::now() + interval).await;
+    let resyncs = heard.resyncs;
+    // The doctor's own subscription is not counted among the subscribers — while it
+    // is on the channel (Redis) at the second sample.
+    let own = u64::from(backend.as_redis().is_some() && heard.subscribed);
     eprintln!("doctor: sampling: 2 of 2");
     let second = sample::take(backend, own).await?;
     let secs = started.elapsed().as_secs_f64();
@@ -139,8 +179,8 @@ pub async fn run(backend: &Backend, interval: Duration) -> Result<Report, Failur
         human(Duration::from_secs_f64(secs)),
     );
     let verdict = if findings.is_empty() {
-        "healthy: no stampede, CAS contention, evictions, memory pressure, broken backplane \
-         or script cache flush\n"
+        "healthy: no stampede, CAS contention, evictions, memory pressure, missing \
+         subscribers, resyncs, script cache flush or unreachable server\n"
             .to_string()
     } else {
         format!(
@@ -170,4 +210,32 @@ pub async fn run(backend: &Backend, interval: Duration) -> Result<Report, Failur
         text,
         finding: !findings.is_empty(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resync(reason: ResyncReason) -> Signal {
+        Signal::Resync(reason)
+    }
+
+    #[test]
+    fn a_lost_subscription_is_off_the_channel_until_it_is_back() {
+        let mut heard = Heard::new();
+        heard.note(&resync(ResyncReason::LogReset));
+        assert_eq!((heard.resyncs, heard.subscribed), (1, true));
+        heard.note(&resync(ResyncReason::Reconnected));
+        assert!(!heard.subscribed, "lost");
+        heard.note(&resync(ResyncReason::Reconnected));
+        assert_eq!((heard.resyncs, heard.subscribed), (3, true));
+        heard.note(&resync(ResyncReason::HeartbeatMissed));
+        assert!(!heard.subscribed);
+        let mut closed = Heard::new();
+        closed.note(&resync(ResyncReason::Closed));
+        assert!(!closed.subscribed);
+        let mut ended = Heard::new();
+        ended.ended();
+        assert_eq!((ended.resyncs, ended.subscribed), (1, false));
+    }
 }

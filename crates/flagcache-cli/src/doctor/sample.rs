@@ -18,6 +18,9 @@ pub struct Sample {
     pub at_ms: u64,
     /// How many servers were asked.
     pub servers: usize,
+    /// The servers of a memcached ring that did not answer (their figures are not in
+    /// the sums).
+    pub unreachable: Vec<String>,
     /// Reads that found their key (Redis `keyspace_hits`, memcached `get_hits`).
     pub hits: u64,
     /// Reads that did not (Redis `keyspace_misses`, memcached `get_misses`).
@@ -59,6 +62,10 @@ pub struct Sample {
     pub live_nodes: usize,
     /// Of those, the ones with an invalidator (that should be subscribed).
     pub subscribed_nodes: usize,
+    /// How many misses one fill of a key costs on this backend, at least (the
+    /// stampede bar scales with it); 0 reads as 1.
+    #[serde(skip)]
+    pub misses_per_fill: u64,
     /// Whether replicas poll an invalidation log kept in the server (memcached): their
     /// polls are reads, and miss while no event was ever published.
     #[serde(skip)]
@@ -83,6 +90,11 @@ fn field(value: &str, name: &str) -> Option<u64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
+/// Keyspace misses one fill of an absent key costs on Redis: the entry read, the fence
+/// read of the keys that missed, the fence `GET` in the lock script, and the fence and
+/// entry `GET`s in the put script.
+pub const REDIS_MISSES_PER_FILL: u64 = 5;
+
 /// The figures of a Redis `INFO all` reply (without the subscribers and the fleet).
 pub fn from_redis_info(text: &str) -> Sample {
     let info = parse_info(text);
@@ -95,13 +107,14 @@ pub fn from_redis_info(text: &str) -> Sample {
     const SCRIPTS: [&str; 4] = ["evalsha", "eval", "evalsha_ro", "eval_ro"];
     let script_failed = SCRIPTS
         .iter()
-        .map(|c| calls(c, "failed_calls") + calls(c, "rejected_calls"))
-        .sum();
+        .map(|c| calls(c, "failed_calls").saturating_add(calls(c, "rejected_calls")))
+        .fold(0, u64::saturating_add);
     Sample {
         servers: 1,
+        misses_per_fill: REDIS_MISSES_PER_FILL,
         hits: num("keyspace_hits").unwrap_or(0),
         misses: num("keyspace_misses").unwrap_or(0),
-        gets: calls("get", "calls") + calls("mget", "calls"),
+        gets: calls("get", "calls").saturating_add(calls("mget", "calls")),
         evictions: num("evicted_keys").unwrap_or(0),
         used_memory: num("used_memory").unwrap_or(0),
         max_memory: num("maxmemory").unwrap_or(0),
@@ -110,8 +123,13 @@ pub fn from_redis_info(text: &str) -> Sample {
             .iter()
             .filter(|(k, _)| k.starts_with("db") && k[2..].chars().all(|c| c.is_ascii_digit()))
             .filter_map(|(_, v)| field(v, "keys"))
-            .sum(),
-        script_calls: Some(SCRIPTS.iter().map(|c| calls(c, "calls")).sum()),
+            .fold(0, u64::saturating_add),
+        script_calls: Some(
+            SCRIPTS
+                .iter()
+                .map(|c| calls(c, "calls"))
+                .fold(0, u64::saturating_add),
+        ),
         script_failed: Some(script_failed),
         sets: Some(calls("set", "calls")),
         noscript_errors: Some(
@@ -125,39 +143,49 @@ pub fn from_redis_info(text: &str) -> Sample {
     }
 }
 
-/// The figures of memcached `stats` on each server, summed.
-pub fn from_memcached_stats<'a>(
-    servers: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+/// The figures of memcached `stats` on each server that answered, summed; the others
+/// listed as unreachable.
+pub fn from_memcached_stats(
+    servers: &[(String, flagcache::Result<BTreeMap<String, String>>)],
 ) -> Sample {
     let mut s = Sample {
         polled_log: true,
+        misses_per_fill: 1,
         cas_hits: Some(0),
         cas_badval: Some(0),
         cas_misses: Some(0),
         ..Sample::default()
     };
-    for stats in servers {
+    for (server, stats) in servers {
+        s.servers += 1;
+        let Ok(stats) = stats else {
+            s.unreachable.push(server.clone());
+            continue;
+        };
         let num = |name: &str| {
             stats
                 .get(name)
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        s.servers += 1;
-        s.hits += num("get_hits");
-        s.misses += num("get_misses");
-        s.gets += num("cmd_get");
-        s.evictions += num("evictions");
-        s.used_memory += num("bytes");
-        s.max_memory += num("limit_maxbytes");
-        s.clients += num("curr_connections");
-        s.keys += num("curr_items");
+        for (total, name) in [
+            (&mut s.hits, "get_hits"),
+            (&mut s.misses, "get_misses"),
+            (&mut s.gets, "cmd_get"),
+            (&mut s.evictions, "evictions"),
+            (&mut s.used_memory, "bytes"),
+            (&mut s.max_memory, "limit_maxbytes"),
+            (&mut s.clients, "curr_connections"),
+            (&mut s.keys, "curr_items"),
+        ] {
+            *total = total.saturating_add(num(name));
+        }
         for (slot, name) in [
             (&mut s.cas_hits, "cas_hits"),
             (&mut s.cas_badval, "cas_badval"),
             (&mut s.cas_misses, "cas_misses"),
         ] {
-            *slot = slot.map(|n| n + num(name));
+            *slot = slot.map(|n| n.saturating_add(num(name)));
         }
     }
     s
@@ -177,7 +205,8 @@ fn failed(e: flagcache::Error) -> Failure {
 ///
 /// # Errors
 /// A usage failure for a backend without a server (`memory://`) or a Redis Cluster; a
-/// backend failure when the server cannot be asked.
+/// backend failure when the server cannot be asked (memcached: when no server of the
+/// ring answers).
 pub async fn take(backend: &Backend, own_subscriptions: u64) -> Result<Sample, Failure> {
     let mut sample = if let Some(store) = backend.as_redis() {
         let info = store.server_info().await.map_err(failed)?;
@@ -188,8 +217,15 @@ pub async fn take(backend: &Backend, own_subscriptions: u64) -> Result<Sample, F
         }
         sample
     } else if let Some(store) = backend.as_memcached() {
-        let stats = store.server_stats().await.map_err(failed)?;
-        from_memcached_stats(stats.iter().map(|(_, s)| s))
+        let stats = store.server_stats().await;
+        let sample = from_memcached_stats(&stats);
+        if sample.unreachable.len() == sample.servers {
+            // No server answered: nothing to diagnose.
+            if let Some((_, Err(e))) = stats.into_iter().find(|(_, s)| s.is_err()) {
+                return Err(failed(e));
+            }
+        }
+        sample
     } else {
         return Err(Failure::usage(format!(
             "doctor reads a server's statistics (redis://, memcached://); {} has no server",
@@ -248,10 +284,57 @@ mod tests {
                 ("limit_maxbytes".to_string(), "100".to_string()),
             ])
         };
-        let (a, b) = (server("3", "1"), server("4", "5"));
-        let s = from_memcached_stats([&a, &b]);
+        let ring = [
+            ("a:1".to_string(), Ok(server("3", "1"))),
+            ("b:2".to_string(), Ok(server("4", "5"))),
+        ];
+        let s = from_memcached_stats(&ring);
         assert_eq!((s.servers, s.hits, s.max_memory), (2, 7, 200));
         assert_eq!((s.cas_badval, s.cas_hits), (Some(6), Some(0)));
         assert_eq!(s.script_calls, None);
+        assert!(s.unreachable.is_empty());
+    }
+
+    #[test]
+    fn an_unreachable_server_is_named_and_left_out_of_the_sums() {
+        let stats = BTreeMap::from([("get_hits".to_string(), "3".to_string())]);
+        let ring = [
+            ("a:1".to_string(), Ok(stats)),
+            (
+                "b:2".to_string(),
+                Err(flagcache::Error::Closed("memcached")),
+            ),
+        ];
+        let s = from_memcached_stats(&ring);
+        assert_eq!((s.servers, s.hits), (2, 3));
+        assert_eq!(s.unreachable, ["b:2"]);
+    }
+
+    #[test]
+    fn counters_at_the_limit_saturate_instead_of_overflowing() {
+        let max = u64::MAX.to_string();
+        let info = format!(
+            "cmdstat_get:calls={max}\ncmdstat_mget:calls=1\n\
+             cmdstat_evalsha:calls={max},failed_calls={max},rejected_calls=1\n\
+             cmdstat_eval:calls=1\ndb0:keys={max}\ndb1:keys=1\n"
+        );
+        let s = from_redis_info(&info);
+        assert_eq!((s.gets, s.keys), (u64::MAX, u64::MAX));
+        assert_eq!(
+            (s.script_calls, s.script_failed),
+            (Some(u64::MAX), Some(u64::MAX))
+        );
+        let server = BTreeMap::from([
+            ("get_hits".to_string(), max.clone()),
+            ("bytes".to_string(), max.clone()),
+            ("cas_badval".to_string(), max.clone()),
+        ]);
+        let ring = [
+            ("a:1".to_string(), Ok(server.clone())),
+            ("b:2".to_string(), Ok(server)),
+        ];
+        let s = from_memcached_stats(&ring);
+        assert_eq!((s.hits, s.used_memory), (u64::MAX, u64::MAX));
+        assert_eq!(s.cas_badval, Some(u64::MAX));
     }
 }
