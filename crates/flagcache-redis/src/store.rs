@@ -404,8 +404,9 @@ impl FlagStore for RedisStore {
         self.put_guarded(key, entry, ttl, None).await
     }
 
-    /// The entries and their fences in one `MGET` (a key and its fence share a slot, so
-    /// on a cluster — where reads are not batched — it is one node's command too).
+    /// The entries in one `MGET`, then the fences of the keys that missed in another
+    /// (a key and its fence share a slot, so on a cluster — where reads are not
+    /// batched — each is one node's command too).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
         let entries = self.get_each(keys).await;
         // Only a fill that missed writes what it loads: the fences of the keys that

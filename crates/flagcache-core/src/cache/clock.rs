@@ -95,7 +95,13 @@ impl Clock {
     /// `now + d` as a deadline, saturating.
     #[inline]
     pub fn after(now: Tick, d: Duration) -> Tick {
-        now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        now.saturating_add(Self::span(d))
+    }
+
+    /// `d` in ticks, saturating.
+    #[inline]
+    pub fn span(d: Duration) -> Tick {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 

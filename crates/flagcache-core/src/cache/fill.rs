@@ -66,7 +66,7 @@ where
                 let usable = fallback.filter(|(fb, seen)| {
                     e.is_transient()
                         && self.clock.ticks().saturating_sub(fb.filled_at)
-                            <= u64::try_from(self.cfg.max_staleness.as_nanos()).unwrap_or(u64::MAX)
+                            <= super::clock::Clock::span(self.cfg.max_staleness)
                         && self.fences.lock().admits(
                             key,
                             *seen,

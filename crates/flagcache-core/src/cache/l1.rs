@@ -15,9 +15,9 @@ use super::stats::Ev;
 use super::{CacheStatus, Inner, StaleReason};
 use crate::{Entry, FlagKey, Result, Version};
 
-/// One L1 entry, stored inline in the L1 map: an L1 hit copies it out, which bumps one
-/// reference count (the value's) and copies nothing else — no allocation, no decoding.
-/// The value moves out of the copy to the caller.
+/// One L1 entry, stored inline in the map of whole entries: the paths past a fresh hit
+/// copy it out, which bumps one reference count (the value's) and copies nothing else —
+/// no allocation, no decoding.
 ///
 /// Times are [`Tick`]s of the cache's [`Clock`]. A fresh hit reads a 16-byte summary
 /// of it instead (see [`l1map`]).
