@@ -166,16 +166,21 @@ fn a_large_value_on_memcached_shows_its_chunks_and_checksum() {
     assert_eq!(e["checksum_ok"], true, "{doc}");
 }
 
-/// `watch --for` sees events published by another process, with origin, sequence and
-/// lag.
-fn watch_sees_events(url: &str) {
-    let child = Command::new(env!("CARGO_BIN_EXE_flagcache"))
+/// `flagcache watch --for 4s --json` on `url`, running.
+fn watch_for_4s(url: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_flagcache"))
         .env("FLAGCACHE_URL", url)
         .args(["watch", "--for", "4s", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// `watch --for` sees events published by another process, with origin, sequence and
+/// lag.
+fn watch_sees_events(url: &str) {
+    let child = watch_for_4s(url);
     let k = key();
     let start = Instant::now();
     let mut version = 1;
@@ -253,13 +258,7 @@ fn usage_and_connection_errors_exit_2() {
 fn watch_flags_a_resync_and_exits_1() {
     let server = MemcachedServer::start().unwrap();
     let url = format!("memcached://127.0.0.1:{}?poll_interval=50ms", server.port());
-    let child = Command::new(env!("CARGO_BIN_EXE_flagcache"))
-        .env("FLAGCACHE_URL", &url)
-        .args(["watch", "--for", "4s", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = watch_for_4s(&url);
     let k = key();
     let start = Instant::now();
     let mut version = 1;

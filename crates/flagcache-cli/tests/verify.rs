@@ -13,52 +13,44 @@ use serde_json::Value;
 
 const REPORT_EVERY: Duration = Duration::from_millis(300);
 
-/// Runs the command with `--json` off the runtime's workers: its exit code, the JSON
-/// document, and stderr.
-async fn flagcache(url: &str, args: &[&str]) -> (i32, Value) {
+/// Runs the command off the runtime's workers: its output.
+async fn run(url: &str, args: &[&str]) -> std::process::Output {
     let (url, args) = (
         url.to_string(),
         args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
     );
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_flagcache"))
+        Command::new(env!("CARGO_BIN_EXE_flagcache"))
             .env("FLAGCACHE_URL", &url)
             .args(&args)
-            .arg("--json")
             .output()
-            .unwrap();
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let doc = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "{args:?}: not one JSON document ({e}): {stdout:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.code().unwrap(), doc)
+            .unwrap()
     })
     .await
     .unwrap()
 }
 
+/// Runs the command with `--json`: its exit code and the JSON document.
+async fn flagcache(url: &str, args: &[&str]) -> (i32, Value) {
+    let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+    let out = run(url, &args).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let doc = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: not one JSON document ({e}): {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), doc)
+}
+
 /// The text output and exit code.
 async fn flagcache_text(url: &str, args: &[&str]) -> (i32, String) {
-    let (url, args) = (
-        url.to_string(),
-        args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_flagcache"))
-            .env("FLAGCACHE_URL", &url)
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap(),
-            String::from_utf8(out.stdout).unwrap(),
-        )
-    })
-    .await
-    .unwrap()
+    let out = run(url, args).await;
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+    )
 }
 
 /// Seven replicas that hear invalidations, and an eighth that cannot (no invalidator),
