@@ -9,21 +9,55 @@
 //!
 //! Run it at two read counts and subtract: the difference over the extra reads is the
 //! cost of one read, free of the setup's.
+//!
+//! Settings from the environment: `L2_BATCH_AFTER` (the cache's
+//! [`l2_batch_after`](flagcache_core::FlagCacheBuilder::l2_batch_after), default 4),
+//! `TASKS` (default 50) and `RUNTIME=current` (one thread; two workers by default). `examples/l2_allocs.rs` runs the same reads and counts
+//! their allocations.
 
 use flagcache_core::{FlagCache, FlagKey, FlagStore, Version};
 use flagcache_redis::RedisStore;
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-const TASKS: usize = 50;
+/// A setting from the environment, or `default`.
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Res<()> {
+#[allow(dead_code)] // `l2_allocs` has a main of its own
+fn main() -> Res<()> {
+    runtime()?.block_on(run(None))
+}
+
+/// Two worker threads, or one thread with `RUNTIME=current` (as the load generator's
+/// 1-task rounds run).
+pub fn runtime() -> Res<tokio::runtime::Runtime> {
+    let current = std::env::var("RUNTIME").is_ok_and(|r| r == "current");
+    let mut builder = if current {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    };
+    Ok(builder.enable_all().build()?)
+}
+
+/// The reads, timed; `allocations` (when given) counts the allocations made so far,
+/// and the report gives them per read.
+pub async fn run(allocations: Option<fn() -> u64>) -> Res<()> {
+    let allocations = || allocations.map_or(0, |count| count());
+
     let mut args = std::env::args().skip(1);
     let (Some(mode), Some(url), Some(reads)) = (args.next(), args.next(), args.next()) else {
         return Err("usage: l2_profile raw|store|cache <redis url> <reads>".into());
     };
     let reads: usize = reads.parse()?;
+    let tasks = setting("TASKS", 50);
     let store = RedisStore::builder()
         .url(&url)
         .namespace("l2-profile")
@@ -32,9 +66,10 @@ async fn main() -> Res<()> {
     let loader = |_: FlagKey| async { Ok(Some(("x".repeat(1000), Version::new(1)))) };
     let cache = FlagCache::<String>::builder(store.clone(), loader)
         .l1(false)
+        .l2_batch_after(setting("L2_BATCH_AFTER", 4))
         .build()
         .await?;
-    let keys: Vec<FlagKey> = (0..TASKS)
+    let keys: Vec<FlagKey> = (0..tasks)
         .map(|i| FlagKey::new(format!("p.{i}")))
         .collect::<Result<_, _>>()?;
     for k in &keys {
@@ -44,8 +79,9 @@ async fn main() -> Res<()> {
     let conn = redis::Client::open(url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
+    let before = allocations();
     let started = std::time::Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
+    let readers: Vec<_> = (0..tasks)
         .map(|task| {
             let reader = Reader {
                 mode: mode.clone(),
@@ -55,16 +91,19 @@ async fn main() -> Res<()> {
                 name: names[task].clone(),
                 conn: conn.clone(),
             };
-            tokio::spawn(reader.run(reads / TASKS))
+            tokio::spawn(reader.run(reads / tasks))
         })
         .collect();
-    for t in tasks {
+    for t in readers {
         t.await??;
     }
+    let elapsed = started.elapsed();
+    let allocated = allocations() - before;
     let st = cache.stats();
     println!(
-        "{mode}: {:.0} reads/s; {} batched reads in {} batches",
-        reads as f64 / started.elapsed().as_secs_f64(),
+        "{mode}: {:.0} reads/s, {:.1} allocations per read; {} batched reads in {} batches",
+        reads as f64 / elapsed.as_secs_f64(),
+        allocated as f64 / reads as f64,
         st.l2_batched_reads,
         st.l2_batches
     );

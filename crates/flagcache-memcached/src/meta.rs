@@ -226,12 +226,17 @@ impl Meta {
         operation: &'static str,
         wire: &WireKey,
     ) -> Result<Option<MetaValue>> {
-        self.mg(
-            Route::Key(wire),
-            operation,
-            wire,
-            vec!["v".into(), "c".into()],
-        )
+        // The read of every fill: its flags are fixed, and the only allocation is the
+        // key the call owns.
+        let flags: &'static [&'static str] = if wire.base64 {
+            &["v", "c", "b"]
+        } else {
+            &["v", "c"]
+        };
+        self.run(self.pool(Route::Key(wire)), operation, |c| {
+            let k = wire.text.clone();
+            Box::pin(async move { c.meta_get(k.as_bytes(), false, None, Some(flags)).await })
+        })
         .await
     }
 

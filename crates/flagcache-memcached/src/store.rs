@@ -378,7 +378,14 @@ impl FlagStore for MemcachedStore {
     /// will write them), their fences, before their loads start. A key that hit gets
     /// no token, which only makes a write stricter (refused while any fence is up).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
-        let mut reads = self.read_each("get", keys).await;
+        let mut reads = match keys {
+            // One key (a fill on its own, the usual case): one `mg`, not a pipeline.
+            [key] => vec![self.read_entry(key, false).await.map(|entry| FillRead {
+                entry,
+                token: FillToken::NONE,
+            })],
+            _ => self.read_each("get", keys).await,
+        };
         let missed: Vec<usize> = reads
             .iter()
             .enumerate()

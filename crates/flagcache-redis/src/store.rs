@@ -287,6 +287,29 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
+    /// `GET` of one entry.
+    async fn get_one(&self, key: &FlagKey) -> Result<Option<Entry>> {
+        let raw: Option<Vec<u8>> = self
+            .inner
+            .connection
+            .query("get", redis::cmd("GET").arg(self.key_arg(key)))
+            .await
+            .map_err(|e| e.with_key(key))?;
+        raw.map(|b| self.decode(key, b)).transpose()
+    }
+
+    /// The entries of `keys` in one `MGET`, each key with its own answer.
+    async fn get_entries(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
+        match self.mget("get", keys).await {
+            Ok(raw) => keys
+                .iter()
+                .zip(raw)
+                .map(|(k, b)| b.map(|b| self.decode(k, b)).transpose())
+                .collect(),
+            Err(e) => keys.iter().map(|k| Err(e.clone().with_key(k))).collect(),
+        }
+    }
+
     /// `MGET` of `keys`: one answer per key, in order.
     async fn mget(
         &self,
@@ -337,24 +360,11 @@ impl FlagStore for RedisStore {
     }
 
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
-        let raw: Option<Vec<u8>> = self
-            .inner
-            .connection
-            .query("get", redis::cmd("GET").arg(self.key_arg(key)))
-            .await
-            .map_err(|e| e.with_key(key))?;
-        raw.map(|b| self.decode(key, b)).transpose()
+        self.get_one(key).await
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {
-        match self.mget("get", keys).await {
-            Ok(raw) => keys
-                .iter()
-                .zip(raw)
-                .map(|(k, b)| b.map(|b| self.decode(k, b)).transpose())
-                .collect(),
-            Err(e) => keys.iter().map(|k| Err(e.clone().with_key(k))).collect(),
-        }
+        self.get_entries(keys).await
     }
 
     /// One server (a primary, found through Sentinel or not) answers every key: one
@@ -408,7 +418,11 @@ impl FlagStore for RedisStore {
     /// (a key and its fence share a slot, so on a cluster — where reads are not
     /// batched — each is one node's command too).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
-        let entries = self.get_each(keys).await;
+        let entries = match keys {
+            // One key (a fill on its own, the usual case): a GET, not a one-key MGET.
+            [key] => vec![self.get_one(key).await],
+            _ => self.get_entries(keys).await,
+        };
         // Only a fill that missed writes what it loads: the fences of the keys that
         // missed are read next, before their loads start. A key that hit gets no
         // token, which is safe: a write with no token is refused while any fence is
@@ -419,8 +433,10 @@ impl FlagStore for RedisStore {
             .filter(|(_, e)| matches!(e, Ok(None)))
             .filter_map(|(i, _)| self.fence_key(&keys[i]).map(|f| (i, f)))
             .collect();
-        let mut tokens = vec![FillToken::NONE; keys.len()];
+        // Allocated only when a key missed.
+        let mut tokens = Vec::new();
         if !missed.is_empty() {
+            tokens = vec![FillToken::NONE; keys.len()];
             let mut cmd = redis::cmd("MGET");
             for (_, fence) in &missed {
                 cmd.arg(fence);
@@ -445,8 +461,11 @@ impl FlagStore for RedisStore {
         }
         entries
             .into_iter()
-            .zip(tokens)
-            .map(|(entry, token)| entry.map(|entry| FillRead { entry, token }))
+            .enumerate()
+            .map(|(i, entry)| {
+                let token = tokens.get(i).copied().unwrap_or(FillToken::NONE);
+                entry.map(|entry| FillRead { entry, token })
+            })
             .collect()
     }
 

@@ -7,7 +7,7 @@
 //! version is at least the one the invalidation announced.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,12 @@ pub(crate) struct Fences {
     seq: AtomicU64,
     all_seq: AtomicU64,
     by_key: Mutex<Map>,
+    /// How many keys `by_key` holds, kept in step under its lock, and when the newest
+    /// of their fences was set (nanoseconds after `base`): a fill checks these before
+    /// taking the lock, which it does not need while no fence is recent.
+    keyed: AtomicUsize,
+    newest_ns: AtomicU64,
+    base: Instant,
     keep_for: Duration,
 }
 
@@ -63,6 +69,9 @@ impl Fences {
         Fences {
             seq: AtomicU64::new(0),
             all_seq: AtomicU64::new(0),
+            keyed: AtomicUsize::new(0),
+            newest_ns: AtomicU64::new(0),
+            base: Instant::now(),
             by_key: Mutex::new(Map {
                 fences: HashMap::default(),
                 sweep_at: 1024,
@@ -76,12 +85,36 @@ impl Fences {
         FenceTicket(self.seq.load(Ordering::SeqCst))
     }
 
+    /// [`FenceGuard::announced`], without the lock while no key has a fence younger
+    /// than `keep_for` (the usual case: `announced` ignores older ones). A fence set
+    /// just after the check is one set after the call: the same answer the lock
+    /// would give a moment later.
+    pub fn announced(&self, key: &FlagKey) -> Option<Version> {
+        if self.keyed.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let newest = self.newest_ns.load(Ordering::SeqCst);
+        if self.nanos(Instant::now()).saturating_sub(newest) >= nanos_of(self.keep_for) {
+            return None;
+        }
+        self.lock().announced(key)
+    }
+
+    /// `at` in nanoseconds after `base`.
+    fn nanos(&self, at: Instant) -> u64 {
+        nanos_of(at.saturating_duration_since(self.base))
+    }
+
     pub fn lock(&self) -> FenceGuard<'_> {
         FenceGuard {
             fences: self,
             map: self.by_key.lock().unwrap_or_else(PoisonError::into_inner),
         }
     }
+}
+
+fn nanos_of(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl FenceGuard<'_> {
@@ -105,6 +138,10 @@ impl FenceGuard<'_> {
                 at: now,
             },
         );
+        self.fences.keyed.store(map.fences.len(), Ordering::SeqCst);
+        self.fences
+            .newest_ns
+            .store(self.fences.nanos(now), Ordering::SeqCst);
     }
 
     /// Records an invalidation of everything.
@@ -148,5 +185,44 @@ impl FenceGuard<'_> {
             },
             _ => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> FlagKey {
+        FlagKey::new(s).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    #[test]
+    fn announced_without_the_lock_agrees_with_it() {
+        let fences = Fences::new(Duration::from_secs(60));
+        let (a, b) = (key("a"), key("b"));
+        // No fence at all: the lock-free path answers.
+        assert_eq!(fences.announced(&a), None);
+        fences.lock().invalidate(&a, Some(Version::new(7)));
+        // A recent fence: the key's announced version, and nothing for other keys.
+        assert_eq!(fences.announced(&a), Some(Version::new(7)));
+        assert_eq!(fences.lock().announced(&a), Some(Version::new(7)));
+        assert_eq!(fences.announced(&b), None);
+        // A versionless invalidation keeps the version announced before it.
+        fences.lock().invalidate(&a, None);
+        assert_eq!(fences.announced(&a), Some(Version::new(7)));
+    }
+
+    #[test]
+    fn fences_older_than_keep_for_announce_nothing() {
+        let fences = Fences::new(Duration::from_millis(30));
+        let a = key("a");
+        fences.lock().invalidate(&a, Some(Version::new(3)));
+        assert_eq!(fences.announced(&a), Some(Version::new(3)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(fences.announced(&a), None);
+        assert_eq!(fences.lock().announced(&a), None);
+        // A new fence is seen again at once.
+        fences.lock().invalidate(&a, Some(Version::new(4)));
+        assert_eq!(fences.announced(&a), Some(Version::new(4)));
     }
 }

@@ -112,11 +112,8 @@ where
         async move {
             let start = self.fences.begin();
             let began = self.clock.now();
-            // What an entry this fill writes is stamped with: when it began, so that a
-            // tag invalidated meanwhile outdates it (see `FlagCache::invalidate_tag`).
-            let began_ms = now_ms();
             let mut read = self.read_l2(key).await;
-            let min = self.fences.lock().announced(key);
+            let min = self.fences.announced(key);
             if let (Some(m), Some(e)) = (min, &read.entry) {
                 if e.version < m {
                     // An invalidation announced a newer version than L2 gave us. The
@@ -148,6 +145,14 @@ where
                 // decode): the load writes, so it needs the key's fence.
                 read.token = self.fence_token(key).await;
             }
+            // What an entry this fill writes is stamped with: when it began, so that a
+            // tag invalidated meanwhile outdates it (see `FlagCache::invalidate_tag`).
+            // Worked out here rather than read at the start, which an L2 hit would pay
+            // for: the wall clock now, less the time since, less a millisecond for the
+            // rounding (an earlier stamp only outdates it sooner).
+            let since = self.clock.now().saturating_duration_since(began);
+            let since_ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+            let began_ms = now_ms().saturating_sub(since_ms.saturating_add(1));
             // Boxed: the loader's path is the rare one, and inline its state would
             // make every fill's future — moved into the coalescer on each L2 hit —
             // several times larger.
@@ -238,7 +243,7 @@ where
     /// checks of its own L2 reads. Not when an invalidation announced a newer version
     /// (any version, for an absence), nor when the version source disagrees.
     pub(super) async fn acceptable_answer(&self, key: &FlagKey, version: Option<Version>) -> bool {
-        let announced = self.fences.lock().announced(key);
+        let announced = self.fences.announced(key);
         if announced.is_some_and(|min| version.map_or(true, |v| v < min)) {
             return false;
         }

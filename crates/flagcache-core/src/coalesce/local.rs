@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,22 +63,38 @@ impl<V> Drop for Publish<V> {
 /// The flights in the air, by key, each with the id of the fetch that leads it.
 type InFlight<V> = HashMap<FlagKey, (u64, Arc<Flight<V>>), foldhash::fast::RandomState>;
 
+/// How many locks the in-flight map is split over, so that fills of different keys on
+/// different threads seldom wait for each other's lock.
+const SHARDS: usize = 16;
+
+/// One lock's part of the in-flight map, on a cache line of its own (two, as some
+/// CPUs fetch lines in pairs), so that taking one shard's lock does not evict another's.
+#[repr(align(128))]
+struct Shard<V>(Mutex<InFlight<V>>);
+
 struct Inner<V> {
     /// The runtime to start fetches on when the caller is not inside one.
     runtime: Option<tokio::runtime::Handle>,
-    in_flight: Mutex<InFlight<V>>,
+    shards: [Shard<V>; SHARDS],
+    /// Picks a key's shard.
+    hasher: foldhash::fast::RandomState,
     next_id: AtomicU64,
     fetches: AtomicU64,
     waits: AtomicU64,
 }
 
 impl<V> Inner<V> {
-    fn map(&self) -> MutexGuard<'_, InFlight<V>> {
+    /// The part of the in-flight map that holds `key`.
+    fn map(&self, key: &FlagKey) -> MutexGuard<'_, InFlight<V>> {
+        let i = self.hasher.hash_one(key) as usize % SHARDS;
+        // `i < SHARDS`: the index cannot be out of range.
+        Self::lock(&self.shards[i % SHARDS])
+    }
+
+    fn lock(shard: &Shard<V>) -> MutexGuard<'_, InFlight<V>> {
         // The lock is never held across a panic-prone call, so poisoning cannot leave
         // the map inconsistent; recover it rather than propagate a panic.
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        shard.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -137,7 +154,8 @@ impl<V> Default for LocalCoalescer<V> {
         LocalCoalescer {
             inner: Arc::new(Inner {
                 runtime: None,
-                in_flight: Mutex::new(HashMap::default()),
+                shards: std::array::from_fn(|_| Shard(Mutex::new(HashMap::default()))),
+                hasher: foldhash::fast::RandomState::default(),
                 next_id: AtomicU64::new(0),
                 fetches: AtomicU64::new(0),
                 waits: AtomicU64::new(0),
@@ -166,7 +184,7 @@ struct Leave<V> {
 
 impl<V> Drop for Leave<V> {
     fn drop(&mut self) {
-        let mut map = self.inner.map();
+        let mut map = self.inner.map(&self.key);
         if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
             map.remove(&self.key);
         }
@@ -264,7 +282,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
     /// leads: it then holds the flight's publishing side and its place in the in-flight
     /// map. `None`: there is no flight to join and this caller may not lead.
     fn enter(&self, key: &FlagKey, may_lead: bool) -> Option<Entered<V>> {
-        let mut map = self.inner.map();
+        let mut map = self.inner.map(key);
         if let Some((_, flight)) = map.get(key) {
             self.inner.waits.fetch_add(1, Ordering::Relaxed);
             return Some(Entered::Joined(flight.clone()));
@@ -303,7 +321,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        if self.inner.map().contains_key(key) {
+        if self.inner.map(key).contains_key(key) {
             return false;
         }
         match self.join_or_lead(key, fetch) {
@@ -396,17 +414,19 @@ impl<V> LocalCoalescer<V> {
     /// Used when an invalidation lands mid-fetch, so nobody who asks *after* it is
     /// handed a value read *before* it.
     pub fn forget(&self, key: &FlagKey) {
-        self.inner.map().remove(key);
+        self.inner.map(key).remove(key);
     }
 
     /// [`LocalCoalescer::forget`] for every key.
     pub fn forget_all(&self) {
-        self.inner.map().clear();
+        for shard in &self.inner.shards {
+            Inner::lock(shard).clear();
+        }
     }
 
     /// How many keys have a fetch in flight right now.
     pub fn in_flight(&self) -> usize {
-        self.inner.map().len()
+        self.inner.shards.iter().map(|s| Inner::lock(s).len()).sum()
     }
 
     /// How many fetches were started, in total.
