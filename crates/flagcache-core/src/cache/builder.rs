@@ -445,6 +445,9 @@ where
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let clock = super::clock::Clock::new();
         let started = clock.now();
+        let tel = Arc::new(Telemetry::new(&cfg.name));
+        let publish: Arc<dyn super::clock::OnTick> = tel.clone();
+        super::clock::every_tick(Arc::downgrade(&publish));
         let inner = Arc::new(Inner {
             l1: super::l1map::L1Map::new(cfg.l1_capacity),
             plain_hits: self.hook.is_none()
@@ -471,7 +474,7 @@ where
                 .map_or_else(|_| LocalCoalescer::new(), LocalCoalescer::with_runtime),
             breaker: Breaker::new(cfg.breaker_threshold, cfg.breaker_backoff)
                 .probes_bounded_by(cfg.l2_timeout),
-            tel: Telemetry::new(&cfg.name),
+            tel,
             store: self.store,
             loader: self.loader,
             invalidator: self.invalidator,

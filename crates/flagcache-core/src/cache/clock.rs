@@ -9,12 +9,15 @@
 //! nothing a user can see. Everything else — installing entries, stale and fail-safe
 //! answers, XFetch — reads the precise clock.
 //!
+//! The same thread publishes each cache's L1 hit count to the `metrics` recorder on
+//! every tick (see `Telemetry::publish_hits`).
+//!
 //! One ticking thread serves every cache of the process. It runs while at least one
 //! cache lives and stops within a tick of the last one being dropped. Where the thread
 //! cannot be started, [`Clock::coarse`] is `false` and readers use the precise clock.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 /// Nanoseconds since the process's clock origin.
@@ -37,6 +40,42 @@ static STATE: AtomicU8 = AtomicU8::new(STOPPED);
 const STOPPED: u8 = 0;
 const STARTING: u8 = 1;
 const RUNNING: u8 = 2;
+
+/// Work the ticking thread does on each tick besides advancing the time.
+pub(crate) trait OnTick: Send + Sync {
+    fn on_tick(&self);
+}
+
+/// What runs on each tick: one entry per live cache (its counters' publication),
+/// dropped once its cache is gone.
+static ON_TICK: Mutex<Vec<Weak<dyn OnTick>>> = Mutex::new(Vec::new());
+
+/// Runs `work` on every tick while it lives. Without a ticking thread (see
+/// [`Clock::coarse`]) it never runs: the work must not be needed for correctness.
+pub(crate) fn every_tick(work: Weak<dyn OnTick>) {
+    ON_TICK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(work);
+}
+
+/// Runs the work of [`every_tick`], outside the registry's lock (the work may call
+/// into a `metrics` recorder, which is the application's code).
+fn run_on_tick(due: &mut Vec<Arc<dyn OnTick>>) {
+    {
+        let mut all = ON_TICK.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|w| match w.upgrade() {
+            Some(work) => {
+                due.push(work);
+                true
+            }
+            None => false,
+        });
+    }
+    for work in due.drain(..) {
+        work.on_tick();
+    }
+}
 
 /// The process's calibrated clock and its origin, shared by every [`Clock`].
 fn base() -> &'static (quanta::Clock, quanta::Instant) {
@@ -141,10 +180,13 @@ fn start_ticking() -> bool {
     }
 }
 
-/// The ticking thread: advances [`RECENT_MS`] while any cache lives.
+/// The ticking thread: advances [`RECENT_MS`] and runs the work of [`every_tick`]
+/// while any cache lives.
 fn tick() {
+    let mut due = Vec::new();
     loop {
         RECENT_MS.store(precise_ticks() / 1_000_000, Ordering::Relaxed);
+        run_on_tick(&mut due);
         std::thread::sleep(TICK);
         if USERS.load(Ordering::SeqCst) > 0 {
             continue;
@@ -180,6 +222,50 @@ mod tests {
             "the coarse time advanced: {recent} ≤ {before}"
         );
         assert!(recent <= after);
+    }
+
+    struct Count(AtomicUsize);
+
+    impl OnTick for Count {
+        fn on_tick(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn work_runs_on_every_tick_while_it_lives() {
+        let clock = Clock::new();
+        assert!(clock.coarse());
+        let work = Arc::new(Count(AtomicUsize::new(0)));
+        let registered: Arc<dyn OnTick> = work.clone();
+        every_tick(Arc::downgrade(&registered));
+        drop(registered);
+        // 2 s at most, on a loaded machine.
+        for _ in 0..200 {
+            if work.0.load(Ordering::SeqCst) >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(work.0.load(Ordering::SeqCst) >= 3, "ran on three ticks");
+        // Dropped, it is forgotten on the next tick. (`weak` keeps the allocation,
+        // so that no other entry can take its address meanwhile.)
+        let weak = Arc::downgrade(&work);
+        drop(work);
+        let held = || {
+            ON_TICK
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .any(|w| std::ptr::addr_eq(w.as_ptr(), weak.as_ptr()))
+        };
+        for _ in 0..200 {
+            if !held() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!held(), "a dead entry is pruned");
     }
 
     #[test]

@@ -259,7 +259,8 @@ struct Inner<T> {
     /// Gathers concurrent L2 reads into batches (shared stores that batch).
     batcher: Option<batch::ReadBatcher>,
     breaker: Breaker,
-    tel: Telemetry,
+    /// Shared with the clock thread, which publishes its L1 hit count every tick.
+    tel: Arc<Telemetry>,
     /// Dropped with the cache: ends the invalidation task.
     _shutdown: Option<oneshot::Sender<()>>,
 }

@@ -171,9 +171,15 @@ mod lease {
     }
 }
 
+/// A thread publishes the L1 hits to the `metrics` counter each time its stripe
+/// reaches a multiple of this (a power of two: the check is a mask).
+const PUBLISH_EVERY: u64 = 1024;
+
 pub(crate) struct Telemetry {
     counts: [AtomicU64; N],
     hits: [Stripe; STRIPES],
+    /// L1 hits handed to the `metrics` counter so far (see [`Telemetry::publish_hits`]).
+    hits_published: AtomicU64,
     meters: [Counter; N],
     pub lag: Histogram,
     pub l2_latency: Histogram,
@@ -189,6 +195,7 @@ impl Telemetry {
         Telemetry {
             counts: Default::default(),
             hits: Default::default(),
+            hits_published: AtomicU64::new(0),
             meters: Ev::ALL.map(|ev| {
                 let (metric, label, value) = ev.metric();
                 metrics::counter!(metric, "cache" => name.clone(), label => value)
@@ -199,25 +206,53 @@ impl Telemetry {
         }
     }
 
+    /// Counts `ev`. An L1 hit — the hottest path there is — writes only this
+    /// thread's stripe: the `metrics` counter, which every thread would share (one
+    /// contended atomic per hit once a recorder is installed), gets the hits in steps
+    /// (see [`Telemetry::publish_hits`]).
     #[inline]
     pub fn bump(&self, ev: Ev) {
         if ev == Ev::HitL1 {
             let s = lease::stripe();
             let hits = &self.hits[s].0;
-            if s < LEASED {
+            let n = if s < LEASED {
                 // Only this thread writes this stripe: a plain add, no locked
                 // instruction. Readers sum the stripes with loads.
-                hits.store(
-                    hits.load(Ordering::Relaxed).wrapping_add(1),
-                    Ordering::Relaxed,
-                );
+                let n = hits.load(Ordering::Relaxed).wrapping_add(1);
+                hits.store(n, Ordering::Relaxed);
+                n
             } else {
-                hits.fetch_add(1, Ordering::Relaxed);
+                hits.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
+            };
+            if n & (PUBLISH_EVERY - 1) == 0 {
+                self.publish_hits();
             }
-        } else {
-            self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
         self.meters[ev as usize].increment(1);
+        // Any other event is off the hit path: the hits counted since the last
+        // publication go along with it.
+        self.publish_hits();
+    }
+
+    /// Hands the L1 hits not yet published to the `metrics` counter. Called on every
+    /// tick of the clock thread (10 ms), when a thread's stripe reaches a multiple of
+    /// [`PUBLISH_EVERY`], on any other event, by [`Telemetry::snapshot`] and when the
+    /// cache is dropped: the exported counter trails the hits by a tick at most (by
+    /// `PUBLISH_EVERY - 1` per reading thread, until the next event, where no clock
+    /// thread runs). Concurrent publishers each add only what the others did not:
+    /// the counter never counts a hit twice and never goes back.
+    #[inline(never)]
+    pub fn publish_hits(&self) {
+        let total = self.get(Ev::HitL1);
+        if total <= self.hits_published.load(Ordering::Relaxed) {
+            return;
+        }
+        let before = self.hits_published.fetch_max(total, Ordering::Relaxed);
+        if total > before {
+            self.meters[Ev::HitL1 as usize].increment(total - before);
+        }
     }
 
     pub fn get(&self, ev: Ev) -> u64 {
@@ -228,6 +263,7 @@ impl Telemetry {
     }
 
     pub fn snapshot(&self, l1_entries: usize, breaker_open: bool) -> Stats {
+        self.publish_hits();
         Stats {
             hits_l1: self.get(Ev::HitL1),
             hits_l2: self.get(Ev::HitL2),
@@ -354,5 +390,18 @@ impl Stats {
         } else {
             hits as f64 / total as f64
         }
+    }
+}
+
+impl super::clock::OnTick for Telemetry {
+    fn on_tick(&self) {
+        self.publish_hits();
+    }
+}
+
+impl Drop for Telemetry {
+    /// The last hits of a cache being dropped reach the counter too.
+    fn drop(&mut self) {
+        self.publish_hits();
     }
 }
