@@ -316,26 +316,34 @@ impl RedisStore {
         operation: &'static str,
         keys: &[FlagKey],
     ) -> Result<Vec<Option<Vec<u8>>>> {
-        if keys.is_empty() {
+        self.mget_args(operation, keys.iter().map(|k| self.key_arg(k)), keys.len())
+            .await
+    }
+
+    /// `MGET` of `n` Redis keys: one answer per key, in order; a reply of another
+    /// length is an error.
+    async fn mget_args<A: redis::ToRedisArgs>(
+        &self,
+        operation: &'static str,
+        args: impl Iterator<Item = A>,
+        n: usize,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        if n == 0 {
             return Ok(Vec::new());
         }
         let mut cmd = redis::cmd("MGET");
-        for k in keys {
-            cmd.arg(self.key_arg(k));
+        for a in args {
+            cmd.arg(a);
         }
         let raw: Vec<Option<Vec<u8>>> = self.inner.connection.query(operation, &cmd).await?;
-        if raw.len() != keys.len() {
+        if raw.len() != n {
             // A reply out of step with its request, not corrupt entries: nothing to
             // delete, and worth retrying.
             return Err(Error::backend(
                 BACKEND,
                 operation,
                 true,
-                std::io::Error::other(format!(
-                    "MGET of {} keys answered {} values",
-                    keys.len(),
-                    raw.len()
-                )),
+                std::io::Error::other(format!("MGET of {n} keys answered {} values", raw.len())),
             ));
         }
         Ok(raw)
@@ -437,23 +445,13 @@ impl FlagStore for RedisStore {
         let mut tokens = Vec::new();
         if !missed.is_empty() {
             tokens = vec![FillToken::NONE; keys.len()];
-            let mut cmd = redis::cmd("MGET");
-            for (_, fence) in &missed {
-                cmd.arg(fence);
-            }
-            let answer: Result<Vec<Option<Vec<u8>>>> =
-                self.inner.connection.query("get", &cmd).await;
-            match answer {
-                Ok(raw) if raw.len() == missed.len() => {
+            let fences = missed.iter().map(|(_, fence)| fence);
+            match self.mget_args("get", fences, missed.len()).await {
+                Ok(raw) => {
                     for ((i, _), t) in missed.iter().zip(raw) {
                         tokens[*i] = t.map_or(FillToken::NONE, |t| FillToken::from_text(&t));
                     }
                 }
-                Ok(raw) => tracing::warn!(
-                    asked = missed.len(),
-                    answered = raw.len(),
-                    "flagcache: MGET of fences answered the wrong number of values"
-                ),
                 Err(e) => {
                     tracing::debug!(error = %e, "flagcache: fences unread; fills write only where none is up")
                 }
