@@ -72,6 +72,8 @@ async fn counters_and_histograms_reach_the_metrics_facade() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
+    // The clock thread publishes L1 hits within a tick; `stats()` does at once.
+    a.stats();
     let all = counters(&snap);
     let (ca, cb) = (&all["a"], &all["b"]);
     assert_eq!(ca["flagcache_requests_total{status=miss}"], 1, "{ca:#?}");

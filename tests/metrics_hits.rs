@@ -1,7 +1,7 @@
 //! The L1 hit counter reaches the `metrics` facade in steps: a hit writes only its
 //! thread's stripe, and the hits go to the exported counter on every tick of the
-//! clock thread, every 1,024 of a thread's hits, on any other event of the cache and
-//! on `stats()`. Threads hitting at once are all counted, none twice. Its own test binary, because a `metrics` recorder is
+//! clock thread and on `stats()`. Threads hitting at once are all counted, none
+//! twice. Its own test binary, because a `metrics` recorder is
 //! process-global.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -56,10 +56,6 @@ fn concurrent_l1_hits_reach_the_counter_each_once() {
         cache.warm(&keys).await;
         cache
     });
-    // What the fills counted is published with their events.
-    let before = hits_since(&snap);
-    assert_eq!(before, 0, "no hit yet");
-
     std::thread::scope(|s| {
         for t in 0..THREADS {
             let (cache, keys) = (&cache, &keys);
@@ -78,8 +74,8 @@ fn concurrent_l1_hits_reach_the_counter_each_once() {
         }
     });
 
-    // The clock thread publishes what the threads' steps left within a tick: the
-    // counter reaches every hit with no call to `stats()` (2 s at most).
+    // The clock thread publishes the hits within a tick: the counter reaches every
+    // hit with no call to `stats()` (2 s at most, on a loaded machine).
     let mut published = 0;
     for _ in 0..200 {
         published += hits_since(&snap);

@@ -60,5 +60,7 @@ async fn a_scrape_finds_the_cache_counters() {
         "the load latency histogram is missing: {response}"
     );
     assert!(scrape(addr, "/other").await.starts_with("HTTP/1.1 404"));
+    // Still serving: no connection failed it.
+    assert!(!server.is_finished(), "{:?}", server.await);
     server.abort();
 }

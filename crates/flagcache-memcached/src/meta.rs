@@ -226,8 +226,8 @@ impl Meta {
         operation: &'static str,
         wire: &WireKey,
     ) -> Result<Option<MetaValue>> {
-        // The read of every fill: its flags are fixed, and the only allocation is the
-        // key the call owns.
+        // Fixed flags, built once: each attempt allocates only its own copy of the
+        // key (and the boxed call).
         let flags: &'static [&'static str] = if wire.base64 {
             &["v", "c", "b"]
         } else {

@@ -426,11 +426,9 @@ impl FlagStore for RedisStore {
     /// (a key and its fence share a slot, so on a cluster — where reads are not
     /// batched — each is one node's command too).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
-        let entries = match keys {
-            // One key (a fill on its own, the usual case): a GET, not a one-key MGET.
-            [key] => vec![self.get_one(key).await],
-            _ => self.get_entries(keys).await,
-        };
+        // An `MGET` even for one key: it answers a key of another type as absent,
+        // where a `GET` fails (and would count against the server's breaker).
+        let entries = self.get_entries(keys).await;
         // Only a fill that missed writes what it loads: the fences of the keys that
         // missed are read next, before their loads start. A key that hit gets no
         // token, which is safe: a write with no token is refused while any fence is

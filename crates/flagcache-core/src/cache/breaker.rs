@@ -108,9 +108,6 @@ impl Breaker {
     }
 
     fn permit_at(&self, group: Group, now: Instant) -> Permit {
-        if self.recorded.load(Ordering::Acquire) == 0 {
-            return Permit::Call;
-        }
         let mut groups = self.lock();
         let Some(s) = groups.get_mut(&group) else {
             return Permit::Call;

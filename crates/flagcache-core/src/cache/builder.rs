@@ -445,9 +445,11 @@ where
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let clock = super::clock::Clock::new();
         let started = clock.now();
-        let tel = Arc::new(Telemetry::new(&cfg.name));
-        let publish: Arc<dyn super::clock::OnTick> = tel.clone();
-        super::clock::every_tick(Arc::downgrade(&publish));
+        let tel = Arc::new(Telemetry::new(&cfg.name, clock.coarse()));
+        if clock.coarse() {
+            let publish: Arc<dyn super::clock::OnTick> = tel.clone();
+            super::clock::every_tick(Arc::downgrade(&publish));
+        }
         let inner = Arc::new(Inner {
             l1: super::l1map::L1Map::new(cfg.l1_capacity),
             plain_hits: self.hook.is_none()

@@ -50,17 +50,18 @@ pub(crate) trait OnTick: Send + Sync {
 /// dropped once its cache is gone.
 static ON_TICK: Mutex<Vec<Weak<dyn OnTick>>> = Mutex::new(Vec::new());
 
-/// Runs `work` on every tick while it lives. Without a ticking thread (see
-/// [`Clock::coarse`]) it never runs: the work must not be needed for correctness.
+/// Runs `work` on every tick while it lives. Register only with a ticking thread (see
+/// [`Clock::coarse`]): without one the work never runs.
 pub(crate) fn every_tick(work: Weak<dyn OnTick>) {
-    ON_TICK
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(work);
+    let mut all = ON_TICK.lock().unwrap_or_else(PoisonError::into_inner);
+    // Pruned here too, in case the thread stopped and dead entries piled up.
+    all.retain(|w| w.strong_count() > 0);
+    all.push(work);
 }
 
-/// Runs the work of [`every_tick`], outside the registry's lock (the work may call
-/// into a `metrics` recorder, which is the application's code).
+/// Runs the work of [`every_tick`], outside the registry's lock. The work calls into
+/// the application's `metrics` recorder: a panic there ends that work, never the
+/// ticking (readers of the coarse time depend on it).
 fn run_on_tick(due: &mut Vec<Arc<dyn OnTick>>) {
     {
         let mut all = ON_TICK.lock().unwrap_or_else(PoisonError::into_inner);
@@ -73,7 +74,21 @@ fn run_on_tick(due: &mut Vec<Arc<dyn OnTick>>) {
         });
     }
     for work in due.drain(..) {
-        work.on_tick();
+        let at = Arc::as_ptr(&work);
+        // Dropped inside too: the last handle's drop may run the work's own drop.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            work.on_tick();
+            drop(work);
+        }));
+        if ran.is_err() {
+            tracing::error!(
+                "flagcache: per-tick work panicked (a metrics recorder?); it no longer runs"
+            );
+            ON_TICK
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|w| !std::ptr::addr_eq(w.as_ptr(), at));
+        }
     }
 }
 
@@ -85,6 +100,11 @@ fn base() -> &'static (quanta::Clock, quanta::Instant) {
         let origin = clock.now();
         (clock, origin)
     })
+}
+
+/// The precise time in milliseconds since the origin (the coarse time's base).
+pub(crate) fn precise_ms() -> u64 {
+    precise_ticks() / 1_000_000
 }
 
 fn precise_ticks() -> Tick {
@@ -132,6 +152,17 @@ impl Clock {
     #[inline(always)]
     pub fn recent_ms(&self) -> u64 {
         RECENT_MS.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the origin: the coarse time when it advances (at most a
+    /// tick behind), else the precise one.
+    #[inline]
+    pub fn ms(&self) -> u64 {
+        if self.coarse {
+            self.recent_ms()
+        } else {
+            precise_ms()
+        }
     }
 
     /// `now + d` as a deadline, saturating.
@@ -266,6 +297,45 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!held(), "a dead entry is pruned");
+    }
+
+    struct Panics(AtomicUsize);
+
+    impl OnTick for Panics {
+        fn on_tick(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("a recorder that panics");
+        }
+    }
+
+    #[test]
+    fn work_that_panics_stops_and_the_clock_goes_on() {
+        let clock = Clock::new();
+        assert!(clock.coarse());
+        let work = Arc::new(Panics(AtomicUsize::new(0)));
+        let registered: Arc<dyn OnTick> = work.clone();
+        every_tick(Arc::downgrade(&registered));
+        for _ in 0..200 {
+            if work.0.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(work.0.load(Ordering::SeqCst), 1, "ran once");
+        // The coarse time still advances, and the work never runs again.
+        let seen = clock.recent_ms();
+        for _ in 0..200 {
+            if clock.recent_ms() > seen + 20 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(clock.recent_ms() > seen + 20, "the clock stopped");
+        assert_eq!(
+            work.0.load(Ordering::SeqCst),
+            1,
+            "ran again after panicking"
+        );
     }
 
     #[test]

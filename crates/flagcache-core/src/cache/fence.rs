@@ -41,11 +41,11 @@ pub(crate) struct Fences {
     all_seq: AtomicU64,
     by_key: Mutex<Map>,
     /// How many keys `by_key` holds, kept in step under its lock, and when the newest
-    /// of their fences was set (nanoseconds after `base`): a fill checks these before
-    /// taking the lock, which it does not need while no fence is recent.
+    /// of their fences was set (on the cache clock's millisecond base): a fill checks
+    /// these before taking the lock, which it does not need while no fence is younger
+    /// than `keep_for`.
     keyed: AtomicUsize,
-    newest_ns: AtomicU64,
-    base: Instant,
+    newest_ms: AtomicU64,
     keep_for: Duration,
 }
 
@@ -70,8 +70,7 @@ impl Fences {
             seq: AtomicU64::new(0),
             all_seq: AtomicU64::new(0),
             keyed: AtomicUsize::new(0),
-            newest_ns: AtomicU64::new(0),
-            base: Instant::now(),
+            newest_ms: AtomicU64::new(0),
             by_key: Mutex::new(Map {
                 fences: HashMap::default(),
                 sweep_at: 1024,
@@ -86,23 +85,21 @@ impl Fences {
     }
 
     /// [`FenceGuard::announced`], without the lock while no key has a fence younger
-    /// than `keep_for` (the usual case: `announced` ignores older ones). A fence set
-    /// just after the check is one set after the call: the same answer the lock
-    /// would give a moment later.
-    pub fn announced(&self, key: &FlagKey) -> Option<Version> {
+    /// than `keep_for` (`announced` ignores older ones). `now_ms` is the cache clock's
+    /// [`Clock::ms`](super::clock::Clock::ms), which may be a tick behind: the lock is
+    /// then taken a tick longer than needed, never shorter. A fence set just after the
+    /// check is one set after the call: the same answer the lock would give a moment
+    /// later.
+    pub fn announced(&self, key: &FlagKey, now_ms: u64) -> Option<Version> {
         if self.keyed.load(Ordering::SeqCst) == 0 {
             return None;
         }
-        let newest = self.newest_ns.load(Ordering::SeqCst);
-        if self.nanos(Instant::now()).saturating_sub(newest) >= nanos_of(self.keep_for) {
+        let newest = self.newest_ms.load(Ordering::SeqCst);
+        let keep_ms = u64::try_from(self.keep_for.as_millis()).unwrap_or(u64::MAX);
+        if now_ms.saturating_sub(newest) > keep_ms {
             return None;
         }
         self.lock().announced(key)
-    }
-
-    /// `at` in nanoseconds after `base`.
-    fn nanos(&self, at: Instant) -> u64 {
-        nanos_of(at.saturating_duration_since(self.base))
     }
 
     pub fn lock(&self) -> FenceGuard<'_> {
@@ -111,10 +108,6 @@ impl Fences {
             map: self.by_key.lock().unwrap_or_else(PoisonError::into_inner),
         }
     }
-}
-
-fn nanos_of(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl FenceGuard<'_> {
@@ -140,8 +133,8 @@ impl FenceGuard<'_> {
         );
         self.fences.keyed.store(map.fences.len(), Ordering::SeqCst);
         self.fences
-            .newest_ns
-            .store(self.fences.nanos(now), Ordering::SeqCst);
+            .newest_ms
+            .store(super::clock::precise_ms(), Ordering::SeqCst);
     }
 
     /// Records an invalidation of everything.
@@ -190,6 +183,7 @@ impl FenceGuard<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::clock::precise_ms;
     use super::*;
 
     fn key(s: &str) -> FlagKey {
@@ -201,28 +195,33 @@ mod tests {
         let fences = Fences::new(Duration::from_secs(60));
         let (a, b) = (key("a"), key("b"));
         // No fence at all: the lock-free path answers.
-        assert_eq!(fences.announced(&a), None);
+        assert_eq!(fences.announced(&a, precise_ms()), None);
         fences.lock().invalidate(&a, Some(Version::new(7)));
         // A recent fence: the key's announced version, and nothing for other keys.
-        assert_eq!(fences.announced(&a), Some(Version::new(7)));
+        assert_eq!(fences.announced(&a, precise_ms()), Some(Version::new(7)));
         assert_eq!(fences.lock().announced(&a), Some(Version::new(7)));
-        assert_eq!(fences.announced(&b), None);
+        assert_eq!(fences.announced(&b, precise_ms()), None);
         // A versionless invalidation keeps the version announced before it.
         fences.lock().invalidate(&a, None);
-        assert_eq!(fences.announced(&a), Some(Version::new(7)));
+        assert_eq!(fences.announced(&a, precise_ms()), Some(Version::new(7)));
+        // A clock reading a little behind the fence's time still sees it.
+        assert_eq!(
+            fences.announced(&a, precise_ms().saturating_sub(20)),
+            Some(Version::new(7))
+        );
     }
 
     #[test]
     fn fences_older_than_keep_for_announce_nothing() {
-        let fences = Fences::new(Duration::from_millis(30));
+        let fences = Fences::new(Duration::from_secs(1));
         let a = key("a");
         fences.lock().invalidate(&a, Some(Version::new(3)));
-        assert_eq!(fences.announced(&a), Some(Version::new(3)));
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(fences.announced(&a), None);
+        assert_eq!(fences.announced(&a, precise_ms()), Some(Version::new(3)));
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(fences.announced(&a, precise_ms()), None);
         assert_eq!(fences.lock().announced(&a), None);
         // A new fence is seen again at once.
         fences.lock().invalidate(&a, Some(Version::new(4)));
-        assert_eq!(fences.announced(&a), Some(Version::new(4)));
+        assert_eq!(fences.announced(&a, precise_ms()), Some(Version::new(4)));
     }
 }

@@ -113,7 +113,7 @@ where
             let start = self.fences.begin();
             let began = self.clock.now();
             let mut read = self.read_l2(key).await;
-            let min = self.fences.announced(key);
+            let min = self.fences.announced(key, self.clock.ms());
             if let (Some(m), Some(e)) = (min, &read.entry) {
                 if e.version < m {
                     // An invalidation announced a newer version than L2 gave us. The
@@ -150,9 +150,12 @@ where
             // Worked out here rather than read at the start, which an L2 hit would pay
             // for: the wall clock now, less the time since, less a millisecond for the
             // rounding (an earlier stamp only outdates it sooner).
+            // The wall clock first: a pause before the elapsed time is read only
+            // makes the stamp earlier.
+            let wall_ms = now_ms();
             let since = self.clock.now().saturating_duration_since(began);
             let since_ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
-            let began_ms = now_ms().saturating_sub(since_ms.saturating_add(1));
+            let began_ms = wall_ms.saturating_sub(since_ms.saturating_add(1));
             // Boxed: the loader's path is the rare one, and inline its state would
             // make every fill's future — moved into the coalescer on each L2 hit —
             // several times larger.
@@ -243,7 +246,7 @@ where
     /// checks of its own L2 reads. Not when an invalidation announced a newer version
     /// (any version, for an absence), nor when the version source disagrees.
     pub(super) async fn acceptable_answer(&self, key: &FlagKey, version: Option<Version>) -> bool {
-        let announced = self.fences.announced(key);
+        let announced = self.fences.announced(key, self.clock.ms());
         if announced.is_some_and(|min| version.map_or(true, |v| v < min)) {
             return false;
         }

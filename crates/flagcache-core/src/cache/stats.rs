@@ -171,15 +171,14 @@ mod lease {
     }
 }
 
-/// A thread publishes the L1 hits to the `metrics` counter each time its stripe
-/// reaches a multiple of this (a power of two: the check is a mask).
-const PUBLISH_EVERY: u64 = 1024;
-
 pub(crate) struct Telemetry {
     counts: [AtomicU64; N],
     hits: [Stripe; STRIPES],
     /// L1 hits handed to the `metrics` counter so far (see [`Telemetry::publish_hits`]).
     hits_published: AtomicU64,
+    /// The clock thread publishes the L1 hits every tick: a hit does not touch the
+    /// `metrics` counter. Without that thread, each hit adds to it.
+    stepped: bool,
     meters: [Counter; N],
     pub lag: Histogram,
     pub l2_latency: Histogram,
@@ -190,12 +189,13 @@ impl Telemetry {
     /// Registers every metric once, with the cache's name as a label, so recording on
     /// the hot path is an atomic add and never allocates. Install your `metrics`
     /// recorder before building the cache.
-    pub fn new(cache: &str) -> Self {
+    pub fn new(cache: &str, stepped: bool) -> Self {
         let name = cache.to_string();
         Telemetry {
             counts: Default::default(),
             hits: Default::default(),
             hits_published: AtomicU64::new(0),
+            stepped,
             meters: Ev::ALL.map(|ev| {
                 let (metric, label, value) = ev.metric();
                 metrics::counter!(metric, "cache" => name.clone(), label => value)
@@ -207,44 +207,43 @@ impl Telemetry {
     }
 
     /// Counts `ev`. An L1 hit — the hottest path there is — writes only this
-    /// thread's stripe: the `metrics` counter, which every thread would share (one
-    /// contended atomic per hit once a recorder is installed), gets the hits in steps
-    /// (see [`Telemetry::publish_hits`]).
+    /// thread's stripe: the `metrics` counter, which every thread shares (one contended
+    /// atomic per hit once a recorder is installed), gets the hits on the clock
+    /// thread's ticks (see [`Telemetry::publish_hits`]).
     #[inline]
     pub fn bump(&self, ev: Ev) {
         if ev == Ev::HitL1 {
             let s = lease::stripe();
             let hits = &self.hits[s].0;
-            let n = if s < LEASED {
+            if s < LEASED {
                 // Only this thread writes this stripe: a plain add, no locked
                 // instruction. Readers sum the stripes with loads.
-                let n = hits.load(Ordering::Relaxed).wrapping_add(1);
-                hits.store(n, Ordering::Relaxed);
-                n
+                hits.store(
+                    hits.load(Ordering::Relaxed).wrapping_add(1),
+                    Ordering::Relaxed,
+                );
             } else {
-                hits.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
-            };
-            if n & (PUBLISH_EVERY - 1) == 0 {
-                self.publish_hits();
+                hits.fetch_add(1, Ordering::Relaxed);
             }
-            return;
+            if self.stepped {
+                return;
+            }
+            // No clock thread: each hit reaches the counter itself.
+        } else {
+            self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
         }
-        self.counts[ev as usize].fetch_add(1, Ordering::Relaxed);
         self.meters[ev as usize].increment(1);
-        // Any other event is off the hit path: the hits counted since the last
-        // publication go along with it.
-        self.publish_hits();
     }
 
-    /// Hands the L1 hits not yet published to the `metrics` counter. Called on every
-    /// tick of the clock thread (10 ms), when a thread's stripe reaches a multiple of
-    /// [`PUBLISH_EVERY`], on any other event, by [`Telemetry::snapshot`] and when the
-    /// cache is dropped: the exported counter trails the hits by a tick at most (by
-    /// `PUBLISH_EVERY - 1` per reading thread, until the next event, where no clock
-    /// thread runs). Concurrent publishers each add only what the others did not:
-    /// the counter never counts a hit twice and never goes back.
-    #[inline(never)]
+    /// Hands the L1 hits not yet published to the `metrics` counter: on every tick of
+    /// the clock thread (10 ms), on [`Telemetry::snapshot`] and when the cache is
+    /// dropped. Concurrent publishers each add only what the others did not: the
+    /// counter never counts a hit twice and never goes back. Without the clock
+    /// thread, hits are counted as they happen and there is nothing to publish.
     pub fn publish_hits(&self) {
+        if !self.stepped {
+            return;
+        }
         let total = self.get(Ev::HitL1);
         if total <= self.hits_published.load(Ordering::Relaxed) {
             return;

@@ -87,8 +87,7 @@ impl<V> Inner<V> {
     /// The part of the in-flight map that holds `key`.
     fn map(&self, key: &FlagKey) -> MutexGuard<'_, InFlight<V>> {
         let i = self.hasher.hash_one(key) as usize % SHARDS;
-        // `i < SHARDS`: the index cannot be out of range.
-        Self::lock(&self.shards[i % SHARDS])
+        Self::lock(&self.shards[i])
     }
 
     fn lock(shard: &Shard<V>) -> MutexGuard<'_, InFlight<V>> {
@@ -417,14 +416,17 @@ impl<V> LocalCoalescer<V> {
         self.inner.map(key).remove(key);
     }
 
-    /// [`LocalCoalescer::forget`] for every key.
+    /// [`LocalCoalescer::forget`] for every key: callers arriving once it returns
+    /// start new fetches. (The shards are cleared one after another: a caller racing
+    /// the call may still join a fetch of a shard not cleared yet.)
     pub fn forget_all(&self) {
         for shard in &self.inner.shards {
             Inner::lock(shard).clear();
         }
     }
 
-    /// How many keys have a fetch in flight right now.
+    /// How many keys have a fetch in flight (the shards are counted one after another,
+    /// so the figure is exact only while no fetch starts or ends).
     pub fn in_flight(&self) -> usize {
         self.inner.shards.iter().map(|s| Inner::lock(s).len()).sum()
     }

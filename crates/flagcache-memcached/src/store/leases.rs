@@ -36,6 +36,19 @@ impl MemcachedStore {
         keys: &[FlagKey],
         which: &[usize],
     ) -> Vec<(usize, FillToken)> {
+        if let [i] = which {
+            // One key (a fill on its own): one `mg`, not a pipeline.
+            let Some(Ok(wire)) = keys.get(*i).map(|k| self.wire_key(k)) else {
+                return Vec::new();
+            };
+            return match self.fence_now(&wire).await {
+                Ok(token) => vec![(*i, token)],
+                Err(e) => {
+                    tracing::debug!(error = %e, "fence unread: that fill writes only where none is up");
+                    Vec::new()
+                }
+            };
+        }
         let mut groups: std::collections::BTreeMap<usize, Vec<(usize, WireKey, String)>> =
             std::collections::BTreeMap::new();
         for &i in which {
