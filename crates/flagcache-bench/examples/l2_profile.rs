@@ -16,6 +16,7 @@
 //! their allocations.
 
 use flagcache_core::{FlagCache, FlagKey, FlagStore, Version};
+use flagcache_memcached::MemcachedStore;
 use flagcache_redis::RedisStore;
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -54,15 +55,76 @@ pub async fn run(allocations: Option<fn() -> u64>) -> Res<()> {
 
     let mut args = std::env::args().skip(1);
     let (Some(mode), Some(url), Some(reads)) = (args.next(), args.next(), args.next()) else {
-        return Err("usage: l2_profile raw|store|cache <redis url> <reads>".into());
+        return Err("usage: l2_profile raw|store|cache <redis or memcached url> <reads>".into());
     };
     let reads: usize = reads.parse()?;
     let tasks = setting("TASKS", 50);
-    let store = RedisStore::builder()
-        .url(&url)
-        .namespace("l2-profile")
-        .build()
-        .await?;
+    match url.strip_prefix("memcached://") {
+        Some(addr) => {
+            let store = MemcachedStore::builder()
+                .server(addr)
+                .namespace("l2-profile")
+                .build()
+                .await?;
+            let raw = |name| async move {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Raw::Memcached(
+                    async_memcached::Client::new(format!("tcp://{addr}")).await?,
+                    name,
+                ))
+            };
+            measure(
+                &mode,
+                store.clone(),
+                |k| store.memcached_key(k),
+                raw,
+                reads,
+                tasks,
+                allocations,
+            )
+            .await
+        }
+        None => {
+            let store = RedisStore::builder()
+                .url(&url)
+                .namespace("l2-profile")
+                .build()
+                .await?;
+            let conn = redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?;
+            let raw = |name| {
+                let conn = conn.clone();
+                async move { Ok(Raw::Redis(conn, name)) }
+            };
+            measure(
+                &mode,
+                store.clone(),
+                |k| store.redis_key(k),
+                raw,
+                reads,
+                tasks,
+                allocations,
+            )
+            .await
+        }
+    }
+}
+
+/// The reads of `mode` over `store` (`name` gives a key's name in it, `raw` makes a
+/// task's raw client).
+async fn measure<S, Fut>(
+    mode: &str,
+    store: S,
+    name: impl Fn(&FlagKey) -> String,
+    raw: impl Fn(String) -> Fut,
+    reads: usize,
+    tasks: usize,
+    allocations: impl Fn() -> u64,
+) -> Res<()>
+where
+    S: FlagStore + Clone + 'static,
+    Fut: std::future::Future<Output = Res<Raw>>,
+{
     let loader = |_: FlagKey| async { Ok(Some(("x".repeat(1000), Version::new(1)))) };
     let cache = FlagCache::<String>::builder(store.clone(), loader)
         .l1(false)
@@ -75,21 +137,22 @@ pub async fn run(allocations: Option<fn() -> u64>) -> Res<()> {
     for k in &keys {
         cache.set(k, "x".repeat(1000), Version::new(1)).await?;
     }
-    let names: Vec<String> = keys.iter().map(|k| store.redis_key(k)).collect();
-    let conn = redis::Client::open(url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut raws = Vec::with_capacity(tasks);
+    for k in &keys {
+        raws.push(raw(name(k)).await?);
+    }
     let before = allocations();
     let started = std::time::Instant::now();
-    let readers: Vec<_> = (0..tasks)
-        .map(|task| {
+    let readers: Vec<_> = keys
+        .iter()
+        .zip(raws)
+        .map(|(key, raw)| {
             let reader = Reader {
-                mode: mode.clone(),
+                mode: mode.to_string(),
                 cache: cache.clone(),
                 store: store.clone(),
-                key: keys[task].clone(),
-                name: names[task].clone(),
-                conn: conn.clone(),
+                key: key.clone(),
+                raw,
             };
             tokio::spawn(reader.run(reads / tasks))
         })
@@ -110,25 +173,35 @@ pub async fn run(allocations: Option<fn() -> u64>) -> Res<()> {
     Ok(())
 }
 
-/// One task's reads of its key through one contender.
-struct Reader {
-    mode: String,
-    cache: FlagCache<String>,
-    store: RedisStore,
-    key: FlagKey,
-    name: String,
-    conn: redis::aio::MultiplexedConnection,
+/// The raw client of the backend, with the key's name in the store.
+enum Raw {
+    Redis(redis::aio::MultiplexedConnection, String),
+    Memcached(async_memcached::Client, String),
 }
 
-impl Reader {
+/// One task's reads of its key through one contender.
+struct Reader<S> {
+    mode: String,
+    cache: FlagCache<String>,
+    store: S,
+    key: FlagKey,
+    raw: Raw,
+}
+
+impl<S: FlagStore> Reader<S> {
     async fn run(mut self, reads: usize) -> Res<()> {
         for _ in 0..reads {
             let hit = match self.mode.as_str() {
-                "raw" => {
-                    let v: Option<Vec<u8>> =
-                        redis::AsyncCommands::get(&mut self.conn, &self.name).await?;
-                    v.is_some()
-                }
+                "raw" => match &mut self.raw {
+                    Raw::Redis(conn, name) => {
+                        let v: Option<Vec<u8>> = redis::AsyncCommands::get(conn, &*name).await?;
+                        v.is_some()
+                    }
+                    Raw::Memcached(client, name) => {
+                        use async_memcached::AsciiProtocol;
+                        client.get(&*name).await?.is_some()
+                    }
+                },
                 "store" => self.store.get(&self.key).await?.is_some(),
                 _ => self.cache.get(&self.key).await?.is_some(),
             };

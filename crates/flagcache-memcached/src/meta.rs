@@ -37,19 +37,21 @@ impl WireKey {
     }
 
     /// The wire form of `raw`: itself when memcached takes it as is, else base64, else
-    /// (too long either way) a fixed-length digest `<internal_prefix>#<32 hex digits>`
-    /// (128 bits: two independent 64-bit hashes). The internal prefix keeps it, like
-    /// every internal key, out of the flags' key space.
-    pub(crate) fn encode(raw: &str, internal_prefix: &str) -> Self {
+    /// (too long either way) a fixed-length digest `<internal prefix>#<32 hex digits>`
+    /// (128 bits: two independent 64-bit hashes). The internal prefix, which
+    /// `internal_prefix` gives only in that last case, keeps the digest, like every
+    /// internal key, out of the flags' key space.
+    pub(crate) fn encode(raw: String, internal_prefix: impl FnOnce() -> String) -> Self {
         if raw.len() <= MAX_KEY && raw.bytes().all(|b| b.is_ascii_graphic()) {
-            return WireKey::plain(raw.to_string());
+            return WireKey::plain(raw);
         }
         let text = base64::engine::general_purpose::STANDARD.encode(raw.as_bytes());
         if text.len() <= MAX_KEY {
             return WireKey { text, base64: true };
         }
         WireKey::plain(format!(
-            "{internal_prefix}#{:016x}{:016x}",
+            "{}#{:016x}{:016x}",
+            internal_prefix(),
             crate::ring::hash(raw.as_bytes()),
             crate::ring::hash(&[raw.as_bytes(), b"\x00flagcache"].concat()),
         ))

@@ -10,6 +10,8 @@ const POINTS: u32 = 160;
 #[derive(Debug, Clone)]
 pub(crate) struct Ring {
     points: BTreeMap<u64, usize>,
+    /// How many servers the ring spreads keys over.
+    servers: usize,
 }
 
 /// A stable 64-bit hash (FNV-1a then a finaliser): the same on every replica and
@@ -37,11 +39,18 @@ impl Ring {
                 points.insert(hash(format!("{name}#{p}").as_bytes()), i);
             }
         }
-        Ring { points }
+        Ring {
+            points,
+            servers: names.len(),
+        }
     }
 
     /// The index of the server that owns `key`.
     pub fn server_for(&self, key: &[u8]) -> usize {
+        if self.servers <= 1 {
+            // One server owns every key: nothing to hash.
+            return 0;
+        }
         let h = hash(key);
         self.points
             .range(h..)

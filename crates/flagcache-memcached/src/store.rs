@@ -140,10 +140,9 @@ impl MemcachedStore {
 
     /// The key of a flag as sent (see [`WireKey::encode`]).
     pub(crate) fn wire_key(&self, key: &FlagKey) -> Result<WireKey> {
-        Ok(WireKey::encode(
-            &self.memcached_key(key),
-            &self.internal_prefix(),
-        ))
+        Ok(WireKey::encode(self.memcached_key(key), || {
+            self.internal_prefix()
+        }))
     }
 
     /// The servers and their connections.
