@@ -494,19 +494,24 @@ impl Meta {
                 after: limit,
             })
         };
-        let mut lease = tokio::time::timeout(limit, pool.get())
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(|e| Failed::Other(backend_error(operation, e)))?;
-        let reused = lease.reused();
-        let Some(client) = lease.client() else {
-            return Err(Failed::Other(Error::Closed("memcached connection")));
+        // One limit for the wait for a connection and the call together. On a
+        // timeout the lease is dropped with its connection: it may hold a half-read
+        // reply.
+        let attempt = async {
+            let mut lease = pool
+                .get()
+                .await
+                .map_err(|e| Failed::Other(backend_error(operation, e)))?;
+            let Some(client) = lease.client() else {
+                return Err(Failed::Other(Error::Closed("memcached connection")));
+            };
+            let answer = f(client).await;
+            Ok((lease, answer))
         };
-        // On a timeout the lease is dropped with its connection: it may hold a
-        // half-read reply.
-        let answer = tokio::time::timeout(limit, f(client))
+        let (lease, answer) = tokio::time::timeout(limit, attempt)
             .await
-            .map_err(|_| timed_out())?;
+            .map_err(|_| timed_out())??;
+        let reused = lease.reused();
         match answer {
             Ok(r) => {
                 lease.give_back();

@@ -124,7 +124,10 @@ impl MemcachedStore {
     /// The memcached key of a flag, as a client of another language would write it:
     /// `<namespace>:<flag key>`.
     pub fn memcached_key(&self, key: &FlagKey) -> String {
-        format!("{}{}", self.inner.prefix, key.as_str())
+        let mut name = String::with_capacity(self.inner.prefix.len() + key.as_str().len());
+        name.push_str(&self.inner.prefix);
+        name.push_str(key.as_str());
+        name
     }
 
     /// The prefix of keys that are not flags (`<namespace>!`): no flag key can
