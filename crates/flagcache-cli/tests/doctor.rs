@@ -357,6 +357,55 @@ async fn a_quiet_fleet_on_redis_is_healthy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_client_tracking_are_not_missing_subscribers() {
+    let server = RedisServer::start().unwrap();
+    let backend = flagcache::connect(&server.url()).await.unwrap();
+    // One replica on the pub/sub channel, two that hear changes through client
+    // tracking alone: they hold no subscription to the channel, and none is missing.
+    let mut fleet = replicas(&backend, 1).await;
+    let no_source = |_key: FlagKey| async { Ok(None) };
+    for i in 1..3 {
+        let tracking = flagcache::redis::RedisTrackingInvalidator::connect(&server.url())
+            .await
+            .unwrap();
+        fleet.push(
+            backend
+                .cache_builder(no_source)
+                .name(format!("replica-{i}"))
+                .invalidator(tracking)
+                .report_to_fleet(backend.fleet())
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let nodes = backend.fleet().nodes().await.unwrap();
+    let mut transports: Vec<_> = nodes.iter().map(|n| n.transport.clone()).collect();
+    transports.sort();
+    assert_eq!(
+        transports,
+        [
+            Some("pubsub".into()),
+            Some("tracking".into()),
+            Some("tracking".into())
+        ]
+    );
+    let (code, doc) = doctor(&server.url()).await;
+    assert_eq!((code, kinds(&doc).len()), (0, 0), "{doc}");
+    let second = &doc["samples"][1];
+    assert_eq!(
+        (
+            &second["subscribers"],
+            &second["subscribed_nodes"],
+            &second["live_nodes"]
+        ),
+        (&Value::from(1), &Value::from(1), &Value::from(3)),
+        "{doc}"
+    );
+    drop(fleet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_memcached_is_healthy() {
     let server = MemcachedServer::start().unwrap();
     let url = memcached_url(&server);

@@ -210,6 +210,15 @@ pub trait Invalidator: Send + Sync {
     /// This node's identity, stamped on every event it publishes.
     fn node_id(&self) -> NodeId;
 
+    /// How events reach this node, as its fleet presence reports it: `"pubsub"` when
+    /// it subscribes to a pub/sub channel (which the server counts, and `flagcache
+    /// doctor` compares with the live replicas), `"tracking"` for server-assisted
+    /// invalidation alone, `"log"` for a polled log, `"memory"` in process. Default
+    /// `"other"`: a custom invalidator the doctor does not count either way.
+    fn transport(&self) -> &'static str {
+        "other"
+    }
+
     /// Sends an event to every subscriber.
     ///
     /// # Errors
@@ -352,6 +361,9 @@ macro_rules! forward_impls {
         impl<T: Invalidator + ?Sized> Invalidator for $ptr {
             fn node_id(&self) -> NodeId {
                 (**self).node_id()
+            }
+            fn transport(&self) -> &'static str {
+                (**self).transport()
             }
             fn publish<'s, 'e, 'f>(&'s self, event: &'e Invalidation) -> BoxFuture<'f, Result<()>>
             where

@@ -231,6 +231,10 @@ impl Invalidator for MemcachedInvalidator {
         self.inner.node
     }
 
+    fn transport(&self) -> &'static str {
+        "log"
+    }
+
     async fn publish(&self, event: &Invalidation) -> Result<()> {
         // One publish at a time per node, so this node's events take log numbers in
         // the order of their sequence numbers.

@@ -106,6 +106,10 @@ impl Invalidator for MemoryInvalidator {
         self.node
     }
 
+    fn transport(&self) -> &'static str {
+        "memory"
+    }
+
     async fn publish(&self, event: &Invalidation) -> Result<()> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let event = event.clone().stamped(self.node, seq, now_ms());

@@ -338,6 +338,10 @@ impl Invalidator for RedisInvalidator {
         self.inner.node
     }
 
+    fn transport(&self) -> &'static str {
+        "pubsub"
+    }
+
     async fn publish(&self, event: &Invalidation) -> Result<()> {
         let mut last = self.inner.send.lock().await;
         let seq = *last + 1;

@@ -301,6 +301,14 @@ impl Invalidator for RedisTrackingInvalidator {
         self.inner.node
     }
 
+    fn transport(&self) -> &'static str {
+        if self.inner.alongside.is_some() {
+            "tracking+pubsub"
+        } else {
+            "tracking"
+        }
+    }
+
     async fn publish(&self, event: &Invalidation) -> Result<()> {
         if let Some(pubsub) = &self.inner.alongside {
             return pubsub.publish(event).await;

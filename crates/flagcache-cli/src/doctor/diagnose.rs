@@ -276,7 +276,7 @@ pub fn diagnose(a: &Sample, b: &Sample, secs: f64, resyncs: u64, t: &Thresholds)
                 kind: "missing_subscribers",
                 summary: format!(
                     "{subs} connections subscribe to the invalidation channel but {nodes} \
-                     live replicas have an invalidator: {} hear no invalidations and serve \
+                     live replicas hear events over it: {} hear no invalidations and serve \
                      stale flags until their L1 entries expire",
                     nodes as u64 - subs
                 ),

@@ -60,7 +60,8 @@ pub struct Sample {
     pub subscribers: Option<u64>,
     /// Replicas that report their presence.
     pub live_nodes: usize,
-    /// Of those, the ones with an invalidator (that should be subscribed).
+    /// Of those, the ones whose invalidator subscribes to the pub/sub channel (see
+    /// [`subscribes_to_channel`]).
     pub subscribed_nodes: usize,
     /// How many misses one fill of a key costs on this backend, at least (the
     /// stampede bar scales with it); 0 reads as 1.
@@ -235,9 +236,21 @@ pub async fn take(backend: &Backend, own_subscriptions: u64) -> Result<Sample, F
     // Presence is optional: a fleet that cannot be read has no live nodes to count.
     let nodes = backend.fleet().nodes().await.unwrap_or_default();
     sample.live_nodes = nodes.len();
-    sample.subscribed_nodes = nodes.iter().filter(|n| n.subscribed).count();
+    sample.subscribed_nodes = nodes.iter().filter(|n| subscribes_to_channel(n)).count();
     sample.at_ms = now_ms();
     Ok(sample)
+}
+
+/// Whether `node`'s invalidator holds a subscription to the invalidation channel, which
+/// `PUBSUB NUMSUB` counts: pub/sub (alone or beside client tracking), and invalidators
+/// of replicas too old to report how they hear events. Client tracking alone, a polled
+/// log and custom invalidators do not subscribe to it.
+pub fn subscribes_to_channel(node: &flagcache::fleet::NodeReport) -> bool {
+    node.subscribed
+        && node
+            .transport
+            .as_deref()
+            .map_or(true, |t| t.split('+').any(|part| part == "pubsub"))
 }
 
 #[cfg(test)]
@@ -253,6 +266,32 @@ mod tests {
         cmdstat_script|flush:calls=1,usec=3\r\ncmdstat_set:calls=5,usec=3\r\n\
         # Errorstats\r\nerrorstat_NOSCRIPT:count=2\r\n\
         # Keyspace\r\ndb0:keys=12,expires=10,avg_ttl=0\r\ndb3:keys=1,expires=0,avg_ttl=0\r\n";
+
+    #[test]
+    fn only_pub_sub_transports_subscribe_to_the_channel() {
+        let node = |subscribed: bool, transport: Option<&str>| {
+            let mut n = flagcache::fleet::NodeReport::new(flagcache::NodeId(1), "replica");
+            n.subscribed = subscribed;
+            n.transport = transport.map(str::to_string);
+            n
+        };
+        for (subscribed, transport, expected) in [
+            (true, Some("pubsub"), true),
+            (true, Some("tracking+pubsub"), true),
+            (true, Some("tracking"), false),
+            (true, Some("log"), false),
+            (true, Some("other"), false),
+            // A replica of a version that did not report its transport.
+            (true, None, true),
+            (false, None, false),
+        ] {
+            assert_eq!(
+                subscribes_to_channel(&node(subscribed, transport)),
+                expected,
+                "{subscribed} {transport:?}"
+            );
+        }
+    }
 
     #[test]
     fn redis_info_gives_the_figures() {

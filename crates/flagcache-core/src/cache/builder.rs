@@ -434,10 +434,10 @@ where
             .as_ref()
             .map_or_else(NodeId::random, |i| i.node_id());
         let cfg = self.cfg;
-        let subscribed = self.invalidator.is_some();
+        let transport = self.invalidator.as_ref().map(|i| i.transport());
         let fleet = self
             .fleet
-            .map(|reporting| crate::fleet::Reporter::start(reporting, node, &cfg.name, subscribed));
+            .map(|reporting| crate::fleet::Reporter::start(reporting, node, &cfg.name, transport));
         let keep_fences_for = cfg.l2_timeout
             + cfg.loader_timeout
             + cfg.l2_ttl.mul_f64(1.0 + cfg.jitter)

@@ -115,6 +115,11 @@ pub struct NodeReport {
     pub seen_at_ms: u64,
     /// Whether the cache has an invalidator (a replica without one applies nothing).
     pub subscribed: bool,
+    /// How its invalidator hears events ([`Invalidator::transport`](crate::Invalidator::transport)):
+    /// `"pubsub"`, `"tracking"`, `"tracking+pubsub"`, `"log"`, `"memory"`, `"other"`;
+    /// `None` without an invalidator, and in reports of versions before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// The newest version applied per key, for the keys applied most recently.
     pub applied: BTreeMap<String, Applied>,
 }
@@ -179,6 +184,7 @@ impl NodeReport {
             started_at_ms: now,
             seen_at_ms: now,
             subscribed: false,
+            transport: None,
             applied: BTreeMap::new(),
         }
     }

@@ -50,11 +50,12 @@ impl Reporter {
         reporting: Reporting,
         node: NodeId,
         name: &str,
-        subscribed: bool,
+        transport: Option<&'static str>,
     ) -> Arc<Self> {
         let (nudge, nudged) = mpsc::channel(1);
         let mut report = NodeReport::new(node, name);
-        report.subscribed = subscribed;
+        report.subscribed = transport.is_some();
+        report.transport = transport.map(str::to_string);
         let reporter = Arc::new(Reporter {
             report: Mutex::new(report),
             nudge,
