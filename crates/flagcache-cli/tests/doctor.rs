@@ -379,7 +379,16 @@ async fn replicas_on_client_tracking_are_not_missing_subscribers() {
                 .unwrap(),
         );
     }
-    let nodes = backend.fleet().nodes().await.unwrap();
+    // Each replica's first report is written by a task of its own: wait for the three
+    // (5 s at most, on a loaded machine).
+    let mut nodes = Vec::new();
+    for _ in 0..500 {
+        nodes = backend.fleet().nodes().await.unwrap();
+        if nodes.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut transports: Vec<_> = nodes.iter().map(|n| n.transport.clone()).collect();
     transports.sort();
     assert_eq!(
