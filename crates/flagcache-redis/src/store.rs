@@ -287,15 +287,17 @@ impl RedisStore {
             .map_err(|e| e.with_key(key))
     }
 
-    /// `GET` of one entry.
-    async fn get_one(&self, key: &FlagKey) -> Result<Option<Entry>> {
-        let raw: Option<Vec<u8>> = self
-            .inner
+    /// The bytes at `key`'s entry (`GET`), for `operation`, which errors name.
+    pub(crate) async fn get_bytes(
+        &self,
+        operation: &'static str,
+        key: &FlagKey,
+    ) -> Result<Option<Vec<u8>>> {
+        self.inner
             .connection
-            .query("get", redis::cmd("GET").arg(self.key_arg(key)))
+            .query(operation, redis::cmd("GET").arg(self.key_arg(key)))
             .await
-            .map_err(|e| e.with_key(key))?;
-        raw.map(|b| self.decode(key, b)).transpose()
+            .map_err(|e| e.with_key(key))
     }
 
     /// The entries of `keys` in one `MGET`, each key with its own answer.
@@ -368,7 +370,8 @@ impl FlagStore for RedisStore {
     }
 
     async fn get(&self, key: &FlagKey) -> Result<Option<Entry>> {
-        self.get_one(key).await
+        let raw = self.get_bytes("get", key).await?;
+        raw.map(|b| self.decode(key, b)).transpose()
     }
 
     async fn get_each(&self, keys: &[FlagKey]) -> Vec<Result<Option<Entry>>> {

@@ -266,11 +266,29 @@ mod tests {
         assert!(recent <= after);
     }
 
-    struct Count(AtomicUsize);
+    /// Counts its runs; panics after counting when `panics`.
+    struct Work {
+        runs: AtomicUsize,
+        panics: bool,
+    }
 
-    impl OnTick for Count {
+    impl Work {
+        fn new(panics: bool) -> Arc<Work> {
+            Arc::new(Work {
+                runs: AtomicUsize::new(0),
+                panics,
+            })
+        }
+
+        fn runs(&self) -> usize {
+            self.runs.load(Ordering::SeqCst)
+        }
+    }
+
+    impl OnTick for Work {
         fn on_tick(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            assert!(!self.panics, "a recorder that panics");
         }
     }
 
@@ -278,14 +296,11 @@ mod tests {
     fn work_runs_on_every_tick_while_it_lives() {
         let clock = Clock::new();
         assert!(clock.coarse());
-        let work = Arc::new(Count(AtomicUsize::new(0)));
+        let work = Work::new(false);
         let registered: Arc<dyn OnTick> = work.clone();
         every_tick(Arc::downgrade(&registered));
         drop(registered);
-        assert!(
-            within_2s(|| work.0.load(Ordering::SeqCst) >= 3),
-            "ran on three ticks"
-        );
+        assert!(within_2s(|| work.runs() >= 3), "ran on three ticks");
         // Dropped, it is forgotten on the next tick. (`weak` keeps the allocation,
         // so that no other entry can take its address meanwhile.)
         let weak = Arc::downgrade(&work);
@@ -300,35 +315,22 @@ mod tests {
         assert!(within_2s(|| !held()), "a dead entry is pruned");
     }
 
-    struct Panics(AtomicUsize);
-
-    impl OnTick for Panics {
-        fn on_tick(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            panic!("a recorder that panics");
-        }
-    }
-
     #[test]
     fn work_that_panics_stops_and_the_clock_goes_on() {
         let clock = Clock::new();
         assert!(clock.coarse());
-        let work = Arc::new(Panics(AtomicUsize::new(0)));
+        let work = Work::new(true);
         let registered: Arc<dyn OnTick> = work.clone();
         every_tick(Arc::downgrade(&registered));
-        assert!(within_2s(|| work.0.load(Ordering::SeqCst) > 0), "never ran");
-        assert_eq!(work.0.load(Ordering::SeqCst), 1, "ran once");
+        assert!(within_2s(|| work.runs() > 0), "never ran");
+        assert_eq!(work.runs(), 1, "ran once");
         // The coarse time still advances, and the work never runs again.
         let seen = clock.recent_ms();
         assert!(
             within_2s(|| clock.recent_ms() > seen + 20),
             "the clock stopped"
         );
-        assert_eq!(
-            work.0.load(Ordering::SeqCst),
-            1,
-            "ran again after panicking"
-        );
+        assert_eq!(work.runs(), 1, "ran again after panicking");
     }
 
     #[test]

@@ -65,12 +65,7 @@ impl RedisStore {
         fence: Option<&(String, FillToken)>,
     ) -> Result<PutOutcome> {
         for _ in 0..3 {
-            let held: Option<Vec<u8>> = self
-                .inner
-                .connection
-                .query("put", redis::cmd("GET").arg(self.key_arg(key)))
-                .await
-                .map_err(|e| e.with_key(key))?;
+            let held = self.get_bytes("put", key).await?;
             if let Some(held) = held {
                 match self.inner.codec.decode_entry(Bytes::from(held.clone())) {
                     Ok(e) if e.version >= version => {
