@@ -234,10 +234,11 @@ where
     }
 
     /// Gathers L2 reads into batches under load: once `inline` reads are in flight,
-    /// further reads queue, and the first read in flight to finish sends the whole
-    /// queue as one batched read ([`FlagStore::get_each`]: one `MGET`, one pipeline of
-    /// meta gets). No read waits for a batch to fill: below `inline` concurrent reads,
-    /// each goes out at once. Each key keeps its own answer — a corrupt
+    /// further reads queue, and the reads queued within one pass of the scheduler go
+    /// out as one batched read ([`FlagStore::get_each`]: one `MGET`, one pipeline of
+    /// meta gets) — they wait for one yield, not for the reads in flight. No read
+    /// waits for a batch to fill: below `inline` concurrent reads, each goes out at
+    /// once. Each key keeps its own answer — a corrupt
     /// entry fails only its own key.
     ///
     /// Batches never span servers: they form per [`FlagStore::read_group`] (one Redis
