@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use super::{BoxFuture, Coalesced, Coalescer, Lease, LoadOutcome, ReleaseLease, Turn};
 use crate::{Error, FlagKey, Result};
 
-/// One fetch's outcome, shared by the callers waiting on it.
+/// One fetch's outcome, shared by the callers waiting on it. Made by the first caller
+/// that joins the fetch: a fetch nobody joins — the usual case — allocates none.
 struct Flight<V> {
     /// Set once, by the fetch's end.
     result: OnceLock<Result<V>>,
@@ -28,22 +29,84 @@ struct Flight<V> {
     landed: Notify,
 }
 
-/// The fetch's side of its [`Flight`]: publishes the result once, or — dropped
-/// without one — tells the waiters the fetch is gone.
-struct Publish<V>(Option<Arc<Flight<V>>>);
+impl<V> Flight<V> {
+    fn new() -> Arc<Self> {
+        Arc::new(Flight {
+            result: OnceLock::new(),
+            abandoned: AtomicBool::new(false),
+            landed: Notify::new(),
+        })
+    }
+}
 
-impl<V: Clone> Publish<V> {
-    /// Hands `result` to the waiters, if any, and returns it. Called once the fetch
-    /// left the in-flight map, so no caller can join from now on.
+/// A fetch in the air: the id of the fetch that leads it, and its waiters' flight once
+/// somebody waits.
+type Airborne<V> = (u64, Option<Arc<Flight<V>>>);
+
+/// One shard of the in-flight map.
+struct Flights<V> {
+    /// By key: the fetch that callers of the key join.
+    by_key: HashMap<FlagKey, Airborne<V>, foldhash::fast::RandomState>,
+    /// Fetches [forgotten](LocalCoalescer::forget) while somebody waited on them: their
+    /// leaders still publish to these waiters when they end.
+    detached: Vec<(u64, Arc<Flight<V>>)>,
+}
+
+impl<V> Default for Flights<V> {
+    fn default() -> Self {
+        Flights {
+            by_key: HashMap::default(),
+            detached: Vec::new(),
+        }
+    }
+}
+
+impl<V> Flights<V> {
+    /// Forgets the fetch of `key`, keeping its flight for its leader if anyone waits.
+    fn detach(&mut self, key: &FlagKey) {
+        if let Some((id, Some(flight))) = self.by_key.remove(key) {
+            self.detached.push((id, flight));
+        }
+    }
+}
+
+/// The leading side of a fetch: its place in the in-flight map, and the publishing of
+/// its result to whoever joined. Dropped without [`Lead::finish`], it leaves the map
+/// and tells the waiters the fetch is gone, so that they do not wait for ever.
+struct Lead<V> {
+    inner: Arc<Inner<V>>,
+    key: FlagKey,
+    id: u64,
+    done: bool,
+}
+
+impl<V> Lead<V> {
+    /// Leaves the in-flight map — a caller arriving from now on starts afresh rather
+    /// than receive a result its request may postdate — and returns the waiters'
+    /// flight, if anyone joined.
+    fn leave(&mut self) -> Option<Arc<Flight<V>>> {
+        self.done = true;
+        let mut shard = self.inner.map(&self.key);
+        if shard
+            .by_key
+            .get(&self.key)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            return shard
+                .by_key
+                .remove(&self.key)
+                .and_then(|(_, flight)| flight);
+        }
+        let i = shard.detached.iter().position(|(id, _)| *id == self.id)?;
+        Some(shard.detached.swap_remove(i).1)
+    }
+}
+
+impl<V: Clone> Lead<V> {
+    /// Leaves the map, then hands `result` to the waiters, if any, and returns it.
     fn finish(mut self, result: Result<V>) -> Result<V> {
-        let Some(flight) = self.0.take() else {
-            return result;
-        };
-        // Joiners clone the flight under the map's lock, which the fetch took since
-        // to leave the map: a count of one means nobody waits, and the result need
-        // not be cloned.
-        if Arc::strong_count(&flight) > 1 {
-            // Only this value ever sets it, so it cannot be set already.
+        if let Some(flight) = self.leave() {
+            // Only this lead ever sets it, so it cannot be set already.
             let _ = flight.result.set(result.clone());
             flight.landed.notify_waiters();
         }
@@ -51,17 +114,17 @@ impl<V: Clone> Publish<V> {
     }
 }
 
-impl<V> Drop for Publish<V> {
+impl<V> Drop for Lead<V> {
     fn drop(&mut self) {
-        if let Some(flight) = self.0.take() {
+        if self.done {
+            return;
+        }
+        if let Some(flight) = self.leave() {
             flight.abandoned.store(true, Ordering::Release);
             flight.landed.notify_waiters();
         }
     }
 }
-
-/// The flights in the air, by key, each with the id of the fetch that leads it.
-type InFlight<V> = HashMap<FlagKey, (u64, Arc<Flight<V>>), foldhash::fast::RandomState>;
 
 /// How many locks the in-flight map is split over, so that fills of different keys on
 /// different threads seldom wait for each other's lock.
@@ -70,7 +133,7 @@ const SHARDS: usize = 16;
 /// One lock's part of the in-flight map, on a cache line of its own (two, as some
 /// CPUs fetch lines in pairs), so that taking one shard's lock does not evict another's.
 #[repr(align(128))]
-struct Shard<V>(Mutex<InFlight<V>>);
+struct Shard<V>(Mutex<Flights<V>>);
 
 struct Inner<V> {
     /// The runtime to start fetches on when the caller is not inside one.
@@ -85,12 +148,20 @@ struct Inner<V> {
 
 impl<V> Inner<V> {
     /// The part of the in-flight map that holds `key`.
-    fn map(&self, key: &FlagKey) -> MutexGuard<'_, InFlight<V>> {
+    fn map(&self, key: &FlagKey) -> MutexGuard<'_, Flights<V>> {
         let i = self.hasher.hash_one(key) as usize % SHARDS;
         Self::lock(&self.shards[i])
     }
 
-    fn lock(shard: &Shard<V>) -> MutexGuard<'_, InFlight<V>> {
+    /// Where a fetch whose caller went away runs on: the current runtime, else the
+    /// coalescer's own.
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone())
+    }
+
+    fn lock(shard: &Shard<V>) -> MutexGuard<'_, Flights<V>> {
         // The lock is never held across a panic-prone call, so poisoning cannot leave
         // the map inconsistent; recover it rather than propagate a panic.
         shard.0.lock().unwrap_or_else(PoisonError::into_inner)
@@ -153,7 +224,7 @@ impl<V> Default for LocalCoalescer<V> {
         LocalCoalescer {
             inner: Arc::new(Inner {
                 runtime: None,
-                shards: std::array::from_fn(|_| Shard(Mutex::new(HashMap::default()))),
+                shards: std::array::from_fn(|_| Shard(Mutex::default())),
                 hasher: foldhash::fast::RandomState::default(),
                 next_id: AtomicU64::new(0),
                 fetches: AtomicU64::new(0),
@@ -170,23 +241,6 @@ impl<V> fmt::Debug for LocalCoalescer<V> {
             .field("fetches", &self.fetches())
             .field("coalesced_waits", &self.coalesced_waits())
             .finish()
-    }
-}
-
-/// Removes a fetch's flight from the in-flight map when the fetch's task ends — normally,
-/// by panic, or by being dropped with its runtime.
-struct Leave<V> {
-    inner: Arc<Inner<V>>,
-    key: FlagKey,
-    id: u64,
-}
-
-impl<V> Drop for Leave<V> {
-    fn drop(&mut self) {
-        let mut map = self.inner.map(&self.key);
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-            map.remove(&self.key);
-        }
     }
 }
 
@@ -253,14 +307,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
         // Leading needs a runtime: without one the fetch could not move to a task of its
-        // own if its caller were dropped. Joining does not.
-        let runtime = tokio::runtime::Handle::try_current()
-            .ok()
-            .or_else(|| self.inner.runtime.clone());
-        let (tx, leave, runtime) = match (self.enter(key, runtime.is_some()), runtime) {
-            (Some(Entered::Joined(flight)), _) => return Ok(Role::Join(flight)),
-            (Some(Entered::Leads(tx, leave)), Some(runtime)) => (tx, leave, runtime),
-            _ => return Err(Error::Closed("tokio runtime (coalescing needs one)")),
+        // own if its caller were dropped. Joining does not. Which runtime is looked up
+        // only if the caller is dropped (see `Leader`'s drop).
+        let may_lead =
+            || self.inner.runtime.is_some() || tokio::runtime::Handle::try_current().is_ok();
+        let lead = match self.enter(key, may_lead) {
+            Some(Entered::Joined(flight)) => return Ok(Role::Join(flight)),
+            Some(Entered::Leads(lead)) => lead,
+            None => return Err(Error::Closed("tokio runtime (coalescing needs one)")),
         };
         let panicking_key = key.clone();
         let fut = AssertUnwindSafe(fetch()).catch_unwind();
@@ -271,41 +325,35 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
                     Err(panic) => Err(Error::loader(&panicking_key, Panicked(panic_text(&*panic)))),
                 }
             })),
-            tx: Some(tx),
-            leave: Some(leave),
-            runtime,
+            lead: Some(lead),
         }))
     }
 
-    /// Joins the flight of `key`, or — when `may_lead` — opens one that this caller
-    /// leads: it then holds the flight's publishing side and its place in the in-flight
-    /// map. `None`: there is no flight to join and this caller may not lead.
-    fn enter(&self, key: &FlagKey, may_lead: bool) -> Option<Entered<V>> {
+    /// Joins the flight of `key`, or — when `may_lead` says so — opens one that this
+    /// caller leads: it then holds the fetch's place in the in-flight map and the
+    /// publishing of its result. `None`: there is no flight to join and this caller
+    /// may not lead.
+    fn enter(&self, key: &FlagKey, may_lead: impl FnOnce() -> bool) -> Option<Entered<V>> {
         let mut map = self.inner.map(key);
-        if let Some((_, flight)) = map.get(key) {
+        if let Some((_, flight)) = map.by_key.get_mut(key) {
             self.inner.waits.fetch_add(1, Ordering::Relaxed);
-            return Some(Entered::Joined(flight.clone()));
+            return Some(Entered::Joined(
+                flight.get_or_insert_with(Flight::new).clone(),
+            ));
         }
-        if !may_lead {
+        if !may_lead() {
             return None;
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let flight = Arc::new(Flight {
-            result: OnceLock::new(),
-            abandoned: AtomicBool::new(false),
-            landed: Notify::new(),
-        });
-        map.insert(key.clone(), (id, flight.clone()));
+        map.by_key.insert(key.clone(), (id, None));
         drop(map);
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        Some(Entered::Leads(
-            Publish(Some(flight)),
-            Leave {
-                inner: self.inner.clone(),
-                key: key.clone(),
-                id,
-            },
-        ))
+        Some(Entered::Leads(Lead {
+            inner: self.inner.clone(),
+            key: key.clone(),
+            id,
+            done: false,
+        }))
     }
 
     /// Starts `fetch` for `key` in the background unless one is already in flight;
@@ -320,12 +368,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        if self.inner.map(key).contains_key(key) {
+        if self.inner.map(key).by_key.contains_key(key) {
             return false;
         }
+        let Some(runtime) = self.inner.runtime() else {
+            return false;
+        };
         match self.join_or_lead(key, fetch) {
             Ok(Role::Lead(leader)) => {
-                let runtime = leader.runtime.clone();
                 runtime.spawn(leader.drive());
                 true
             }
@@ -366,9 +416,9 @@ impl Coalescer for LocalCoalescer<Coalesced> {
     async fn acquire(&self, key: &FlagKey) -> Result<Turn> {
         loop {
             // A lease is released by its holder, runtime or not: anyone may lead.
-            match self.enter(key, true) {
-                Some(Entered::Leads(tx, leave)) => {
-                    return Ok(Turn::Load(Lease::new(LocalLease { tx, leave })));
+            match self.enter(key, || true) {
+                Some(Entered::Leads(lead)) => {
+                    return Ok(Turn::Load(Lease::new(LocalLease(lead))));
                 }
                 Some(Entered::Joined(flight)) => {
                     if let Some(answer) = Self::landed(flight).await {
@@ -382,26 +432,21 @@ impl Coalescer for LocalCoalescer<Coalesced> {
 }
 
 /// A [`LocalCoalescer`] flight's lead, as a [`Lease`].
-struct LocalLease {
-    tx: Publish<Coalesced>,
-    leave: Leave<Coalesced>,
-}
+struct LocalLease(Lead<Coalesced>);
 
 impl ReleaseLease for LocalLease {
     fn release(self: Box<Self>, outcome: LoadOutcome) -> BoxFuture<'static, ()> {
-        let LocalLease { tx, leave } = *self;
-        // Leave the map first, as a fetch does.
-        drop(leave);
+        let LocalLease(lead) = *self;
         let answer = match outcome {
             LoadOutcome::Stored(entry) => Some(Ok(Coalesced::Fresh(Some(entry)))),
             LoadOutcome::NotStored(entry) => Some(Ok(Coalesced::Fresh(entry))),
             LoadOutcome::Absent => Some(Ok(Coalesced::Absent)),
             LoadOutcome::Failed(e) => Some(Err(e)),
-            // Dropping the publishing side unfinished tells the waiters to try again.
             LoadOutcome::Abandoned => None,
         };
+        // Unfinished, the lead leaves the map and tells the waiters to try again.
         if let Some(answer) = answer {
-            let _ = tx.finish(answer);
+            let _ = lead.finish(answer);
         }
         Box::pin(std::future::ready(()))
     }
@@ -413,7 +458,7 @@ impl<V> LocalCoalescer<V> {
     /// Used when an invalidation lands mid-fetch, so nobody who asks *after* it is
     /// handed a value read *before* it.
     pub fn forget(&self, key: &FlagKey) {
-        self.inner.map(key).remove(key);
+        self.inner.map(key).detach(key);
     }
 
     /// [`LocalCoalescer::forget`] for every key: callers arriving once it returns
@@ -421,14 +466,20 @@ impl<V> LocalCoalescer<V> {
     /// the call may still join a fetch of a shard not cleared yet.)
     pub fn forget_all(&self) {
         for shard in &self.inner.shards {
-            Inner::lock(shard).clear();
+            let mut flights = Inner::lock(shard);
+            let Flights { by_key, detached } = &mut *flights;
+            detached.extend(by_key.drain().filter_map(|(_, (id, f))| Some((id, f?))));
         }
     }
 
     /// How many keys have a fetch in flight (the shards are counted one after another,
     /// so the figure is exact only while no fetch starts or ends).
     pub fn in_flight(&self) -> usize {
-        self.inner.shards.iter().map(|s| Inner::lock(s).len()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| Inner::lock(s).by_key.len())
+            .sum()
     }
 
     /// How many fetches were started, in total.
@@ -445,7 +496,7 @@ impl<V> LocalCoalescer<V> {
 /// What [`LocalCoalescer::enter`] made of a caller.
 enum Entered<V> {
     Joined(Arc<Flight<V>>),
-    Leads(Publish<V>, Leave<V>),
+    Leads(Lead<V>),
 }
 
 enum Role<V: Clone + Send + Sync + 'static> {
@@ -456,13 +507,13 @@ enum Role<V: Clone + Send + Sync + 'static> {
 type BoxedFetch<V> = Pin<Box<dyn Future<Output = Result<V>> + Send + 'static>>;
 
 /// A fetch driven by the caller that started it. Dropped before the fetch ends (the
-/// caller was cancelled), it spawns the rest of the fetch, so the waiters still get
-/// their result and the in-flight entry is still cleared when it ends.
+/// caller was cancelled), it spawns the rest of the fetch — on the current runtime,
+/// else the coalescer's — so the waiters still get their result and the in-flight
+/// entry is still cleared when it ends. With neither runtime to spawn on, the fetch
+/// is dropped and the waiters learn it is gone ([`Error::Closed`]).
 struct Leader<V: Clone + Send + Sync + 'static> {
     fetch: Option<BoxedFetch<V>>,
-    tx: Option<Publish<V>>,
-    leave: Option<Leave<V>>,
-    runtime: tokio::runtime::Handle,
+    lead: Option<Lead<V>>,
 }
 
 impl<V: Clone + Send + Sync + 'static> Leader<V> {
@@ -472,11 +523,8 @@ impl<V: Clone + Send + Sync + 'static> Leader<V> {
             None => Err(Error::Closed("coalesced fetch")),
         };
         self.fetch = None;
-        // Leave the map first: a caller arriving from now on starts afresh rather than
-        // receiving a result its request may postdate.
-        drop(self.leave.take());
-        match self.tx.take() {
-            Some(tx) => tx.finish(result),
+        match self.lead.take() {
+            Some(lead) => lead.finish(result),
             None => result,
         }
     }
@@ -484,18 +532,18 @@ impl<V: Clone + Send + Sync + 'static> Leader<V> {
 
 impl<V: Clone + Send + Sync + 'static> Drop for Leader<V> {
     fn drop(&mut self) {
-        let (Some(fetch), Some(tx), leave) = (self.fetch.take(), self.tx.take(), self.leave.take())
-        else {
+        let (Some(fetch), Some(lead)) = (self.fetch.take(), self.lead.take()) else {
             return;
         };
-        // If the runtime is shutting down the task never runs: dropping it drops `tx`,
-        // and the waiters learn the fetch is gone (`Error::Closed`).
-        self.runtime.spawn(async move {
-            let result = fetch.await;
-            drop(leave);
-            // The caller that started the fetch is gone: the waiters take it all.
-            let _ = tx.finish(result);
-        });
+        // If the runtime is shutting down the task never runs: dropping it drops
+        // `lead`, and the waiters learn the fetch is gone (`Error::Closed`).
+        if let Some(runtime) = lead.inner.runtime() {
+            runtime.spawn(async move {
+                let result = fetch.await;
+                // The caller that started the fetch is gone: the waiters take it all.
+                let _ = lead.finish(result);
+            });
+        }
     }
 }
 

@@ -200,6 +200,12 @@ async fn forget_detaches_the_fetch_in_flight() {
         tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(1))).await })
     };
     until(|| c.in_flight() == 1).await;
+    // A caller waiting on the old fetch when it is forgotten still gets its result.
+    let waiter = {
+        let (c, k) = (c.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || async { Ok(0) }).await })
+    };
+    until(|| c.coalesced_waits() == 1).await;
     c.forget(&k);
     assert_eq!(c.in_flight(), 0);
     let after = {
@@ -210,6 +216,8 @@ async fn forget_detaches_the_fetch_in_flight() {
     // The old fetch finishing must not remove the new one from the map.
     old_gate.notify_one();
     assert_eq!(before.await.unwrap().unwrap(), 1);
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
+    assert_eq!(waited.expect("the waiter was told").unwrap().unwrap(), 1);
     assert_eq!(c.in_flight(), 1);
     new_gate.notify_one();
     assert_eq!(after.await.unwrap().unwrap(), 2);
