@@ -59,8 +59,9 @@ async fn shared_store_with(keys: &[FlagKey]) -> (SharedStore, FaultControl) {
     (SharedStore(faulty), faults)
 }
 
-/// Concurrent misses beyond `l2_batch_after` in flight wait for one batched read
-/// instead of one read each — and every key still gets its own entry.
+/// Concurrent misses beyond `l2_batch_after` in flight go out as a few batched reads
+/// instead of one read each, without waiting for the reads in flight — and every key
+/// still gets its own entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_l2_reads_beyond_the_inline_limit_go_as_one_batch() {
     let keys: Vec<FlagKey> = (0..40).map(|i| key(&format!("batch.{i}"))).collect();
@@ -73,11 +74,25 @@ async fn concurrent_l2_reads_beyond_the_inline_limit_go_as_one_batch() {
         .await
         .unwrap();
     faults.hold_reads();
-    let reads: Vec<_> = keys.iter().map(|k| spawn_lookup(&cache, k)).collect();
-    until("two reads in flight", || faults.held() == 2).await;
-    // Let every other read reach the queue.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(faults.calls(Op::Read), 2, "only the inline reads went out");
+    // Spawned from a worker, as reads woken by I/O are: a read queued by a task that
+    // came from outside the runtime may see its gatherer run before the next one.
+    let reads: Vec<_> = {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        tokio::spawn(async move { keys.iter().map(|k| spawn_lookup(&cache, k)).collect() })
+            .await
+            .unwrap()
+    };
+    // Every queued read goes out while the two inline reads are still held.
+    until("every queued read batched", || {
+        cache.stats().l2_batched_reads == 38
+    })
+    .await;
+    let st = cache.stats();
+    until("the batches reach the store", || {
+        faults.held() == 2 + st.l2_batches as usize
+    })
+    .await;
+    assert_eq!(faults.calls(Op::Read), 2 + st.l2_batches);
     faults.release_reads();
     for (i, r) in reads.into_iter().enumerate() {
         let l = r.await.unwrap().unwrap();
@@ -88,8 +103,10 @@ async fn concurrent_l2_reads_beyond_the_inline_limit_go_as_one_batch() {
     let st = cache.stats();
     assert_eq!(st.l2_batched_reads, 38);
     assert_eq!(faults.calls(Op::Read), 2 + st.l2_batches);
+    // How the 38 spread over batches depends on how the spawned reads are scheduled;
+    // one read per batch would be 38.
     assert!(
-        st.l2_batches < 5,
+        st.l2_batches <= 10,
         "{} batches for 38 queued reads",
         st.l2_batches
     );
@@ -128,13 +145,9 @@ async fn timed_out_queued_reads_do_not_wedge_the_batcher() {
         "every read counted as an L2 timeout"
     );
     assert_eq!(src.calls(), 5);
-    // The held inline read may hand the queue on before every queued caller left;
-    // what queued never goes out one by one.
-    assert!(
-        faults.calls(Op::Read) <= 2,
-        "{} reads",
-        faults.calls(Op::Read)
-    );
+    // 1 inline read and the batches of the 4 queued ones (how many batches depends on
+    // how the spawned readers were scheduled).
+    assert_eq!(faults.calls(Op::Read), 1 + cache.stats().l2_batches);
     faults.release_reads();
     until("the held reads ended", || faults.held() == 0).await;
     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -158,8 +158,11 @@ impl Drop for Gatherer {
     }
 }
 
-/// Gathers the reads of `group` that queue until the reads ready to run have run —
-/// one yield to the scheduler — and sends them as one batch.
+/// Gathers the reads of `group` that queue while the reads ready to run run — one
+/// yield to the scheduler — and sends them as one batch. (Yielding again while the
+/// queue grew made batches of 42 instead of 30 at 50 readers, but cost more CPU in
+/// scheduling than the bigger batches saved: 0.56–0.76× the raw client's throughput
+/// against 0.78–0.86×.)
 fn spawn_gatherer(runtime: &tokio::runtime::Handle, shared: &Arc<Shared>, group: u64) {
     let mut gatherer = Gatherer {
         shared: shared.clone(),
@@ -190,16 +193,16 @@ async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
         slots.push(slot);
     }
     drop(index);
+    if keys.is_empty() {
+        return;
+    }
+    shared.batches.fetch_add(1, Ordering::Relaxed);
+    shared
+        .batched_keys
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
     let answers = match &keys[..] {
-        [] => return,
         [key] => vec![read_one(&*shared.store, key).await],
-        _ => {
-            shared.batches.fetch_add(1, Ordering::Relaxed);
-            shared
-                .batched_keys
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            shared.store.get_each_for_fill(&keys).await
-        }
+        _ => shared.store.get_each_for_fill(&keys).await,
     };
     let mut uses = vec![0usize; keys.len()];
     for &s in &slots {

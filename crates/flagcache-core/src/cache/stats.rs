@@ -351,10 +351,11 @@ pub struct Stats {
     pub corrupt: u64,
     /// Reads that waited on another read's fill instead of starting one.
     pub coalesced_waits: u64,
-    /// Batched L2 reads issued (see
-    /// [`FlagCacheBuilder::l2_batch_after`](crate::FlagCacheBuilder::l2_batch_after)).
+    /// Batched L2 reads issued: the store calls made for reads that queued (see
+    /// [`FlagCacheBuilder::l2_batch_after`](crate::FlagCacheBuilder::l2_batch_after)),
+    /// one `MGET` or one pipeline each. A batch may hold a single read.
     pub l2_batches: u64,
-    /// L2 reads that went in those batches rather than on their own.
+    /// L2 reads that queued and went in those batches rather than on their own.
     pub l2_batched_reads: u64,
     /// Invalidation events applied to L1.
     pub invalidations: u64,
