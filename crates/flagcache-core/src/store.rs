@@ -133,6 +133,30 @@ pub trait FlagStore: Send + Sync {
             .collect()
     }
 
+    /// One key's [`get_each_for_fill`](FlagStore::get_each_for_fill): the read of a
+    /// fill on its own, the usual case. The default asks `get_each_for_fill` for the
+    /// one key; an adapter overrides it where one key costs less than a batch of one
+    /// (the conformance suite checks that both read the same).
+    ///
+    /// # Errors
+    /// As `get_each_for_fill`'s answer for the key; a transient backend error when
+    /// that call answers other than one slot.
+    async fn get_for_fill(&self, key: &FlagKey) -> Result<FillRead> {
+        let mut answers = self.get_each_for_fill(std::slice::from_ref(key)).await;
+        match answers.pop() {
+            Some(answer) if answers.is_empty() => answer,
+            _ => Err(crate::Error::backend(
+                self.name(),
+                "get",
+                true,
+                std::io::Error::other(format!(
+                    "get_each_for_fill answered {} slots for one key",
+                    answers.len() + 1
+                )),
+            )),
+        }
+    }
+
     /// The key's fence now: the token for a fill that read an entry it then could not
     /// serve (a version source, a tag or an announced version said it is outdated), and
     /// will load and write instead. A store that leaves a hit's token
@@ -318,6 +342,14 @@ macro_rules! forward_impls {
                 Self: 'f,
             {
                 (**self).get_each_for_fill(keys)
+            }
+            fn get_for_fill<'s, 'k, 'f>(&'s self, key: &'k FlagKey) -> BoxFuture<'f, Result<FillRead>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get_for_fill(key)
             }
             fn fence_token<'s, 'k, 'f>(&'s self, key: &'k FlagKey) -> BoxFuture<'f, Result<FillToken>>
             where

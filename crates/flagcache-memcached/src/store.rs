@@ -381,11 +381,7 @@ impl FlagStore for MemcachedStore {
     /// no token, which only makes a write stricter (refused while any fence is up).
     async fn get_each_for_fill(&self, keys: &[FlagKey]) -> Vec<Result<FillRead>> {
         let mut reads = match keys {
-            // One key (a fill on its own, the usual case): one `mg`, not a pipeline.
-            [key] => vec![self.read_entry(key, false).await.map(|entry| FillRead {
-                entry,
-                token: FillToken::NONE,
-            })],
+            [key] => return vec![self.get_for_fill(key).await],
             _ => self.read_each("get", keys).await,
         };
         let missed: Vec<usize> = reads
@@ -402,6 +398,22 @@ impl FlagStore for MemcachedStore {
             }
         }
         reads
+    }
+
+    /// One `mg` for the entry; for a miss, one more for the fence.
+    async fn get_for_fill(&self, key: &FlagKey) -> Result<FillRead> {
+        let entry = self.read_entry(key, false).await?;
+        let mut token = FillToken::NONE;
+        if entry.is_none() {
+            if let Some((_, t)) = self
+                .fence_tokens(std::slice::from_ref(key), &[0])
+                .await
+                .pop()
+            {
+                token = t;
+            }
+        }
+        Ok(FillRead { entry, token })
     }
 
     async fn fence_token(&self, key: &FlagKey) -> Result<FillToken> {

@@ -468,6 +468,25 @@ impl FlagStore for RedisStore {
             .collect()
     }
 
+    /// A one-key `MGET`; for a miss, a `GET` of the fence.
+    async fn get_for_fill(&self, key: &FlagKey) -> Result<FillRead> {
+        let raw = self.mget("get", std::slice::from_ref(key)).await;
+        let entry = match raw.map_err(|e| e.with_key(key))?.pop().flatten() {
+            Some(b) => Some(self.decode(key, b)?),
+            None => None,
+        };
+        let mut token = FillToken::NONE;
+        if entry.is_none() {
+            match self.fence_token(key).await {
+                Ok(t) => token = t,
+                Err(e) => {
+                    tracing::debug!(error = %e, "flagcache: fence unread; the fill writes only where none is up")
+                }
+            }
+        }
+        Ok(FillRead { entry, token })
+    }
+
     async fn fence_token(&self, key: &FlagKey) -> Result<FillToken> {
         let Some(fence) = self.fence_key(key) else {
             return Ok(FillToken::NONE);

@@ -226,12 +226,7 @@ async fn run_batch(shared: &Shared, mut batch: Vec<Queued>) {
 
 /// One key's fill read, on its own.
 pub(crate) async fn read_one(store: &dyn FlagStore, key: &FlagKey) -> Answer {
-    let mut answers = store.get_each_for_fill(std::slice::from_ref(key)).await;
-    match answers.pop() {
-        Some(answer) if answers.is_empty() => answer,
-        // A store that answered other than one slot for one key.
-        _ => Err(abandoned(store)),
-    }
+    store.get_for_fill(key).await
 }
 
 fn abandoned(store: &dyn FlagStore) -> Error {

@@ -12,11 +12,19 @@ use crate::{FillRead, FillToken, FlagKey, FlagStore, FlagStoreExt, PutOutcome};
 /// How long the property's fences live: longer than the property takes.
 const FENCE_TTL: Duration = Duration::from_secs(30);
 
-/// One key's fill read, through the batched read as `FlagCache` does it.
+/// One key's fill read, both ways `FlagCache` reads: on its own
+/// ([`FlagStore::get_for_fill`]) and in a batch ([`FlagStore::get_each_for_fill`]),
+/// which must agree on the entry and the fence.
 async fn read_for_fill(store: &dyn FlagStore, key: &FlagKey) -> FillRead {
     let mut answers = store.get_each_for_fill(std::slice::from_ref(key)).await;
     assert_eq!(answers.len(), 1, "get_each_for_fill: one answer per key");
-    answers.pop().unwrap().expect("get_each_for_fill")
+    let batched = answers.pop().unwrap().expect("get_each_for_fill");
+    let alone = store.get_for_fill(key).await.expect("get_for_fill");
+    assert_eq!(
+        alone, batched,
+        "get_for_fill and get_each_for_fill read the same"
+    );
+    alone
 }
 
 /// A fence refuses every fill that read the key before it — over an absent key, over

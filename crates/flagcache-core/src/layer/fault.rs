@@ -238,6 +238,10 @@ impl<S: FlagStore> FlagStore for FaultyStore<S> {
         }
         self.hold(self.inner.get_each_for_fill(keys).await).await
     }
+    async fn get_for_fill(&self, key: &FlagKey) -> Result<FillRead> {
+        self.enter(Op::Read, "get_for_fill").await?;
+        self.hold(self.inner.get_for_fill(key).await).await
+    }
     async fn fence_token(&self, key: &FlagKey) -> Result<FillToken> {
         self.enter(Op::Read, "fence_token").await?;
         self.inner.fence_token(key).await
