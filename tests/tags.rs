@@ -142,6 +142,57 @@ async fn l2_properties(store: Arc<dyn FlagStore>) {
     a_load_racing_the_tag_is_not_served(store).await;
 }
 
+/// The tag index forgets the keys L1 evicted: 3,000 tagged keys read by 8 tasks at
+/// once through an L1 of 32 leave it near its floor of 1,024 pairs, not 3,000 — and
+/// no key L1 still holds was forgotten with them: the tag drops every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tag_index_forgets_what_l1_evicted() {
+    let store: Arc<dyn FlagStore> = Arc::new(MemoryStore::new());
+    let src = CountingSource::new(1);
+    let cache = tagged(&store, &src).l1_capacity(32).build().await.unwrap();
+    let run = fastrand::u32(..);
+    let keys: Vec<FlagKey> = (0..3000).map(|i| key(&format!("red.{run}.{i}"))).collect();
+    let readers: Vec<_> = keys
+        .chunks(375)
+        .map(|chunk| {
+            let (cache, chunk) = (cache.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for k in &chunk {
+                    cache.get(k).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap();
+    }
+    let st = cache.stats();
+    assert!(
+        st.tagged_keys <= 1025,
+        "{} (tag, key) pairs for an L1 of {} entries",
+        st.tagged_keys,
+        st.l1_entries
+    );
+    let held = keys
+        .iter()
+        .filter(|k| cache.get_cached(k).is_some())
+        .count();
+    assert!(held > 0, "L1 holds some of the keys");
+    cache.invalidate_tag("red").await.unwrap();
+    let kept: Vec<_> = keys
+        .iter()
+        .filter(|k| cache.get_cached(k).is_some())
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "the tag left {} of {held} keys in L1",
+        kept.len()
+    );
+    let last = keys.last().unwrap();
+    assert_eq!(cache.lookup(last).await.unwrap().status, CacheStatus::Miss);
+    assert_eq!(cache.stats().tagged_keys, 1, "the reloaded key alone");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_tags() {
     let store: Arc<dyn FlagStore> = Arc::new(MemoryStore::new());

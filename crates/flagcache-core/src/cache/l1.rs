@@ -195,7 +195,13 @@ where
             }
         }
         self.l1.insert(key, slot.clone());
-        self.index_tags(key, slot.value.as_deref());
+        // Indexed under the fence lock: a tag invalidation fences first, then takes
+        // the tag's keys, so it either refuses this fill or finds this key.
+        let prune = self.index_tags(key, slot.value.as_deref());
+        drop(fences);
+        if prune {
+            self.prune_tags();
+        }
         true
     }
 
@@ -256,8 +262,13 @@ where
             cur.value.is_some() && cur.epoch == epoch && cur.version > slot.version
         });
         if !newer_held {
-            self.index_tags(key, slot.value.as_deref());
+            let value = slot.value.clone();
             self.l1.insert(key, slot);
+            let prune = self.index_tags(key, value.as_deref());
+            drop(fences);
+            if prune {
+                self.prune_tags();
+            }
         }
     }
 

@@ -450,6 +450,9 @@ where
         if let Some(b) = &self.inner.batcher {
             (stats.l2_batches, stats.l2_batched_reads) = b.counts();
         }
+        if let Some(tags) = &self.inner.tags {
+            stats.tagged_keys = tags.pairs() as u64;
+        }
         stats
     }
 

@@ -290,6 +290,7 @@ impl Telemetry {
             coalesced_waits: self.get(Ev::Coalesced),
             l2_batches: 0,
             l2_batched_reads: 0,
+            tagged_keys: 0,
             invalidations: self.get(Ev::Invalidation),
             own_events: self.get(Ev::OwnEvent),
             resyncs: self.get(Ev::Resync),
@@ -357,6 +358,12 @@ pub struct Stats {
     pub l2_batches: u64,
     /// L2 reads that queued and went in those batches rather than on their own.
     pub l2_batched_reads: u64,
+    /// (tag, key) pairs the tag index holds: which L1 keys an
+    /// [`invalidate_tag`](crate::FlagCache::invalidate_tag) drops. Keys L1 evicted
+    /// linger until the index has doubled since its last prune (and holds at least
+    /// 1,024 pairs), then are forgotten: it stays within twice the pairs of the keys
+    /// L1 holds, or 1,024.
+    pub tagged_keys: u64,
     /// Invalidation events applied to L1.
     pub invalidations: u64,
     /// Events this node published itself, received back (applied idempotently: they

@@ -27,12 +27,26 @@ pub(super) type Tagger<T> = Arc<dyn Fn(&FlagKey, &T) -> Vec<String> + Send + Syn
 /// (with one, until an event or a resync says otherwise).
 const UNSUBSCRIBED_STAMP_FOR: Duration = Duration::from_secs(1);
 
+/// The fewest (tag, key) pairs the index holds before it is pruned.
+const PRUNE_FLOOR: usize = 1024;
+
+/// Which L1 keys carry each tag. A key dropped from L1 lingers until the next prune
+/// (dropping it again is harmless); a prune forgets every key L1 no longer holds, and
+/// comes once the pairs held have doubled since the last one (and at least
+/// [`PRUNE_FLOOR`]), so that it costs O(1) per key indexed, amortized.
+#[derive(Default)]
+struct TagIndex {
+    by_tag: HashMap<String, HashSet<FlagKey>>,
+    /// (tag, key) pairs held.
+    pairs: usize,
+    /// `pairs` past which the next key indexed prunes.
+    prune_past: usize,
+}
+
 /// The tag bookkeeping of one cache.
 pub(super) struct Tags<T> {
     tagger: Tagger<T>,
-    /// Which L1 keys carry each tag (a key dropped from L1 may linger: dropping it
-    /// again is harmless).
-    index: Mutex<HashMap<String, HashSet<FlagKey>>>,
+    index: Mutex<TagIndex>,
     /// Each tag's invalidation stamp as last learned (0: never invalidated), and when.
     stamps: Mutex<HashMap<String, (u64, Instant)>>,
 }
@@ -61,20 +75,46 @@ impl<T> Tags<T> {
         (self.tagger)(key, value)
     }
 
-    /// Notes that `key`, now in L1, carries `tags`.
-    pub(super) fn index(&self, key: &FlagKey, tags: &[String]) {
+    /// Notes that `key`, now in L1, carries `tags`; true when the index is due a
+    /// [`prune`](Tags::prune).
+    pub(super) fn index(&self, key: &FlagKey, tags: &[String]) -> bool {
         if tags.is_empty() {
-            return;
+            return false;
         }
         let mut index = lock(&self.index);
+        let TagIndex { by_tag, pairs, .. } = &mut *index;
         for t in tags {
-            index.entry(t.clone()).or_default().insert(key.clone());
+            if by_tag.entry(t.clone()).or_default().insert(key.clone()) {
+                *pairs += 1;
+            }
         }
+        index.pairs > index.prune_past.max(PRUNE_FLOOR)
+    }
+
+    /// Forgets the keys `held` says L1 no longer holds. Safe beside concurrent
+    /// installs as long as they put a key in L1 before they index it: a key seen
+    /// absent here is indexed again by the install that brings it back.
+    pub(super) fn prune(&self, held: impl Fn(&FlagKey) -> bool) {
+        let mut index = lock(&self.index);
+        index.by_tag.retain(|_, keys| {
+            keys.retain(|k| held(k));
+            !keys.is_empty()
+        });
+        index.pairs = index.by_tag.values().map(HashSet::len).sum();
+        index.prune_past = index.pairs.saturating_mul(2);
+    }
+
+    /// (tag, key) pairs the index holds.
+    pub(super) fn pairs(&self) -> usize {
+        lock(&self.index).pairs
     }
 
     /// The keys noted as carrying `tag`, forgotten.
     pub(super) fn take_keys(&self, tag: &str) -> HashSet<FlagKey> {
-        lock(&self.index).remove(tag).unwrap_or_default()
+        let mut index = lock(&self.index);
+        let keys = index.by_tag.remove(tag).unwrap_or_default();
+        index.pairs -= keys.len();
+        keys
     }
 
     /// Learns `tag`'s stamp (a later one wins).
@@ -143,10 +183,21 @@ where
         }
     }
 
-    /// Notes the tags of a value just installed in L1.
-    pub(super) fn index_tags(&self, key: &FlagKey, value: Option<&T>) {
-        if let (Some(tags), Some(value)) = (&self.tags, value) {
-            tags.index(key, &tags.of(key, value));
+    /// Notes the tags of a value just installed in L1 (installed first: see
+    /// [`Tags::prune`]); true when the index is due a [`prune_tags`](Inner::prune_tags),
+    /// which the caller runs once it has let go of the fence lock.
+    #[must_use]
+    pub(super) fn index_tags(&self, key: &FlagKey, value: Option<&T>) -> bool {
+        match (&self.tags, value) {
+            (Some(tags), Some(value)) => tags.index(key, &tags.of(key, value)),
+            _ => false,
+        }
+    }
+
+    /// Forgets the tagged keys L1 no longer holds.
+    pub(super) fn prune_tags(&self) {
+        if let Some(tags) = &self.tags {
+            tags.prune(|k| self.l1.peek(k).is_some());
         }
     }
 
