@@ -1,5 +1,6 @@
-//! L2 read batching: concurrent misses beyond the inline limit go out as one batch,
-//! and callers that gave up do not wedge it.
+//! L2 read batching: concurrent misses beyond the inline limit go out in a few
+//! batches, without waiting for the reads in flight, and callers that gave up do not
+//! wedge the batcher.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

@@ -143,15 +143,15 @@ pub trait FlagStore: Send + Sync {
     /// that call answers other than one slot.
     async fn get_for_fill(&self, key: &FlagKey) -> Result<FillRead> {
         let mut answers = self.get_each_for_fill(std::slice::from_ref(key)).await;
+        let slots = answers.len();
         match answers.pop() {
-            Some(answer) if answers.is_empty() => answer,
+            Some(answer) if slots == 1 => answer,
             _ => Err(crate::Error::backend(
                 self.name(),
                 "get",
                 true,
                 std::io::Error::other(format!(
-                    "get_each_for_fill answered {} slots for one key",
-                    answers.len() + 1
+                    "get_each_for_fill answered {slots} slots for one key"
                 )),
             )),
         }

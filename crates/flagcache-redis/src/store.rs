@@ -468,7 +468,8 @@ impl FlagStore for RedisStore {
             .collect()
     }
 
-    /// A one-key `MGET`; for a miss, a `GET` of the fence.
+    /// A one-key `MGET`; for a miss, a one-key `MGET` of the fence (as the batched
+    /// read: a key of another type reads as absent).
     async fn get_for_fill(&self, key: &FlagKey) -> Result<FillRead> {
         let raw = self.mget("get", std::slice::from_ref(key)).await;
         let entry = match raw.map_err(|e| e.with_key(key))?.pop().flatten() {
@@ -476,9 +477,13 @@ impl FlagStore for RedisStore {
             None => None,
         };
         let mut token = FillToken::NONE;
-        if entry.is_none() {
-            match self.fence_token(key).await {
-                Ok(t) => token = t,
+        if let (None, Some(fence)) = (&entry, self.fence_key(key)) {
+            match self.mget_args("get", std::iter::once(fence), 1).await {
+                Ok(mut raw) => {
+                    if let Some(t) = raw.pop().flatten() {
+                        token = FillToken::from_text(&t);
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "flagcache: fence unread; the fill writes only where none is up")
                 }

@@ -8,8 +8,15 @@
 //! the first to find no gatherer on its way spawns one. The gatherer yields once to
 //! the scheduler — the reads ready to run meanwhile queue too — then sends the whole
 //! queue as one [`FlagStore::get_each_for_fill`] call (`MGET`, pipelined meta gets).
-//! Under load, many misses then cost one round trip and one command instead of one
-//! each, on the client's CPU and the server's.
+//! Reads that queue while that batch is out form the next one, which does not wait
+//! for it: several batches of a group may be in flight. Under load, many misses then
+//! cost one round trip and one command instead of one each, on the client's CPU and
+//! the server's.
+//!
+//! Gatherers run on the caller's runtime when it is multi-threaded, else on the
+//! cache's own (see [`Shared::runtime`]). Callers on a one-thread runtime reading a
+//! cache built in a multi-threaded one therefore gather on another thread, where an
+//! idle worker runs the gatherer at once: their batches are small.
 //!
 //! A queued read waits for one yield, not for the reads in flight: an earlier design
 //! sent the queue only when a read in flight finished, which added up to a round trip
@@ -251,9 +258,10 @@ impl ReadBatcher {
         }
     }
 
-    /// Reads `key` — of read group `group`, as the store gave it — with its fence
-    /// ([`FlagStore::get_each_for_fill`]): on its own while fewer than `inline` reads of its group
-    /// are in flight (or when it has no group), else in the group's next batch.
+    /// Reads `key` — of read group `group`, as the store gave it — with its fence: on
+    /// its own ([`FlagStore::get_for_fill`]) while fewer than `inline` reads of its
+    /// group are in flight (or when it has no group), else in the group's next batch
+    /// ([`FlagStore::get_each_for_fill`]).
     pub async fn get(&self, key: &FlagKey, group: Option<u64>) -> Answer {
         let store = &self.shared.store;
         let Some(group) = group else {

@@ -235,7 +235,7 @@ where
 
     /// Gathers L2 reads into batches under load: once `inline` reads are in flight,
     /// further reads queue, and the reads queued within one pass of the scheduler go
-    /// out as one batched read ([`FlagStore::get_each`]: one `MGET`, one pipeline of
+    /// out as one batched read ([`FlagStore::get_each_for_fill`]: one `MGET`, one pipeline of
     /// meta gets) — they wait for one yield, not for the reads in flight. No read
     /// waits for a batch to fill: below `inline` concurrent reads, each goes out at
     /// once. Each key keeps its own answer — a corrupt

@@ -128,7 +128,7 @@ impl Clock {
         Clock { clock, coarse }
     }
 
-    /// Whether [`Clock::recent`] advances; when `false`, it must not be read.
+    /// Whether [`Clock::recent_ms`] advances; when `false`, it must not be read.
     #[inline(always)]
     pub fn coarse(&self) -> bool {
         self.coarse

@@ -307,10 +307,17 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
         // Leading needs a runtime: without one the fetch could not move to a task of its
-        // own if its caller were dropped. Joining does not. Which runtime is looked up
-        // only if the caller is dropped (see `Leader`'s drop).
-        let may_lead =
-            || self.inner.runtime.is_some() || tokio::runtime::Handle::try_current().is_ok();
+        // own if its caller were dropped. Joining does not. A coalescer with a runtime
+        // of its own looks one up only if the caller is dropped (see `Leader`'s drop);
+        // one without keeps the caller's, in case the caller is dropped outside it.
+        let mut caller_runtime = None;
+        let may_lead = || {
+            if self.inner.runtime.is_some() {
+                return true;
+            }
+            caller_runtime = tokio::runtime::Handle::try_current().ok();
+            caller_runtime.is_some()
+        };
         let lead = match self.enter(key, may_lead) {
             Some(Entered::Joined(flight)) => return Ok(Role::Join(flight)),
             Some(Entered::Leads(lead)) => lead,
@@ -326,6 +333,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCoalescer<V> {
                 }
             })),
             lead: Some(lead),
+            caller_runtime,
         }))
     }
 
@@ -508,12 +516,14 @@ type BoxedFetch<V> = Pin<Box<dyn Future<Output = Result<V>> + Send + 'static>>;
 
 /// A fetch driven by the caller that started it. Dropped before the fetch ends (the
 /// caller was cancelled), it spawns the rest of the fetch — on the current runtime,
-/// else the coalescer's — so the waiters still get their result and the in-flight
-/// entry is still cleared when it ends. With neither runtime to spawn on, the fetch
-/// is dropped and the waiters learn it is gone ([`Error::Closed`]).
+/// else the coalescer's, else the one the caller started on — so the waiters still
+/// get their result and the in-flight entry is still cleared when it ends.
 struct Leader<V: Clone + Send + Sync + 'static> {
     fetch: Option<BoxedFetch<V>>,
     lead: Option<Lead<V>>,
+    /// The runtime the caller started on, kept only by a coalescer without one of its
+    /// own.
+    caller_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl<V: Clone + Send + Sync + 'static> Leader<V> {
@@ -537,7 +547,7 @@ impl<V: Clone + Send + Sync + 'static> Drop for Leader<V> {
         };
         // If the runtime is shutting down the task never runs: dropping it drops
         // `lead`, and the waiters learn the fetch is gone (`Error::Closed`).
-        if let Some(runtime) = lead.inner.runtime() {
+        if let Some(runtime) = lead.inner.runtime().or_else(|| self.caller_runtime.take()) {
             runtime.spawn(async move {
                 let result = fetch.await;
                 // The caller that started the fetch is gone: the waiters take it all.

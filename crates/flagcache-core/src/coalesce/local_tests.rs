@@ -292,3 +292,84 @@ async fn a_dropped_lease_makes_its_waiter_lead() {
     drop(next);
     assert_eq!(c.in_flight(), 0);
 }
+
+/// A waiter on a fetch that was forgotten is still told when that fetch's lease is
+/// dropped unreleased: it leads rather than wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_lease_dropped_makes_its_waiter_lead() {
+    let c = LocalCoalescer::new();
+    let k = key("forgotten");
+    let (lease, waiter) = lead_with_a_waiter(&c, &k).await;
+    c.forget(&k);
+    drop(lease);
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was told")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(next, Turn::Load(_)), "got {next:?}");
+}
+
+/// `forget_all` while callers wait: they still get the fetch's result, and callers
+/// arriving afterwards start a fetch of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_all_keeps_the_waiters_of_the_fetches_in_flight() {
+    let c = LocalCoalescer::<u32>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let k = key("all");
+    let first = {
+        let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(1))).await })
+    };
+    until(|| c.in_flight() == 1).await;
+    let waiter = {
+        let (c, k) = (c.clone(), k.clone());
+        tokio::spawn(async move { c.run(&k, || async { Ok(0) }).await })
+    };
+    until(|| c.coalesced_waits() == 1).await;
+    c.forget_all();
+    assert_eq!(c.in_flight(), 0);
+    let after = c.run(&k, || async { Ok(2) }).await.unwrap();
+    assert_eq!(after, 2, "a caller after forget_all fetches afresh");
+    gate.notify_one();
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
+    assert_eq!(waited.expect("the waiter was told").unwrap().unwrap(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A coalescer without a runtime of its own: a leading caller dropped outside any
+/// runtime hands the rest of its fetch to the runtime it started on, and the waiter
+/// gets the result.
+#[test]
+fn a_leader_dropped_outside_any_runtime_hands_its_fetch_to_its_callers_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = LocalCoalescer::<u32>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let k = key("moved");
+    let mut leader = {
+        let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+        Box::pin(async move { c.run(&k, || gated(&calls, &gate, Ok(7))).await })
+    };
+    rt.block_on(std::future::poll_fn(|cx| {
+        assert!(leader.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    }));
+    let waiter = {
+        let (c, k) = (c.clone(), k.clone());
+        rt.spawn(async move { c.run(&k, || async { Ok(0) }).await })
+    };
+    rt.block_on(until(|| c.coalesced_waits() == 1));
+    drop(leader);
+    gate.notify_one();
+    let got = rt
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await });
+    assert_eq!(got.expect("the waiter was told").unwrap().unwrap(), 7);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

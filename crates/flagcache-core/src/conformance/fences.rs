@@ -13,11 +13,13 @@ use crate::{FillRead, FillToken, FlagKey, FlagStore, FlagStoreExt, PutOutcome};
 const FENCE_TTL: Duration = Duration::from_secs(30);
 
 /// One key's fill read, both ways `FlagCache` reads: on its own
-/// ([`FlagStore::get_for_fill`]) and in a batch ([`FlagStore::get_each_for_fill`]),
-/// which must agree on the entry and the fence.
+/// ([`FlagStore::get_for_fill`]) and in a batch with another key
+/// ([`FlagStore::get_each_for_fill`]), which must agree on the entry and the fence.
 async fn read_for_fill(store: &dyn FlagStore, key: &FlagKey) -> FillRead {
-    let mut answers = store.get_each_for_fill(std::slice::from_ref(key)).await;
-    assert_eq!(answers.len(), 1, "get_each_for_fill: one answer per key");
+    let other = fresh_key("fence-other");
+    let mut answers = store.get_each_for_fill(&[key.clone(), other]).await;
+    assert_eq!(answers.len(), 2, "get_each_for_fill: one answer per key");
+    answers.truncate(1);
     let batched = answers.pop().unwrap().expect("get_each_for_fill");
     let alone = store.get_for_fill(key).await.expect("get_for_fill");
     assert_eq!(

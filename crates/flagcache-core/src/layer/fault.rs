@@ -17,7 +17,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Op {
-    /// `get`, `get_each` and `get_checked`.
+    /// `get`, `get_each`, `get_checked`, and the reads of a fill: `get_for_fill`,
+    /// `get_each_for_fill` and `fence_token`.
     Read,
     /// `put`.
     Put,
