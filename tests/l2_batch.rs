@@ -75,13 +75,13 @@ async fn concurrent_l2_reads_beyond_the_inline_limit_go_as_one_batch() {
         .await
         .unwrap();
     faults.hold_reads();
-    // Spawned from a worker, as reads woken by I/O are: a read queued by a task that
-    // came from outside the runtime may see its gatherer run before the next one.
-    let reads: Vec<_> = {
-        let (cache, keys) = (cache.clone(), keys.clone());
-        tokio::spawn(async move { keys.iter().map(|k| spawn_lookup(&cache, k)).collect() })
-            .await
-            .unwrap()
+    let reads = {
+        let cache = cache.clone();
+        flagcache_testkit::spawn_from_a_task(keys.clone(), move |k| {
+            let cache = cache.clone();
+            async move { cache.lookup(&k).await }
+        })
+        .await
     };
     // Every queued read goes out while the two inline reads are still held.
     until("every queued read batched", || {

@@ -164,23 +164,16 @@ async fn a_hung_server_delays_only_its_own_keys_batches_stay_per_server() {
     // Server index 1 is b (the ring keeps the configured order).
     let _resume = pause(b);
     let started = std::time::Instant::now();
-    // Spawned from a task of the runtime, as reads woken by I/O are: reads spawned
-    // from outside it may each reach the queue after the last one's gatherer ran.
-    let reads: Vec<_> = {
-        let (cache, keys) = (cache.clone(), keys.clone());
-        tokio::spawn(async move {
-            keys.iter()
-                .map(|k| {
-                    let (cache, k) = (cache.clone(), k.clone());
-                    tokio::spawn(async move {
-                        let l = cache.lookup(&k).await;
-                        (l, started.elapsed())
-                    })
-                })
-                .collect::<Vec<_>>()
+    let reads = {
+        let cache = cache.clone();
+        flagcache_testkit::spawn_from_a_task(keys.clone(), move |k| {
+            let cache = cache.clone();
+            async move {
+                let l = cache.lookup(&k).await;
+                (l, started.elapsed())
+            }
         })
         .await
-        .unwrap()
     };
     for ((r, i), group) in reads.into_iter().zip(0..).zip(&groups) {
         let (l, took) = r.await.unwrap();

@@ -70,20 +70,13 @@ async fn concurrent_misses_read_redis_in_mget_batches_key_by_key(flavor: Flavor)
         command_calls(&mut conn, "get").await,
         command_calls(&mut conn, "mget").await,
     );
-    // Spawned from a task of the runtime, as reads woken by I/O are: reads spawned
-    // from outside it may each reach the queue after the last one's gatherer ran.
-    let reads: Vec<_> = {
-        let (cache, keys) = (cache.clone(), keys.clone());
-        tokio::spawn(async move {
-            keys.iter()
-                .map(|k| {
-                    let (cache, k) = (cache.clone(), k.clone());
-                    tokio::spawn(async move { cache.lookup(&k).await })
-                })
-                .collect::<Vec<_>>()
+    let reads = {
+        let cache = cache.clone();
+        flagcache_testkit::spawn_from_a_task(keys.clone(), move |k| {
+            let cache = cache.clone();
+            async move { cache.lookup(&k).await }
         })
         .await
-        .unwrap()
     };
     for (i, r) in reads.into_iter().enumerate() {
         let l = r.await.unwrap().unwrap();

@@ -8,12 +8,14 @@ mod redis;
 mod resp;
 mod runs;
 mod source;
+mod spawn;
 
 pub use flavor::Flavor;
 pub use memcached::{MemcachedServer, MemcachedServerBuilder};
 pub use redis::{RedisCluster, RedisSentinel, RedisServer, RedisServerBuilder};
 pub use runs::reap_orphans;
 pub use source::{Answer, CountingSource};
+pub use spawn::spawn_from_a_task;
 
 /// Why a test server could not be provided.
 #[derive(Debug, thiserror::Error)]

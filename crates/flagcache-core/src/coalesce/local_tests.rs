@@ -35,6 +35,18 @@ fn gated(
     }
 }
 
+/// The future of a caller of `k` whose fetch is [`gated`].
+fn gated_caller(
+    c: &LocalCoalescer<u32>,
+    calls: &Arc<AtomicUsize>,
+    gate: &Arc<Notify>,
+    k: &FlagKey,
+    result: Result<u32>,
+) -> impl Future<Output = Result<u32>> + Send + 'static {
+    let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
+    async move { c.run(&k, || gated(&calls, &gate, result)).await }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_callers_one_fetch() {
     let c = LocalCoalescer::<u32>::new();
@@ -42,10 +54,7 @@ async fn thousand_callers_one_fetch() {
     let gate = Arc::new(Notify::new());
     let k = key("cold");
     let tasks: Vec<_> = (0..1000)
-        .map(|_| {
-            let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
-            tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(7))).await })
-        })
+        .map(|_| tokio::spawn(gated_caller(&c, &calls, &gate, &k, Ok(7))))
         .collect();
     // Every caller has joined the one fetch before it is allowed to finish.
     until(|| c.coalesced_waits() == 999).await;
@@ -101,10 +110,7 @@ async fn dropping_the_first_caller_does_not_cancel_the_fetch() {
     let calls = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Notify::new());
     let k = key("k");
-    let first = {
-        let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
-        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(42))).await })
-    };
+    let first = tokio::spawn(gated_caller(&c, &calls, &gate, &k, Ok(42)));
     until(|| c.in_flight() == 1).await;
     let second = {
         let (c, k) = (c.clone(), k.clone());
@@ -195,10 +201,7 @@ async fn forget_detaches_the_fetch_in_flight() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (old_gate, new_gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let k = key("k");
-    let before = {
-        let (c, calls, gate, k) = (c.clone(), calls.clone(), old_gate.clone(), k.clone());
-        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(1))).await })
-    };
+    let before = tokio::spawn(gated_caller(&c, &calls, &old_gate, &k, Ok(1)));
     until(|| c.in_flight() == 1).await;
     // A caller waiting on the old fetch when it is forgotten still gets its result.
     let waiter = {
@@ -208,10 +211,7 @@ async fn forget_detaches_the_fetch_in_flight() {
     until(|| c.coalesced_waits() == 1).await;
     c.forget(&k);
     assert_eq!(c.in_flight(), 0);
-    let after = {
-        let (c, calls, gate, k) = (c.clone(), calls.clone(), new_gate.clone(), k.clone());
-        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(2))).await })
-    };
+    let after = tokio::spawn(gated_caller(&c, &calls, &new_gate, &k, Ok(2)));
     until(|| c.in_flight() == 1).await;
     // The old fetch finishing must not remove the new one from the map.
     old_gate.notify_one();
@@ -318,10 +318,7 @@ async fn forget_all_keeps_the_waiters_of_the_fetches_in_flight() {
     let calls = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Notify::new());
     let k = key("all");
-    let first = {
-        let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
-        tokio::spawn(async move { c.run(&k, || gated(&calls, &gate, Ok(1))).await })
-    };
+    let first = tokio::spawn(gated_caller(&c, &calls, &gate, &k, Ok(1)));
     until(|| c.in_flight() == 1).await;
     let waiter = {
         let (c, k) = (c.clone(), k.clone());
@@ -353,10 +350,7 @@ fn a_leader_dropped_outside_any_runtime_hands_its_fetch_to_its_callers_runtime()
     let calls = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Notify::new());
     let k = key("moved");
-    let mut leader = {
-        let (c, calls, gate, k) = (c.clone(), calls.clone(), gate.clone(), k.clone());
-        Box::pin(async move { c.run(&k, || gated(&calls, &gate, Ok(7))).await })
-    };
+    let mut leader = Box::pin(gated_caller(&c, &calls, &gate, &k, Ok(7)));
     rt.block_on(std::future::poll_fn(|cx| {
         assert!(leader.as_mut().poll(cx).is_pending());
         std::task::Poll::Ready(())
