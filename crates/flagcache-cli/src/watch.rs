@@ -33,11 +33,7 @@ async fn live_nodes(backend: &Backend) -> (Vec<Value>, String) {
                     .map_or_else(String::new, |h| format!(" on {h}")),
                 human(Duration::from_millis(up)),
                 human(Duration::from_millis(seen)),
-                if n.subscribed {
-                    ""
-                } else {
-                    " (no invalidator)"
-                }
+                hears(n.subscribed, n.transport.as_deref()),
             ));
             json!({
                 "node": n.node.to_string(),
@@ -45,12 +41,23 @@ async fn live_nodes(backend: &Backend) -> (Vec<Value>, String) {
                 "pid": n.pid,
                 "host": n.host,
                 "subscribed": n.subscribed,
+                "transport": n.transport,
                 "started_at_ms": n.started_at_ms,
                 "seen_ago_ms": seen,
             })
         })
         .collect();
     (json, text)
+}
+
+/// How a node hears invalidations, for its line: its invalidator's transport (not
+/// reported by nodes of versions before it was), or that it has none.
+fn hears(subscribed: bool, transport: Option<&str>) -> String {
+    match (subscribed, transport) {
+        (false, _) => " (no invalidator)".to_string(),
+        (true, Some(t)) => format!(" hears by {t}"),
+        (true, None) => String::new(),
+    }
 }
 
 /// One event as JSON and as a table row.

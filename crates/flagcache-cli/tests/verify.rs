@@ -127,9 +127,18 @@ async fn verify_finds_the_replica_that_does_not_apply(url: &str) {
         "{text}"
     );
 
-    // `watch` lists the eight live nodes.
+    // `watch` lists the eight live nodes, and how each hears invalidations.
     let (_, doc) = flagcache(url, &["watch", "--for", "300ms"]).await;
-    assert_eq!(doc["nodes"].as_array().unwrap().len(), 8, "{doc}");
+    let nodes = doc["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 8, "{doc}");
+    for n in nodes {
+        let expected = match (n["name"].as_str(), url.starts_with("memcached")) {
+            (Some("deaf"), _) => Value::Null,
+            (_, true) => Value::from("log"),
+            (_, false) => Value::from("pubsub"),
+        };
+        assert_eq!(n["transport"], expected, "{n}");
+    }
 
     // The straggler leaves (its record is removed): the seven left all applied v8.
     drop(deaf);
